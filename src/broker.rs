@@ -1,0 +1,553 @@
+//! The in-memory rendezvous of user-client requests and relay-clients.
+//!
+//! A relay-client's long poll waits in its backend's queue; a user-client
+//! request is handed to the first waiting poll (`PROTOCOL.md`, "Relay-client
+//! endpoints"). Every per-request resource lives in one [`Exchange`], whose
+//! `Drop` forgets the request id at once: when the user-client goes away,
+//! hyper drops the response body, the body drops the exchange, and the
+//! relay-client's next post for that id gets 400.
+//!
+//! There is no global lock on the hot path: backends and requests live in
+//! sharded maps, and each backend has its own small queue.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::{HttpRequest, HttpResponse};
+
+/// Chunks buffered between a relay-client's posts and a slow user-client.
+/// Small on purpose: a full channel makes the relay-client's post wait,
+/// which is the relay's backpressure.
+const RESPONSE_CHANNEL: usize = 4;
+/// User-to-backend reads buffered for an upgraded connection.
+const STREAM_CHANNEL: usize = 16;
+/// Largest answer to one `/server/requeststream` call.
+const MAX_STREAM_READ: usize = 1 << 20;
+
+/// Why a broker operation failed. Mapped to HTTP in `crate::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No relay-client has polled for this name (or it was forgotten).
+    #[error("unknown client {0:?}: no relay-client is connected for this backend")]
+    UnknownBackend(String),
+    /// The backend is known but no poll was free within the relay timeout.
+    #[error("relay-client for {0:?} did not pick up the request in time")]
+    NoFreePoll(String),
+    /// A poll saw no request within the poll timeout (408 to the poller).
+    #[error("no request arrived")]
+    PollTimeout,
+    /// The request id is not (or no longer) known.
+    #[error("unknown request id {0:?}")]
+    UnknownRequest(String),
+    /// A response chunk without an id.
+    #[error("response has no id")]
+    MissingId,
+    /// The user-to-backend stream of an upgraded request has ended.
+    #[error("request stream is over")]
+    StreamClosed,
+    /// No chunk arrived for the inactive-request timeout.
+    #[error("backend did not answer within {0:?}")]
+    Inactive(Duration),
+    /// The server is shutting down and takes no new work.
+    #[error("relay is shutting down")]
+    Draining,
+    /// An id collision; never expected with 128 random bits.
+    #[error("duplicate request id {0:?}")]
+    DuplicateId(String),
+}
+
+/// Timing rules of the broker (`PROTOCOL.md`, "Server-side timing rules").
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub poll_timeout: Duration,
+    pub relay_timeout: Duration,
+    pub inactive_request: Duration,
+    pub inactive_backend: Duration,
+}
+
+/// Cheap-to-clone handle on the shared broker state.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: BrokerConfig,
+    backends: DashMap<String, Arc<Backend>>,
+    requests: DashMap<String, Arc<Pending>>,
+    /// Cancelled when the server begins to drain.
+    draining: CancellationToken,
+    /// Woken whenever a request ends, so a drain can wait for zero.
+    request_ended: Notify,
+}
+
+/// One backend name and the polls waiting for its requests.
+struct Backend {
+    waiting: Mutex<VecDeque<oneshot::Sender<HttpRequest>>>,
+    poll_arrived: Notify,
+    last_seen: Mutex<Instant>,
+}
+
+/// What the relay-client side needs to reach a live request.
+struct Pending {
+    backend: Arc<str>,
+    responses: mpsc::Sender<HttpResponse>,
+    /// User-to-backend bytes of an upgraded connection.
+    stream: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections cannot
+    // leave the data half-updated, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backend {
+    fn new() -> Self {
+        Self {
+            waiting: Mutex::new(VecDeque::new()),
+            poll_arrived: Notify::new(),
+            last_seen: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_seen) = Instant::now();
+    }
+
+    fn has_waiting_poll(&self) -> bool {
+        lock(&self.waiting).iter().any(|tx| !tx.is_closed())
+    }
+}
+
+impl Broker {
+    pub fn new(cfg: BrokerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                backends: DashMap::new(),
+                requests: DashMap::new(),
+                draining: CancellationToken::new(),
+                request_ended: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.cfg
+    }
+
+    /// Long poll of a relay-client for `backend`; registers the name.
+    ///
+    /// Answers the next request, or [`BrokerError::PollTimeout`] after the
+    /// poll timeout, or [`BrokerError::Draining`] once shutdown began.
+    pub async fn poll(&self, backend: &str) -> Result<HttpRequest, BrokerError> {
+        if self.inner.draining.is_cancelled() {
+            return Err(BrokerError::Draining);
+        }
+        let b = self
+            .inner
+            .backends
+            .entry(backend.to_owned())
+            .or_insert_with(|| Arc::new(Backend::new()))
+            .clone();
+        b.touch();
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut q = lock(&b.waiting);
+            q.retain(|t| !t.is_closed());
+            q.push_back(tx);
+        }
+        b.poll_arrived.notify_one();
+        let outcome = tokio::select! {
+            r = &mut rx => r.map_err(|_| BrokerError::PollTimeout),
+            () = tokio::time::sleep(self.inner.cfg.poll_timeout) => Err(BrokerError::PollTimeout),
+            () = self.inner.draining.cancelled() => Err(BrokerError::Draining),
+        };
+        b.touch();
+        match outcome {
+            Ok(req) => Ok(req),
+            Err(e) => {
+                // A request handed over in the instant the timer fired must
+                // not be lost: close the slot, then take what is in it.
+                rx.close();
+                rx.try_recv().map_err(|_| e)
+            }
+        }
+    }
+
+    /// Starts relaying `req` to `backend`: assigns the id, registers the
+    /// request and hands it to a waiting poll within the relay timeout.
+    pub async fn relay(
+        &self,
+        backend: &str,
+        mut req: HttpRequest,
+    ) -> Result<Exchange, BrokerError> {
+        if self.inner.draining.is_cancelled() {
+            return Err(BrokerError::Draining);
+        }
+        let b = self
+            .inner
+            .backends
+            .get(backend)
+            .map(|b| b.clone())
+            .ok_or_else(|| BrokerError::UnknownBackend(backend.to_owned()))?;
+
+        let id = format!("{backend}:{}", uuid::Uuid::new_v4().simple());
+        let (resp_tx, resp_rx) = mpsc::channel(RESPONSE_CHANNEL);
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_CHANNEL);
+        let pending = Arc::new(Pending {
+            backend: Arc::from(backend),
+            responses: resp_tx,
+            stream: tokio::sync::Mutex::new(stream_rx),
+        });
+        match self.inner.requests.entry(id.clone()) {
+            Entry::Occupied(_) => return Err(BrokerError::DuplicateId(id)),
+            Entry::Vacant(v) => {
+                v.insert(pending);
+            }
+        }
+        let exchange = Exchange {
+            guard: RequestGuard {
+                broker: self.clone(),
+                id: id.clone(),
+            },
+            responses: resp_rx,
+            stream: Some(stream_tx),
+            inactive: self.inner.cfg.inactive_request,
+        };
+        req.id = Some(id);
+        self.hand_to_poll(&b, backend, req).await?;
+        Ok(exchange)
+    }
+
+    async fn hand_to_poll(
+        &self,
+        b: &Backend,
+        name: &str,
+        mut req: HttpRequest,
+    ) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + self.inner.cfg.relay_timeout;
+        loop {
+            let notified = b.poll_arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            loop {
+                let Some(tx) = lock(&b.waiting).pop_front() else {
+                    break;
+                };
+                match tx.send(req) {
+                    Ok(()) => return Ok(()),
+                    // That poll went away; try the next one.
+                    Err(back) => req = back,
+                }
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => return Err(BrokerError::NoFreePoll(name.to_owned())),
+                () = self.inner.draining.cancelled() => return Err(BrokerError::Draining),
+            }
+        }
+    }
+
+    /// Delivers one response chunk from a relay-client.
+    ///
+    /// Waits while the user-client is slow to read (backpressure), but at
+    /// most the inactive-request timeout: a user-client that stopped
+    /// reading gets its request reaped.
+    pub async fn respond(&self, chunk: HttpResponse) -> Result<(), BrokerError> {
+        let id = chunk.id.clone().ok_or(BrokerError::MissingId)?;
+        let pending = self.pending(&id)?;
+        match tokio::time::timeout(
+            self.inner.cfg.inactive_request,
+            pending.responses.send(chunk),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(BrokerError::UnknownRequest(id)),
+            Err(_) => {
+                self.forget(&id);
+                Err(BrokerError::Inactive(self.inner.cfg.inactive_request))
+            }
+        }
+    }
+
+    /// Next user-to-backend bytes of an upgraded request: waits up to the
+    /// poll timeout and then answers empty; [`BrokerError::StreamClosed`]
+    /// once the user-client closed its side or the request is gone.
+    pub async fn request_stream(&self, id: &str) -> Result<Bytes, BrokerError> {
+        let pending = self.pending(id).map_err(|_| BrokerError::StreamClosed)?;
+        let mut rx = pending.stream.lock().await;
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            () = tokio::time::sleep(self.inner.cfg.poll_timeout) => return Ok(Bytes::new()),
+            () = self.inner.draining.cancelled() => return Ok(Bytes::new()),
+        };
+        let Some(first) = first else {
+            return Err(BrokerError::StreamClosed);
+        };
+        // Coalesce what is already queued, to save round trips.
+        if rx.is_empty() {
+            return Ok(first);
+        }
+        let mut buf = BytesMut::from(first);
+        while buf.len() < MAX_STREAM_READ {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The backend a live request belongs to, looked up (never parsed from
+    /// the id string).
+    pub fn owner(&self, id: &str) -> Option<Arc<str>> {
+        self.inner.requests.get(id).map(|p| p.backend.clone())
+    }
+
+    fn pending(&self, id: &str) -> Result<Arc<Pending>, BrokerError> {
+        // Clone out of the map: no shard lock may be held across an await.
+        self.inner
+            .requests
+            .get(id)
+            .map(|p| p.clone())
+            .ok_or_else(|| BrokerError::UnknownRequest(id.to_owned()))
+    }
+
+    fn forget(&self, id: &str) {
+        if self.inner.requests.remove(id).is_some() {
+            self.inner.request_ended.notify_waiters();
+        }
+    }
+
+    /// Forgets backends that have not polled for the inactive-backend
+    /// timeout and have no poll waiting. Returns the names forgotten.
+    pub fn reap_backends(&self) -> Vec<String> {
+        let limit = self.inner.cfg.inactive_backend;
+        let mut reaped = Vec::new();
+        self.inner.backends.retain(|name, b| {
+            let keep = b.has_waiting_poll() || lock(&b.last_seen).elapsed() < limit;
+            if !keep {
+                reaped.push(name.clone());
+            }
+            keep
+        });
+        reaped
+    }
+
+    /// Whether a relay-client has polled for `backend` recently enough.
+    pub fn knows_backend(&self, backend: &str) -> bool {
+        self.inner.backends.contains_key(backend)
+    }
+
+    /// Number of requests in flight (including upgraded connections).
+    pub fn active_requests(&self) -> usize {
+        self.inner.requests.len()
+    }
+
+    /// Stops taking new requests and answers waiting polls; requests in
+    /// flight go on.
+    pub fn begin_drain(&self) {
+        self.inner.draining.cancel();
+    }
+
+    /// Resolves when no request is in flight any more.
+    pub async fn drained(&self) {
+        loop {
+            let ended = self.inner.request_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.inner.requests.is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// Removes a request id from the broker when dropped.
+struct RequestGuard {
+    broker: Broker,
+    id: String,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.broker.forget(&self.id);
+    }
+}
+
+/// The user-client side of one relayed request. Dropping it frees the
+/// request at once (id, channels, the relay-client's slot).
+pub struct Exchange {
+    guard: RequestGuard,
+    responses: mpsc::Receiver<HttpResponse>,
+    stream: Option<mpsc::Sender<Bytes>>,
+    inactive: Duration,
+}
+
+impl Exchange {
+    pub fn id(&self) -> &str {
+        &self.guard.id
+    }
+
+    /// The next chunk; `Ok(None)` if the request was reaped from the
+    /// relay-client side, an error after the inactive-request timeout.
+    pub async fn next_chunk(&mut self) -> Result<Option<HttpResponse>, BrokerError> {
+        tokio::time::timeout(self.inactive, self.responses.recv())
+            .await
+            .map_err(|_| BrokerError::Inactive(self.inactive))
+    }
+
+    /// Polling form of [`Exchange::next_chunk`] without the timer, for
+    /// response bodies that keep their own.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<HttpResponse>> {
+        self.responses.poll_recv(cx)
+    }
+
+    pub fn inactive_timeout(&self) -> Duration {
+        self.inactive
+    }
+
+    /// The sender of user-to-backend bytes, for an upgraded connection.
+    /// Dropping it tells the relay-client the stream is over (410).
+    pub fn take_stream(&mut self) -> Option<mpsc::Sender<Bytes>> {
+        self.stream.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker() -> Broker {
+        Broker::new(BrokerConfig {
+            poll_timeout: Duration::from_millis(200),
+            relay_timeout: Duration::from_millis(200),
+            inactive_request: Duration::from_millis(300),
+            inactive_backend: Duration::from_millis(100),
+        })
+    }
+
+    fn request() -> HttpRequest {
+        HttpRequest {
+            method: Some("GET".into()),
+            url: Some("http://invalid/".into()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_backend_until_first_poll() {
+        let b = broker();
+        assert!(matches!(
+            b.relay("r", request()).await,
+            Err(BrokerError::UnknownBackend(_))
+        ));
+        assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
+        assert!(matches!(
+            b.relay("r", request()).await,
+            Err(BrokerError::NoFreePoll(_))
+        ));
+        assert_eq!(b.active_requests(), 0, "a failed hand-off frees the id");
+    }
+
+    #[tokio::test]
+    async fn request_reaches_poll_and_chunks_flow_back() {
+        let b = broker();
+        let poller = {
+            let b = b.clone();
+            tokio::spawn(async move { b.poll("r").await })
+        };
+        tokio::task::yield_now().await;
+        let mut ex = b.relay("r", request()).await.unwrap();
+        let got = poller.await.unwrap().unwrap();
+        let id = got.id.clone().unwrap();
+        assert!(id.starts_with("r:"));
+        assert_eq!(id.len(), 2 + 32);
+        assert_eq!(b.owner(&id).as_deref(), Some("r"));
+
+        b.respond(HttpResponse {
+            id: Some(id.clone()),
+            status_code: Some(200),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            ex.next_chunk().await.unwrap().unwrap().status_code,
+            Some(200)
+        );
+
+        drop(ex);
+        assert!(matches!(
+            b.respond(HttpResponse {
+                id: Some(id),
+                ..Default::default()
+            })
+            .await,
+            Err(BrokerError::UnknownRequest(_))
+        ));
+        assert_eq!(b.active_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn stalled_user_client_gets_reaped() {
+        let b = broker();
+        let poller = {
+            let b = b.clone();
+            tokio::spawn(async move { b.poll("r").await })
+        };
+        tokio::task::yield_now().await;
+        let _ex = b.relay("r", request()).await.unwrap();
+        let id = poller.await.unwrap().unwrap().id.unwrap();
+        let chunk = HttpResponse {
+            id: Some(id),
+            ..Default::default()
+        };
+        for _ in 0..RESPONSE_CHANNEL {
+            b.respond(chunk.clone()).await.unwrap();
+        }
+        assert!(matches!(
+            b.respond(chunk).await,
+            Err(BrokerError::Inactive(_))
+        ));
+        assert_eq!(b.active_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_backends_are_forgotten() {
+        let b = broker();
+        let _ = b.poll("r").await;
+        assert!(b.knows_backend("r"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(b.reap_backends(), vec!["r".to_owned()]);
+        assert!(!b.knows_backend("r"));
+    }
+
+    #[tokio::test]
+    async fn drain_answers_polls() {
+        let b = broker();
+        let poller = {
+            let b = b.clone();
+            tokio::spawn(async move { b.poll("r").await })
+        };
+        tokio::task::yield_now().await;
+        b.begin_drain();
+        assert!(matches!(poller.await.unwrap(), Err(BrokerError::Draining)));
+        b.drained().await;
+    }
+}

@@ -1,0 +1,285 @@
+//! One relayed request on the relay-client: call the backend, cut its
+//! answer into chunks, and pipe upgraded connections.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
+use tokio::time::Instant;
+
+use super::Ctx;
+use super::transport::{PostOutcome, StreamRead, TransportError};
+use crate::proto::{self, HttpRequest, HttpResponse};
+
+/// Why a relayed request ended early on the relay-client.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("request without id")]
+    NoId,
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("user-client went away")]
+    Gone,
+}
+
+/// Runs one request end to end. Errors are logged, never propagated: one
+/// bad request must not disturb the others.
+pub async fn forward(ctx: &Ctx, req: HttpRequest) {
+    let id = req.id.clone().unwrap_or_default();
+    match forward_inner(ctx, req).await {
+        Ok(()) => tracing::debug!(id, "request done"),
+        Err(ForwardError::Gone) => {
+            tracing::debug!(id, "user-client went away; backend call closed")
+        }
+        Err(e) => tracing::warn!(id, error = %e, "request failed"),
+    }
+}
+
+async fn forward_inner(ctx: &Ctx, req: HttpRequest) -> Result<(), ForwardError> {
+    let id = req.id.clone().ok_or(ForwardError::NoId)?;
+    let started = Instant::now();
+    let backend_req = match backend_request(ctx, req) {
+        Ok(r) => r,
+        Err(msg) => return post_error(ctx, &id, StatusCode::BAD_REQUEST, &msg).await,
+    };
+    let wants_upgrade = backend_req.headers().contains_key(header::UPGRADE);
+    let resp = match ctx.backend.request(backend_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("backend unreachable: {e}");
+            return post_error(ctx, &id, StatusCode::BAD_GATEWAY, &msg).await;
+        }
+    };
+    let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let first = HttpResponse {
+        id: Some(id.clone()),
+        status_code: Some(i32::from(resp.status().as_u16())),
+        header: proto::headers_to_proto(resp.headers()),
+        backend_duration_ms: Some(duration_ms),
+        ..Default::default()
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && wants_upgrade {
+        return pipe(ctx, id, first, resp).await;
+    }
+    let chunker = Chunker::new(ctx, first);
+    chunker.run(resp.into_body()).await
+}
+
+/// Turns the relayed message into the backend request: path and query
+/// from its URL, the backend's scheme and authority, and the user-client's
+/// `Host` (HTTP/1 backends; HTTP/2 ones take the authority).
+fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, String> {
+    let method = http::Method::from_bytes(req.method.as_deref().unwrap_or("GET").as_bytes())
+        .map_err(|_| format!("invalid method {:?}", req.method))?;
+    let pq = proto::path_and_query(req.url.as_deref().unwrap_or("/")).map_err(|e| e.to_string())?;
+    let uri = format!("{}{}", ctx.backend_base, pq);
+    let mut headers = proto::headers_from_proto(&req.header).map_err(|e| e.to_string())?;
+    // The body is whole; hyper frames it with its own Content-Length.
+    headers.remove(header::TRANSFER_ENCODING);
+    if !ctx.cfg.backend_http2
+        && let Some(host) = req
+            .host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert(header::HOST, host);
+    }
+    let mut out = Request::builder()
+        .method(method)
+        .uri(&uri)
+        .body(Full::new(req.body.unwrap_or_default()))
+        .map_err(|e| format!("invalid request URL {uri:?}: {e}"))?;
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+/// Answers the user-client with an error of the relay-client's own.
+async fn post_error(
+    ctx: &Ctx,
+    id: &str,
+    status: StatusCode,
+    msg: &str,
+) -> Result<(), ForwardError> {
+    tracing::warn!(id, %status, msg, "answering with an error");
+    let mut header = HeaderMap::new();
+    header.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let chunk = HttpResponse {
+        id: Some(id.to_owned()),
+        status_code: Some(i32::from(status.as_u16())),
+        header: proto::headers_to_proto(&header),
+        body: Some(Bytes::from(format!("{msg}\n"))),
+        eof: Some(true),
+        ..Default::default()
+    };
+    post(ctx, &chunk).await
+}
+
+async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
+    match ctx.transport.post_response(chunk).await? {
+        PostOutcome::Accepted => Ok(()),
+        PostOutcome::Gone => Err(ForwardError::Gone),
+    }
+}
+
+/// Cuts a body into response chunks (`PROTOCOL.md`, step 3): at
+/// `max_chunk_size`, when the oldest unsent byte is `flush_interval` old,
+/// and an empty keep-alive chunk after `keepalive_interval` of silence.
+/// Posts are sequential: chunk order is the byte order.
+struct Chunker<'a> {
+    ctx: &'a Ctx,
+    id: String,
+    first: Option<HttpResponse>,
+    buf: BytesMut,
+    trailers: HeaderMap,
+}
+
+impl<'a> Chunker<'a> {
+    fn new(ctx: &'a Ctx, first: HttpResponse) -> Self {
+        Self {
+            ctx,
+            id: first.id.clone().unwrap_or_default(),
+            first: Some(first),
+            buf: BytesMut::new(),
+            trailers: HeaderMap::new(),
+        }
+    }
+
+    async fn run<B>(mut self, body: B) -> Result<(), ForwardError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let max = usize::try_from(self.ctx.cfg.max_chunk_size.as_u64()).unwrap_or(usize::MAX);
+        let flush = self.ctx.cfg.flush_interval;
+        let keepalive = self.ctx.cfg.keepalive_interval;
+        let mut body = body;
+        // The first chunk waits one flush interval, so a small answer
+        // travels as one post: headers, body and eof together.
+        let mut deadline = Some(Instant::now() + flush);
+        let mut idle_since = Instant::now();
+        loop {
+            let wake = deadline.unwrap_or(idle_since + keepalive);
+            let frame = if body.is_end_stream() {
+                None
+            } else {
+                tokio::select! {
+                    f = body.frame() => Some(f),
+                    () = tokio::time::sleep_until(wake) => {
+                        // Time to flush buffered bytes, or send a keep-alive.
+                        self.send(false).await?;
+                        deadline = None;
+                        idle_since = Instant::now();
+                        continue;
+                    }
+                }
+            };
+            match frame {
+                None | Some(None) => return self.send(true).await,
+                Some(Some(Err(e))) => {
+                    // No abort message exists in v1: end the answer where
+                    // it broke (the user-client sees a short body or a
+                    // missing gRPC status).
+                    tracing::warn!(id = self.id, error = %e, "backend body failed");
+                    return self.send(true).await;
+                }
+                Some(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.buf.extend_from_slice(&data);
+                        deadline.get_or_insert_with(|| Instant::now() + flush);
+                        while self.buf.len() >= max {
+                            let rest = self.buf.split_off(max);
+                            self.send(false).await?;
+                            self.buf = rest;
+                        }
+                        if self.buf.is_empty() && self.first.is_none() {
+                            deadline = None;
+                            idle_since = Instant::now();
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            self.trailers.extend(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn send(&mut self, eof: bool) -> Result<(), ForwardError> {
+        let mut chunk = self.first.take().unwrap_or_else(|| HttpResponse {
+            id: Some(self.id.clone()),
+            ..Default::default()
+        });
+        let body = self.buf.split().freeze();
+        if !body.is_empty() {
+            chunk.body = Some(body);
+        }
+        if eof {
+            chunk.eof = Some(true);
+            chunk.trailer = proto::headers_to_proto(&std::mem::take(&mut self.trailers));
+        }
+        post(self.ctx, &chunk).await
+    }
+}
+
+/// Read size for backend-to-user bytes of an upgraded connection.
+const PIPE_READ: usize = 64 * 1024;
+
+/// Pipes an upgraded backend connection (`PROTOCOL.md`, "Upgrades"):
+/// backend bytes go out as response chunks; user bytes come from
+/// `/server/requeststream` until 410, which half-closes the backend side.
+async fn pipe(
+    ctx: &Ctx,
+    id: String,
+    first: HttpResponse,
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<(), ForwardError> {
+    let upgraded = match hyper::upgrade::on(resp).await {
+        Ok(u) => u,
+        Err(e) => {
+            return post_error(
+                ctx,
+                &id,
+                StatusCode::BAD_GATEWAY,
+                &format!("backend upgrade failed: {e}"),
+            )
+            .await;
+        }
+    };
+    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let from_backend = async {
+        let stream = tokio_util::io::ReaderStream::with_capacity(rd, PIPE_READ);
+        let body = StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+            r.map(http_body::Frame::data)
+        }));
+        Chunker::new(ctx, first).run(body).await
+    };
+    let to_backend = async {
+        loop {
+            match ctx.transport.request_stream(&id).await {
+                Ok(StreamRead::Bytes(b)) => {
+                    if !b.is_empty() && wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(StreamRead::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "request stream failed");
+                    break;
+                }
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::pin!(from_backend);
+    tokio::select! {
+        r = &mut from_backend => r,
+        () = to_backend => from_backend.await,
+    }
+}

@@ -1,0 +1,208 @@
+//! The relay-client's side of the v1 protocol: long polls, response chunk
+//! posts and request-stream reads (`PROTOCOL.md`, "Relay-client
+//! endpoints").
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prost::Message as _;
+
+use crate::config::ClientConfig;
+use crate::proto::{self, HttpRequest, HttpResponse};
+use crate::tls::TlsError;
+
+/// Largest poll answer accepted (a request with its whole body).
+const MAX_POLL_ANSWER: usize = 1 << 30;
+/// Largest request-stream answer accepted.
+const MAX_STREAM_ANSWER: usize = 64 << 20;
+/// Client-side bound on a call, above the server's poll timeout, so a
+/// silently dead HTTP/1.1 connection does not hang a poll forever.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Why a call to the relay server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("relay server unreachable: {0}")]
+    Connect(#[from] hyper_util::client::legacy::Error),
+    #[error("relay server call timed out")]
+    Timeout,
+    #[error("relay server answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("reading answer from relay server: {0}")]
+    Body(String),
+    #[error("malformed request from relay server: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("invalid relay URL: {0}")]
+    Url(String),
+}
+
+/// What the server said to a response chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PostOutcome {
+    Accepted,
+    /// 400: the request id is unknown (user-client gone or request
+    /// reaped); the relay-client must stop and close the backend call.
+    Gone,
+}
+
+/// What one request-stream read returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamRead {
+    Bytes(Bytes),
+    /// 410: the user-client's side is over.
+    Closed,
+}
+
+/// HTTPS/HTTP client for the relay server; one HTTP/2 connection is
+/// shared by all polls and posts, and pinged so a dead server is noticed
+/// within seconds.
+#[derive(Clone)]
+pub struct RelayTransport {
+    client: HttpsClient,
+    base: String,
+    backend_query: String,
+}
+
+pub(crate) fn https_client(
+    tls: rustls::ClientConfig,
+    configure: impl FnOnce(&mut hyper_util::client::legacy::Builder),
+    http2_only: bool,
+) -> HttpsClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new());
+    if http2_only {
+        builder.http2_only(true);
+    }
+    configure(&mut builder);
+    builder.build(https)
+}
+
+impl RelayTransport {
+    pub fn new(cfg: &ClientConfig) -> Result<Self, TlsError> {
+        let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
+        let ping = cfg.relay_ping_interval;
+        let ping_timeout = cfg.relay_ping_timeout;
+        let client = https_client(
+            tls,
+            |b| {
+                b.http2_keep_alive_interval(ping)
+                    .http2_keep_alive_timeout(ping_timeout)
+                    .http2_keep_alive_while_idle(true)
+                    .pool_idle_timeout(Duration::from_secs(90));
+            },
+            false,
+        );
+        Ok(Self {
+            client,
+            base: cfg.relay_url.trim_end_matches('/').to_owned(),
+            backend_query: form_urlencoded::byte_serialize(cfg.backend_name.as_bytes()).collect(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
+        let uri = format!("{}{}", self.base, path_and_query);
+        let mut req = Request::builder().method(method).uri(&uri);
+        if !body.is_empty() {
+            req = req.header(header::CONTENT_TYPE, proto::RESPONSE_CONTENT_TYPE);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| TransportError::Url(format!("{uri}: {e}")))?;
+        match tokio::time::timeout(CALL_TIMEOUT, self.client.request(req)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    async fn read_body(
+        resp: hyper::Response<hyper::body::Incoming>,
+        limit: usize,
+    ) -> Result<Bytes, TransportError> {
+        Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| TransportError::Body(e.to_string()))
+    }
+
+    async fn unexpected(resp: hyper::Response<hyper::body::Incoming>) -> TransportError {
+        let status = resp.status();
+        let body = Self::read_body(resp, 4096).await.unwrap_or_default();
+        TransportError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        }
+    }
+
+    /// One long poll: `Ok(None)` on 408 (nothing arrived).
+    pub async fn poll(&self) -> Result<Option<HttpRequest>, TransportError> {
+        let path = format!("/server/request?server={}", self.backend_query);
+        let resp = self.call(Method::GET, &path, Bytes::new()).await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let body = Self::read_body(resp, MAX_POLL_ANSWER).await?;
+                Ok(Some(HttpRequest::decode(body)?))
+            }
+            StatusCode::REQUEST_TIMEOUT => Ok(None),
+            _ => Err(Self::unexpected(resp).await),
+        }
+    }
+
+    /// Posts one response chunk.
+    pub async fn post_response(&self, chunk: &HttpResponse) -> Result<PostOutcome, TransportError> {
+        let resp = self
+            .call(
+                Method::POST,
+                "/server/response",
+                chunk.encode_to_vec().into(),
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {
+                // Drain the short "ok" so the connection can be reused.
+                let _ = Self::read_body(resp, 4096).await;
+                Ok(PostOutcome::Accepted)
+            }
+            StatusCode::BAD_REQUEST => Ok(PostOutcome::Gone),
+            _ => Err(Self::unexpected(resp).await),
+        }
+    }
+
+    /// Reads the next user-to-backend bytes of an upgraded request.
+    pub async fn request_stream(&self, id: &str) -> Result<StreamRead, TransportError> {
+        let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+        let path = format!("/server/requeststream?id={id}");
+        let resp = self.call(Method::POST, &path, Bytes::new()).await?;
+        match resp.status() {
+            StatusCode::OK => Ok(StreamRead::Bytes(
+                Self::read_body(resp, MAX_STREAM_ANSWER).await?,
+            )),
+            StatusCode::GONE => Ok(StreamRead::Closed),
+            _ => Err(Self::unexpected(resp).await),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The one place where relay errors become HTTP status codes.
+//!
+//! Handlers return [`RelayError`]; [`RelayError::into_response`] answers
+//! with the status and a one-line plain-text reason. Nothing else in the
+//! server picks an error status.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+
+use crate::broker::BrokerError;
+use crate::proto::ProtoError;
+use crate::server::body::{Body, full};
+
+/// Everything a server handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("no backend named: use /client/<name>/... or the X-Server-Name header")]
+    NoBackendName,
+    #[error("missing query parameter {0:?}")]
+    MissingParam(&'static str),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("cannot read request body: {0}")]
+    ReadBody(String),
+    #[error("malformed message from relay-client: {0}")]
+    BadMessage(ProtoError),
+    #[error("invalid response from backend: {0}")]
+    BadBackendResponse(ProtoError),
+    #[error("backend switched protocols although the request asked for no upgrade")]
+    UnexpectedUpgrade,
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl RelayError {
+    /// The HTTP status of each error (`PROTOCOL.md` fixes most of them).
+    pub fn status(&self) -> StatusCode {
+        use BrokerError as B;
+        match self {
+            RelayError::NoBackendName | RelayError::MissingParam(_) => StatusCode::BAD_REQUEST,
+            RelayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::ReadBody(_) | RelayError::BadMessage(_) => StatusCode::BAD_REQUEST,
+            RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => {
+                StatusCode::BAD_GATEWAY
+            }
+            RelayError::NotFound => StatusCode::NOT_FOUND,
+            RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RelayError::Broker(e) => match e {
+                B::UnknownBackend(_) | B::NoFreePoll(_) | B::Draining => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                B::PollTimeout => StatusCode::REQUEST_TIMEOUT,
+                B::UnknownRequest(_) | B::MissingId => StatusCode::BAD_REQUEST,
+                B::StreamClosed => StatusCode::GONE,
+                B::Inactive(_) => StatusCode::GATEWAY_TIMEOUT,
+                B::DuplicateId(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    /// A plain-text response with the status and the reason in one line.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut resp = Response::new(full(Bytes::from(format!("{self}\n"))));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_statuses() {
+        let s = |e: BrokerError| RelayError::from(e).status().as_u16();
+        assert_eq!(s(BrokerError::UnknownBackend("x".into())), 503);
+        assert_eq!(s(BrokerError::PollTimeout), 408);
+        assert_eq!(s(BrokerError::UnknownRequest("x".into())), 400);
+        assert_eq!(s(BrokerError::StreamClosed), 410);
+        assert_eq!(
+            s(BrokerError::Inactive(std::time::Duration::from_secs(1))),
+            504
+        );
+        assert!(
+            RelayError::from(BrokerError::UnknownBackend("x".into()))
+                .to_string()
+                .contains("unknown client")
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! http-relay: makes HTTP and gRPC services on machines behind NAT and
+//! firewalls reachable through an internet-facing relay server.
+//!
+//! ```text
+//! user-client ──TLS──► relay server ◄──TLS── relay-client ──► backend
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: typed server and client configuration, layered with figment.
+//! - [`tls`]: rustls configurations and the development CA.
+//! - [`proto`]: the v1 wire messages (`PROTOCOL.md`).
+//! - [`broker`]: the in-memory rendezvous of requests and relay-clients.
+//! - [`server`]: the relay server's listener, routing and handlers.
+//! - [`client`]: the relay-client.
+//! - [`error`]: the single mapping of relay errors to HTTP statuses.
+//! - [`telemetry`]: logging setup.
+
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

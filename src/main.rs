@@ -1,0 +1,160 @@
+//! The `http-relay` binary: parses the command line and hands over to the
+//! library. The listener and the shutdown signal are owned here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use http_relay::config::{self, ClientConfig, Flags, ServerConfig};
+use http_relay::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "http-relay",
+    version,
+    about = "Relay HTTP and gRPC to backends behind NAT"
+)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay server.
+    Server(ServerArgs),
+    /// Run a relay-client next to a backend.
+    Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// TOML config file (see config/server.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (`listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// PEM certificate chain (`tls.cert`).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (`tls.key`).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Serve cleartext HTTP/1.1 and h2c (`tls.enabled = false`).
+    #[arg(long)]
+    no_tls: bool,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// TOML config file (see config/client.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Relay server URL (`relay_url`).
+    #[arg(long)]
+    relay_url: Option<String>,
+    /// Name user-clients reach this backend by (`backend_name`).
+    #[arg(long)]
+    backend_name: Option<String>,
+    /// Backend base URL (`backend_url`).
+    #[arg(long)]
+    backend_url: Option<String>,
+    /// Speak h2c prior knowledge to the backend, for gRPC (`backend_http2`).
+    #[arg(long)]
+    backend_http2: bool,
+    /// Extra PEM trust root (`ca_file`).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Concurrent long polls (`pending_polls`).
+    #[arg(long)]
+    pending_polls: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server(args) => {
+            let flags = Flags::default()
+                .set("listen", args.listen)
+                .set("tls.cert", args.tls_cert)
+                .set("tls.key", args.tls_key)
+                .set("tls.enabled", args.no_tls.then_some(false));
+            let cfg: ServerConfig = config::load(args.config.as_deref(), flags)?;
+            cfg.validate()?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            let scheme = if cfg.tls.enabled { "https" } else { "http" };
+            tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
+            http_relay::server::run(cfg, listener, shutdown_signal()).await?;
+        }
+        Command::Client(args) => {
+            let flags = Flags::default()
+                .set("relay_url", args.relay_url)
+                .set("backend_name", args.backend_name)
+                .set("backend_url", args.backend_url)
+                .set("backend_http2", args.backend_http2.then_some(true))
+                .set("ca_file", args.ca_file)
+                .set("pending_polls", args.pending_polls);
+            let cfg: ClientConfig = config::load(args.config.as_deref(), flags)?;
+            cfg.validate()?;
+            http_relay::client::run(cfg, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

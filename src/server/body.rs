@@ -1,0 +1,151 @@
+//! Response bodies: small fixed ones, and the streamed body of a relayed
+//! response that owns its request's [`Exchange`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::BoxBody;
+use tokio::time::Sleep;
+
+use crate::broker::Exchange;
+use crate::proto::{HttpResponse, ProtoError, headers_from_proto};
+
+/// Boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body type of every server response.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body with the given bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Why a relayed body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayBodyError {
+    #[error("no data from backend for {0:?}")]
+    Inactive(Duration),
+    #[error("relay request aborted before the backend finished")]
+    Aborted,
+    #[error("invalid trailer from backend: {0}")]
+    Trailer(ProtoError),
+}
+
+/// The body of a relayed response: the data of the relay-client's chunks,
+/// then their trailers (`PROTOCOL.md`: trailers arrive on the last chunks).
+///
+/// It owns the [`Exchange`], so hyper dropping the body when the
+/// user-client goes away frees the request at once.
+pub struct RelayBody {
+    exchange: Exchange,
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    done: bool,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl RelayBody {
+    /// Starts with what the first chunk carried: body, trailers (including
+    /// the `grpc-*` headers of a trailers-only reply) and maybe `eof`.
+    pub fn new(
+        exchange: Exchange,
+        first: HttpResponse,
+        trailers: HeaderMap,
+    ) -> Result<Self, ProtoError> {
+        let idle = Box::pin(tokio::time::sleep(exchange.inactive_timeout()));
+        let mut body = Self {
+            exchange,
+            data: None,
+            trailers: (!trailers.is_empty()).then_some(trailers),
+            done: false,
+            idle,
+        };
+        body.absorb(first)?;
+        Ok(body)
+    }
+
+    fn absorb(&mut self, chunk: HttpResponse) -> Result<(), ProtoError> {
+        if !chunk.trailer.is_empty() {
+            let more = headers_from_proto(&chunk.trailer)?;
+            let t = self.trailers.get_or_insert_with(HeaderMap::new);
+            for (name, value) in more {
+                if let Some(name) = name {
+                    t.insert(name, value);
+                }
+            }
+        }
+        if chunk.eof == Some(true) {
+            self.done = true;
+        }
+        if let Some(b) = chunk.body.filter(|b| !b.is_empty()) {
+            self.data = Some(b);
+        }
+        Ok(())
+    }
+}
+
+impl http_body::Body for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(data) = this.data.take() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match this.exchange.poll_chunk(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    let deadline = tokio::time::Instant::now() + this.exchange.inactive_timeout();
+                    this.idle.as_mut().reset(deadline);
+                    if let Err(e) = this.absorb(chunk) {
+                        this.done = true;
+                        this.trailers = None;
+                        return Poll::Ready(Some(Err(RelayBodyError::Trailer(e).into())));
+                    }
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this.trailers = None;
+                    return Poll::Ready(Some(Err(RelayBodyError::Aborted.into())));
+                }
+                Poll::Pending => {
+                    ready!(this.idle.as_mut().poll(cx));
+                    this.done = true;
+                    this.trailers = None;
+                    let timeout = this.exchange.inactive_timeout();
+                    return Poll::Ready(Some(Err(RelayBodyError::Inactive(timeout).into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

@@ -1,0 +1,251 @@
+//! The relay server: TLS listener, HTTP/1.1 + HTTP/2 connections, routing
+//! of user-client and relay-client requests, graceful shutdown.
+//!
+//! [`run`] takes the listener and the shutdown signal from its caller, so
+//! tests bind port 0 and stop the server themselves.
+
+pub mod body;
+mod relay;
+mod user;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+pub use self::user::{Route, route};
+use crate::broker::{Broker, BrokerConfig};
+use crate::config::{DEV_CERT_DIR, ServerConfig};
+use crate::error::RelayError;
+use crate::tls::{self, DevCerts, TlsError};
+use body::{Body, full};
+
+/// A TLS handshake that takes longer than this is abandoned.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the drain, connections get this long to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct State {
+    pub cfg: Arc<ServerConfig>,
+    pub broker: Broker,
+}
+
+/// Builds the TLS acceptor, creating the development certificates on the
+/// embedded default (`certs/`) when they are absent.
+pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServerError> {
+    if !cfg.tls.enabled {
+        return Ok(None);
+    }
+    if cfg.tls.is_dev_default() && DevCerts::in_dir(std::path::Path::new(DEV_CERT_DIR)).ensure()? {
+        tracing::warn!(
+            dir = DEV_CERT_DIR,
+            "created a development CA and server certificate; clients trust it with --ca-file {DEV_CERT_DIR}/ca.pem"
+        );
+    }
+    let server = tls::server_config(&cfg.tls.cert, &cfg.tls.key)?;
+    Ok(Some(TlsAcceptor::from(server)))
+}
+
+/// Serves the relay on `listener` until `shutdown` resolves, then drains:
+/// no new requests or polls are taken, requests in flight run on until
+/// they end or `timeouts.shutdown` passes.
+pub async fn run(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let acceptor = tls_acceptor(&cfg)?;
+    let broker = Broker::new(BrokerConfig {
+        poll_timeout: cfg.timeouts.poll,
+        relay_timeout: cfg.timeouts.relay,
+        inactive_request: cfg.timeouts.inactive_request,
+        inactive_backend: cfg.timeouts.inactive_backend,
+    });
+    let state = State {
+        cfg: Arc::new(cfg),
+        broker: broker.clone(),
+    };
+    let stop_accepting = CancellationToken::new();
+    let graceful = GracefulShutdown::new();
+    let reaper = tokio::spawn(reap_backends(
+        broker.clone(),
+        state.cfg.timeouts.inactive_backend,
+    ));
+
+    let mut accept = Box::pin(accept_loop(
+        listener,
+        acceptor,
+        state.clone(),
+        &graceful,
+        stop_accepting.clone(),
+    ));
+    tokio::select! {
+        r = &mut accept => {
+            reaper.abort();
+            return r;
+        }
+        () = shutdown => {}
+    }
+
+    tracing::info!(
+        in_flight = broker.active_requests(),
+        "shutting down: draining requests in flight"
+    );
+    broker.begin_drain();
+    // Keep accepting while draining: a relay-client may need a new
+    // connection to deliver the rest of an answer already in flight.
+    let drain = tokio::time::timeout(state.cfg.timeouts.shutdown, broker.drained());
+    let finished = tokio::select! {
+        r = drain => r.is_ok(),
+        r = &mut accept => { r?; true }
+    };
+    if !finished {
+        tracing::warn!(
+            left = broker.active_requests(),
+            "shutdown deadline passed with requests in flight"
+        );
+    }
+    stop_accepting.cancel();
+    let _ = accept.await;
+    reaper.abort();
+    if tokio::time::timeout(CLOSE_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("connections still open after the close grace; dropping them");
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn reap_backends(broker: Broker, inactive: Duration) {
+    let period = (inactive / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        for name in broker.reap_backends() {
+            tracing::info!(backend = name, "forgot inactive backend");
+        }
+    }
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Relay-clients multiplex many polls and posts on one connection.
+        .max_concurrent_streams(1024);
+    builder
+}
+
+/// Accepts connections and hands each to its own task; the TLS handshake
+/// and everything after it happen there, never in this loop.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    state: State,
+    graceful: &GracefulShutdown,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let builder = connection_builder();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return Ok(()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(dispatch(&state, req).await) }
+            });
+            match acceptor {
+                Some(acceptor) => {
+                    let tls =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Routes a request to its handler and maps any error to its response.
+pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    let result = if path == "/healthz" {
+        let mut resp = Response::new(full("ok"));
+        *resp.status_mut() = StatusCode::OK;
+        Ok(resp)
+    } else if path.starts_with("/server/") {
+        relay::handle(state, req).await
+    } else {
+        user::handle(state, req).await
+    };
+    result.unwrap_or_else(|e: RelayError| {
+        if e.status().is_server_error() {
+            tracing::info!(error = %e, "request failed");
+        } else {
+            tracing::debug!(error = %e, "request refused");
+        }
+        e.into_response()
+    })
+}

@@ -1,0 +1,90 @@
+//! Relay-client endpoints (`PROTOCOL.md`, "Relay-client endpoints"):
+//! `/server/request`, `/server/response`, `/server/requeststream`.
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use prost::Message as _;
+
+use super::State;
+use super::body::{Body, full};
+use crate::error::RelayError;
+use crate::proto::{self, HttpResponse};
+
+/// Dispatches `/server/<what>`.
+pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/server/request") => poll(state, &req).await,
+        (&Method::POST, "/server/response") => response(state, req).await,
+        (&Method::POST, "/server/requeststream") => request_stream(state, &req).await,
+        (_, "/server/request" | "/server/response" | "/server/requeststream") => {
+            Err(RelayError::MethodNotAllowed)
+        }
+        _ => Err(RelayError::NotFound),
+    }
+}
+
+/// The value of query parameter `name`, percent-decoded.
+pub fn query_param(req: &Request<Incoming>, name: &'static str) -> Result<String, RelayError> {
+    req.uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name))
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or(RelayError::MissingParam(name))
+}
+
+fn ok_with(content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// `GET /server/request?server=<name>`: long poll for the next request.
+async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, RelayError> {
+    let backend = query_param(req, "server")?;
+    let request = state.broker.poll(&backend).await?;
+    Ok(ok_with(
+        proto::REQUEST_CONTENT_TYPE,
+        request.encode_to_vec().into(),
+    ))
+}
+
+/// `POST /server/response`: one chunk of a backend's answer.
+async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+    let limit = state.cfg.limits.max_response_chunk.as_u64();
+    let body = Limited::new(
+        req.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    )
+    .collect()
+    .await
+    .map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            RelayError::BodyTooLarge(limit)
+        } else {
+            RelayError::ReadBody(e.to_string())
+        }
+    })?
+    .to_bytes();
+    let chunk = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
+    state.broker.respond(chunk).await?;
+    let mut resp = Response::new(full(Bytes::from_static(b"ok")));
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// `POST /server/requeststream?id=<id>`: next user-to-backend bytes of an
+/// upgraded connection.
+async fn request_stream(
+    state: &State,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
+    let id = query_param(req, "id")?;
+    let bytes = state.broker.request_stream(&id).await?;
+    Ok(ok_with(proto::STREAM_CONTENT_TYPE, bytes))
+}

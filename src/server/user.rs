@@ -1,0 +1,267 @@
+//! User-client requests: translate HTTP into a relayed request, and the
+//! relay-client's chunks back into an HTTP response (or an upgraded pipe).
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::State;
+use super::body::{Body, RelayBody, empty};
+use crate::broker::Exchange;
+use crate::error::RelayError;
+use crate::proto::{self, HttpRequest, HttpResponse};
+
+/// Where a user-client request goes (`PROTOCOL.md`, "Choosing the backend").
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub backend: String,
+    /// The path forwarded to the backend.
+    pub path: String,
+}
+
+/// `/client/<name>/<rest>` forwards `/<rest>`; any other path goes to the
+/// backend named by `X-Server-Name`, unchanged.
+pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
+    if let Some(rest) = path.strip_prefix("/client/") {
+        let (name, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if name.is_empty() {
+            return Err(RelayError::NoBackendName);
+        }
+        return Ok(Route {
+            backend: name.to_owned(),
+            path: tail.to_owned(),
+        });
+    }
+    let name = headers
+        .get("x-server-name")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or(RelayError::NoBackendName)?;
+    Ok(Route {
+        backend: name.to_owned(),
+        path: path.to_owned(),
+    })
+}
+
+/// Headers that describe one connection, not the message; never relayed
+/// (except `connection`/`upgrade` on a 101, which *is* about the
+/// connection being handed over).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+fn is_upgrade_request(req: &Request<Incoming>) -> bool {
+    req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// Relays one user-client request.
+pub async fn handle(
+    state: &State,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
+    let route = route(req.uri().path(), req.headers())?;
+    let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+
+    let limit = state.cfg.limits.max_request_body.as_u64();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(RelayError::BodyTooLarge(limit));
+    }
+    // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
+    // cannot do").
+    let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                RelayError::BodyTooLarge(limit)
+            } else {
+                RelayError::ReadBody(e.to_string())
+            }
+        })?
+        .to_bytes();
+
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    let mut headers = parts.headers;
+    headers.remove(header::HOST);
+    let message = HttpRequest {
+        id: None,
+        method: Some(parts.method.as_str().to_owned()),
+        host,
+        url: Some(proto::relay_url(&route.path, parts.uri.query())),
+        header: proto::headers_to_proto(&headers),
+        body: Some(body),
+    };
+
+    let mut exchange = state.broker.relay(&route.backend, message).await?;
+    let first = exchange
+        .next_chunk()
+        .await?
+        .ok_or(crate::broker::BrokerError::Inactive(
+            exchange.inactive_timeout(),
+        ))?;
+    respond(exchange, first, on_upgrade)
+}
+
+/// Builds the user-client's response from the first chunk.
+fn respond(
+    exchange: Exchange,
+    first: HttpResponse,
+    on_upgrade: Option<OnUpgrade>,
+) -> Result<Response<Body>, RelayError> {
+    let code =
+        first
+            .status_code
+            .ok_or(RelayError::BadBackendResponse(proto::ProtoError::Missing(
+                "status_code",
+            )))?;
+    let status = proto::status_from_proto(code).map_err(RelayError::BadBackendResponse)?;
+    let mut headers =
+        proto::headers_from_proto(&first.header).map_err(RelayError::BadBackendResponse)?;
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let on_upgrade = on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        tokio::spawn(pipe(on_upgrade, exchange, first.body.unwrap_or_default()));
+        return Ok(resp);
+    }
+
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // A gRPC "trailers-only" reply has its status in the headers; gRPC
+    // clients read it from the trailers (`PROTOCOL.md`, "gRPC detail").
+    let mut trailers = HeaderMap::new();
+    if headers.contains_key("grpc-status") {
+        for (name, value) in &headers {
+            if name.as_str().starts_with("grpc-") {
+                trailers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    let body = RelayBody::new(exchange, first, trailers).map_err(RelayError::BadBackendResponse)?;
+    let mut resp = Response::new(http_body_util::BodyExt::boxed(body));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+/// Read size for user-to-backend bytes of an upgraded connection.
+const PIPE_READ: usize = 64 * 1024;
+
+/// Byte pipe of an upgraded connection (`PROTOCOL.md`, "Upgrades"):
+/// backend-to-user bytes come as response chunks, user-to-backend bytes
+/// wait for the relay-client's `/server/requeststream` calls.
+///
+/// The user-client closing its side ends the request stream (410 to the
+/// relay-client); the backend's `eof` closes the user-client's side and
+/// ends the pipe.
+async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(id = exchange.id(), error = %e, "user-client upgrade failed");
+            return;
+        }
+    };
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let Some(to_backend) = exchange.take_stream() else {
+        return;
+    };
+    let id = exchange.id().to_owned();
+
+    let upstream = async move {
+        loop {
+            let mut buf = BytesMut::with_capacity(PIPE_READ);
+            match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if to_backend.send(buf.freeze()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Dropping the sender tells the relay-client: 410 Gone.
+    };
+    let downstream = async move {
+        if !first.is_empty() && wr.write_all(&first).await.is_err() {
+            return;
+        }
+        // Ends on the backend's eof, on reaping, or on inactivity.
+        while let Ok(Some(chunk)) = exchange.next_chunk().await {
+            if let Some(body) = chunk.body.filter(|b| !b.is_empty())
+                && wr.write_all(&body).await.is_err()
+            {
+                return;
+            }
+            if chunk.eof == Some(true) {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::pin!(downstream);
+    tokio::select! {
+        () = &mut downstream => {}
+        () = upstream => {
+            // The user-client closed its side; the backend may still talk.
+            downstream.await;
+        }
+    }
+    tracing::debug!(id, "upgraded connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_forms() {
+        let none = HeaderMap::new();
+        let r = route("/client/robot-1/a/b", &none).unwrap();
+        assert_eq!((r.backend.as_str(), r.path.as_str()), ("robot-1", "/a/b"));
+        assert_eq!(route("/client/robot-1", &none).unwrap().path, "/");
+        assert_eq!(route("/client/robot-1/", &none).unwrap().path, "/");
+        assert!(matches!(
+            route("/client/", &none),
+            Err(RelayError::NoBackendName)
+        ));
+        assert!(matches!(
+            route("/pkg.Svc/Call", &none),
+            Err(RelayError::NoBackendName)
+        ));
+
+        let mut h = HeaderMap::new();
+        h.insert("x-server-name", "robot-2".parse().unwrap());
+        let r = route("/pkg.Svc/Call", &h).unwrap();
+        assert_eq!(
+            (r.backend.as_str(), r.path.as_str()),
+            ("robot-2", "/pkg.Svc/Call")
+        );
+    }
+}

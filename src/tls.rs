@@ -1,0 +1,193 @@
+//! rustls configurations: the server's acceptor, the relay-client's trust
+//! store, and the development CA that makes the default start work.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read PEM from {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{0} holds no certificate")]
+    NoCertificate(PathBuf),
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("cannot create development certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The one crypto backend of the project (see `Cargo.toml`): explicit, so
+/// that no process-wide default has to be guessed.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_err = |source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Server config: TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client config trusting the public web PKI plus `extra_ca` (a PEM file).
+/// ALPN is left to the HTTP connector, which offers what it speaks.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        for cert in load_certs(path)? {
+            roots.add(cert)?;
+        }
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Paths of the development CA and server certificate.
+#[derive(Debug, Clone)]
+pub struct DevCerts {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl DevCerts {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+
+    /// Creates a development CA and a server certificate for `localhost`,
+    /// `127.0.0.1` and `::1` signed by it, unless the server files exist.
+    ///
+    /// Returns whether anything was created. Keys are written with mode
+    /// 0600. Clients trust the CA with `--ca-file certs/ca.pem`.
+    pub fn ensure(&self) -> Result<bool, TlsError> {
+        if self.cert.exists() && self.key.exists() {
+            return Ok(false);
+        }
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "http-relay development CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+
+        let mut params = CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "http-relay development server");
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+
+        write_file(&self.ca_cert, ca_cert.pem().as_bytes(), false)?;
+        write_file(&self.ca_key, ca_key.serialize_pem().as_bytes(), true)?;
+        write_file(&self.cert, cert.pem().as_bytes(), false)?;
+        write_file(&self.key, key.serialize_pem().as_bytes(), true)?;
+        Ok(true)
+    }
+}
+
+fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), TlsError> {
+    let err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    use std::io::Write as _;
+    opts.open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_certs_load_into_server_and_client_configs() {
+        let dir = std::env::temp_dir().join(format!("relay-tls-{}", std::process::id()));
+        let dev = DevCerts::in_dir(&dir);
+        assert!(dev.ensure().unwrap());
+        assert!(!dev.ensure().unwrap(), "existing files are kept");
+        let server = server_config(&dev.cert, &dev.key).unwrap();
+        assert_eq!(server.alpn_protocols[0], b"h2");
+        client_config(Some(&dev.ca_cert)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let err = server_config(Path::new("/nope/c.pem"), Path::new("/nope/k.pem")).unwrap_err();
+        assert!(err.to_string().contains("/nope/c.pem"), "{err}");
+    }
+}

@@ -1,0 +1,177 @@
+//! A real hyper backend for the tests (HTTP/1.1 and h2c on one port).
+//!
+//! Routes:
+//! - `/status/<code>`: answers that status.
+//! - `/redirect`: 302 to `/elsewhere` (must be passed through).
+//! - `/multi`: repeated `set-cookie` values.
+//! - `/bytes/<n>`: `n` bytes of [`super::pattern`] with seed `n`, streamed.
+//! - `/hash`: SHA-256 of the request body.
+//! - `/sse?n=N&delay_ms=D`: N server-sent events, D ms apart.
+//! - `/slow?ms=M`: answers after M ms.
+//! - `/hang`: never answers.
+//! - anything else: a description of the request as text lines
+//!   (`method`, `uri`, `host`, each header, `body-len`), then the body.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::task::JoinHandle;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(b.into()).boxed()
+}
+
+/// A running test backend.
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Requests that reached the backend.
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        handle(req)
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            url: format!("http://127.0.0.1:{}", addr.port()),
+            hits,
+            task,
+        }
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let resp = if let Some(code) = path.strip_prefix("/status/") {
+        let code = code.parse().unwrap_or(500);
+        let mut r = Response::new(full(format!("status {code}")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        r
+    } else if path == "/redirect" {
+        Response::builder()
+            .status(302)
+            .header("location", "/elsewhere")
+            .body(full("moved"))
+            .unwrap()
+    } else if path == "/multi" {
+        Response::builder()
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .body(full("multi"))
+            .unwrap()
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let data = Bytes::from(super::pattern(n, n as u64));
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..n)
+            .step_by(64 * 1024)
+            .map(|i| Ok(Frame::data(data.slice(i..(i + 64 * 1024).min(n)))))
+            .collect();
+        Response::new(StreamBody::new(futures::stream::iter(chunks)).boxed())
+    } else if path == "/hash" {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Response::new(full(super::sha256_hex(&body)))
+    } else if path == "/sse" {
+        let n = query(&req, "n").unwrap_or(3);
+        let delay = Duration::from_millis(query(&req, "delay_ms").unwrap_or(200));
+        let stream = futures::stream::unfold(0u64, move |i| async move {
+            if i >= n {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
+            Some((Ok::<_, Infallible>(frame), i + 1))
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(StreamBody::new(stream).boxed())
+            .unwrap()
+    } else if path == "/slow" {
+        let ms = query(&req, "ms").unwrap_or(500);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Response::new(full("slow"))
+    } else if path == "/hang" {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Response::new(full("late"))
+    } else {
+        describe(req).await
+    };
+    Ok(resp)
+}
+
+/// The request as text: one `key: value` line each, a blank line, the body.
+async fn describe(req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut text = format!("method: {}\nuri: {}\n", parts.method, parts.uri);
+    for (name, value) in &parts.headers {
+        text.push_str(&format!(
+            "{name}: {}\n",
+            value.to_str().unwrap_or("<binary>")
+        ));
+    }
+    text.push_str(&format!("body-len: {}\n\n", body.len()));
+    let mut out = text.into_bytes();
+    out.extend_from_slice(&body);
+    Response::builder()
+        .header("x-backend", "test")
+        .body(full(out))
+        .unwrap()
+}

@@ -1,0 +1,250 @@
+//! Shared harness of the integration tests: the relay server and
+//! relay-clients in-process on 127.0.0.1 port 0, a hyper test backend,
+//! development certificates and HTTP clients that trust them.
+#![allow(dead_code)]
+
+pub mod backend;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http_relay::config::{ClientConfig, ServerConfig};
+use http_relay::tls::DevCerts;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Upper bound of any wait in a test, so nothing hangs forever.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Development certificates shared by every test of one test binary.
+pub fn certs() -> &'static DevCerts {
+    static CERTS: OnceLock<(tempfile::TempDir, DevCerts)> = OnceLock::new();
+    &CERTS
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let certs = DevCerts::in_dir(dir.path());
+            certs.ensure().expect("dev certs");
+            (dir, certs)
+        })
+        .1
+}
+
+/// Installs a test log subscriber once (`RUST_LOG` to see it).
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Runs `fut` with the test timeout.
+pub async fn bounded<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_TIMEOUT, fut)
+        .await
+        .expect("test step timed out")
+}
+
+/// A relay server running in-process.
+pub struct Relay {
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:<port>` (or `http://` with TLS off).
+    pub url: String,
+    pub tls: bool,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), http_relay::server::ServerError>>>,
+}
+
+/// The server config tests start from: dev certificates, short poll.
+pub fn server_config() -> ServerConfig {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    cfg.tls.cert = certs().cert.clone();
+    cfg.tls.key = certs().key.clone();
+    cfg.timeouts.poll = Duration::from_secs(5);
+    cfg.timeouts.shutdown = Duration::from_secs(5);
+    cfg
+}
+
+impl Relay {
+    /// Starts a server with [`server_config`] changed by `edit`.
+    pub async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Relay {
+        init_logs();
+        let mut cfg = server_config();
+        edit(&mut cfg);
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = cfg.tls.enabled;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(http_relay::server::run(cfg, listener, async move {
+            let _ = stopped.await;
+        }));
+        let scheme = if tls { "https" } else { "http" };
+        Relay {
+            addr,
+            url: format!("{scheme}://127.0.0.1:{}", addr.port()),
+            tls,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            bounded(task).await.unwrap().unwrap();
+        }
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn signal_stop(&mut self) -> JoinHandle<Result<(), http_relay::server::ServerError>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("server task")
+    }
+
+    /// An HTTP client (HTTP/1.1 and HTTP/2 by ALPN) that trusts the dev CA.
+    pub fn http(&self) -> reqwest::Client {
+        client_builder().build().unwrap()
+    }
+
+    /// A client limited to HTTP/1.1.
+    pub fn http1(&self) -> reqwest::Client {
+        client_builder().http1_only().build().unwrap()
+    }
+
+    /// A client speaking HTTP/2 only (prior knowledge when cleartext).
+    pub fn http2(&self) -> reqwest::Client {
+        client_builder().http2_prior_knowledge().build().unwrap()
+    }
+
+    /// Waits until a user request for `backend` is accepted by a poll.
+    pub async fn wait_for_backend(&self, backend: &str) {
+        let http = self.http();
+        let url = format!("{}/client/{backend}/", self.url);
+        bounded(async {
+            loop {
+                if let Ok(resp) = http.get(&url).send().await
+                    && resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    let pem = std::fs::read(&certs().ca_cert).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(TEST_TIMEOUT)
+}
+
+/// A relay-client running in-process.
+pub struct RelayClient {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), http_relay::client::ClientError>>>,
+}
+
+/// The client config tests start from.
+pub fn client_config(relay: &Relay, backend_name: &str, backend_url: &str) -> ClientConfig {
+    ClientConfig {
+        relay_url: relay.url.clone(),
+        backend_name: backend_name.to_owned(),
+        backend_url: backend_url.to_owned(),
+        ca_file: Some(certs().ca_cert.clone()),
+        ..ClientConfig::default()
+    }
+}
+
+impl RelayClient {
+    pub fn start(cfg: ClientConfig) -> RelayClient {
+        init_logs();
+        cfg.validate().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(http_relay::client::run(cfg, async move {
+            let _ = stopped.await;
+        }));
+        RelayClient {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts a client for `backend_name` and waits until it polls.
+    pub async fn connect(relay: &Relay, backend_name: &str, backend_url: &str) -> RelayClient {
+        let c = RelayClient::start(client_config(relay, backend_name, backend_url));
+        relay.wait_for_backend(backend_name).await;
+        c
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            bounded(task).await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for RelayClient {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Path of the built binary, for tests that run the real process.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_http-relay"))
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(data);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` deterministic pseudo-random bytes (xorshift), for byte-exact checks.
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}

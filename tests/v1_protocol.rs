@@ -1,0 +1,412 @@
+//! The v1 protocol as a user-client and a relay-client see it
+//! (`PROTOCOL.md`): routing, status codes, preservation of the request and
+//! response, reaping, and the relay-client endpoints' error answers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backend::Backend;
+use common::{Relay, RelayClient, bounded};
+use reqwest::StatusCode;
+
+fn line<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    text.lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+        .collect()
+}
+
+#[tokio::test]
+async fn both_routing_forms_reach_the_backend() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let http = relay.http();
+
+    let text = http
+        .get(format!("{}/client/robot-1/any/path?q=1&r=a%20b", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(line(&text, "uri"), ["/any/path?q=1&r=a%20b"]);
+
+    for path in ["/client/robot-1", "/client/robot-1/"] {
+        let text = http
+            .get(format!("{}{path}", relay.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(line(&text, "uri"), ["/"], "{path}");
+    }
+
+    let resp = http
+        .get(format!("{}/pkg.Service/Method?x=2", relay.url))
+        .header("x-server-name", "robot-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(line(&text, "uri"), ["/pkg.Service/Method?x=2"]);
+}
+
+#[tokio::test]
+async fn missing_and_unknown_backend_names() {
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+    let resp = http
+        .get(format!("{}/client/", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = http
+        .get(format!("{}/some/path", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    let resp = http
+        .get(format!("{}/client/nobody/x", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("unknown client"));
+
+    let resp = http
+        .get(format!("{}/healthz", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn method_host_headers_body_and_status_are_preserved() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let http = relay.http1();
+
+    let resp = http
+        .request(
+            reqwest::Method::PATCH,
+            format!("{}/client/robot-1/thing", relay.url),
+        )
+        .header("host", "robot.example.com")
+        .header("x-multi", "one")
+        .header("x-multi", "two")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "test");
+    let text = resp.text().await.unwrap();
+    assert_eq!(line(&text, "method"), ["PATCH"]);
+    assert_eq!(line(&text, "host"), ["robot.example.com"]);
+    assert_eq!(line(&text, "x-multi"), ["one", "two"]);
+    assert_eq!(line(&text, "body-len"), ["7"]);
+    assert!(text.ends_with("\n\npayload"));
+
+    for code in [201, 204, 404, 418, 500, 503] {
+        let resp = http
+            .get(format!("{}/client/robot-1/status/{code}", relay.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), code);
+    }
+
+    let resp = http
+        .get(format!("{}/client/robot-1/redirect", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        302,
+        "redirects are passed through, not followed"
+    );
+    assert_eq!(resp.headers()["location"], "/elsewhere");
+
+    let resp = http
+        .get(format!("{}/client/robot-1/multi", relay.url))
+        .send()
+        .await
+        .unwrap();
+    let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+}
+
+#[tokio::test]
+async fn same_listener_serves_http1_and_http2() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let url = format!("{}/client/robot-1/v", relay.url);
+
+    let resp = relay.http1().get(&url).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+    let resp = relay.http().get(&url).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn cleartext_serves_http1_and_h2c() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    assert!(relay.url.starts_with("http://"));
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let url = format!("{}/client/robot-1/v", relay.url);
+
+    let resp = relay.http1().get(&url).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert_eq!(resp.status(), 200);
+    let resp = relay.http2().get(&url).send().await.unwrap();
+    assert_eq!(
+        resp.version(),
+        reqwest::Version::HTTP_2,
+        "h2c prior knowledge"
+    );
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn oversize_request_body_gets_413() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.limits.max_request_body = bytesize::ByteSize::kib(64)).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let before = backend.hits.load(std::sync::atomic::Ordering::SeqCst);
+
+    let resp = relay
+        .http()
+        .post(format!("{}/client/robot-1/hash", relay.url))
+        .body(vec![0u8; 65 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // A streamed body without Content-Length is cut at the limit too.
+    let stream = futures::stream::iter((0..80).map(|_| Ok::<_, std::io::Error>(vec![1u8; 1024])));
+    let resp = relay
+        .http()
+        .post(format!("{}/client/robot-1/hash", relay.url))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(
+        backend.hits.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+}
+
+#[tokio::test]
+async fn silent_backend_is_reaped_with_504() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_millis(500)).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let resp = bounded(
+        relay
+            .http()
+            .get(format!("{}/client/robot-1/hang", relay.url))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 504);
+}
+
+#[tokio::test]
+async fn registered_backend_without_free_poll_times_out() {
+    let relay = Relay::start(|c| {
+        c.timeouts.poll = Duration::from_millis(100);
+        c.timeouts.relay = Duration::from_millis(300);
+    })
+    .await;
+    let http = relay.http();
+    // A raw poll registers the name, then times out with 408.
+    let resp = http
+        .get(format!("{}/server/request?server=idle", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    let resp = http
+        .get(format!("{}/client/idle/x", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("did not pick up"));
+}
+
+#[tokio::test]
+async fn inactive_backends_are_forgotten() {
+    let relay = Relay::start(|c| {
+        c.timeouts.poll = Duration::from_millis(50);
+        c.timeouts.relay = Duration::from_millis(100);
+        c.timeouts.inactive_backend = Duration::from_millis(300);
+    })
+    .await;
+    let http = relay.http();
+    let poll = format!("{}/server/request?server=gone", relay.url);
+    assert_eq!(http.get(&poll).send().await.unwrap().status(), 408);
+    let user = format!("{}/client/gone/x", relay.url);
+    let text = http.get(&user).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("unknown client"), "still known: {text}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let resp = http.get(&user).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("unknown client"));
+}
+
+#[tokio::test]
+async fn relay_endpoints_reject_bad_input() {
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+
+    let resp = http
+        .get(format!("{}/server/request", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "poll without server name");
+
+    let resp = http
+        .post(format!("{}/server/response", relay.url))
+        .body(&b"\xff\xff\xff\xff garbage"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "malformed protobuf");
+    assert!(resp.text().await.unwrap().contains("malformed"));
+
+    use prost::Message as _;
+    let chunk = http_relay::proto::HttpResponse {
+        id: Some("robot-1:00000000000000000000000000000000".into()),
+        status_code: Some(200),
+        ..Default::default()
+    };
+    let resp = http
+        .post(format!("{}/server/response", relay.url))
+        .body(chunk.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "unknown id");
+
+    let resp = http
+        .post(format!(
+            "{}/server/requeststream?id=robot-1:nope",
+            relay.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 410, "unknown stream");
+
+    let resp = http
+        .get(format!("{}/server/response", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    // The server still works after all that.
+    let resp = http
+        .get(format!("{}/healthz", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn many_concurrent_requests_to_several_backends_never_mix() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let relay = Relay::start(|_| {}).await;
+    let mut clients = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        clients.push(RelayClient::connect(&relay, &format!("robot-{i}"), &b.url).await);
+    }
+    let http = relay.http();
+    let mut tasks = Vec::new();
+    for n in 0..150usize {
+        let http = http.clone();
+        let url = format!("{}/client/robot-{}/req/{n}?n={n}", relay.url, n % 3);
+        tasks.push(tokio::spawn(async move {
+            let body = format!("body-{n}");
+            let text = http
+                .post(&url)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            (n, text, body)
+        }));
+    }
+    for t in tasks {
+        let (n, text, body) = bounded(t).await.unwrap();
+        assert_eq!(line(&text, "uri"), [format!("/req/{n}?n={n}").as_str()]);
+        assert!(text.ends_with(&format!("\n\n{body}")), "{n}: {text}");
+    }
+    let hits: usize = backends
+        .iter()
+        .map(|b| b.hits.load(std::sync::atomic::Ordering::SeqCst))
+        .sum();
+    assert!(hits >= 150);
+}
+
+#[tokio::test]
+async fn several_relay_clients_share_one_name() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let _ca = RelayClient::connect(&relay, "shared", &a.url).await;
+    let _cb = RelayClient::connect(&relay, "shared", &b.url).await;
+    let http = relay.http();
+    let before = (
+        a.hits.load(std::sync::atomic::Ordering::SeqCst),
+        b.hits.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let http = http.clone();
+        let url = format!("{}/client/shared/slow?ms=50", relay.url);
+        tasks.push(tokio::spawn(async move {
+            http.get(&url).send().await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(bounded(t).await.unwrap(), StatusCode::OK);
+    }
+    let after = (
+        a.hits.load(std::sync::atomic::Ordering::SeqCst),
+        b.hits.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "both clients served: {before:?} -> {after:?}"
+    );
+}
