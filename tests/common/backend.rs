@@ -39,6 +39,8 @@ pub struct Backend {
     pub url: String,
     /// Requests that reached the backend.
     pub hits: Arc<AtomicUsize>,
+    /// `/sse` bodies currently being sent (a dropped body decrements it).
+    pub open_streams: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -53,17 +55,18 @@ impl Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
+        let open_streams = Arc::new(AtomicUsize::new(0));
+        let (counter, open) = (hits.clone(), open_streams.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let counter = counter.clone();
+                let (counter, open) = (counter.clone(), open.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        handle(req)
+                        handle(req, open.clone())
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -75,6 +78,7 @@ impl Backend {
             addr,
             url: format!("http://127.0.0.1:{}", addr.port()),
             hits,
+            open_streams,
             task,
         }
     }
@@ -87,7 +91,26 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Counts an open stream while alive.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(counter)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    open: Arc<AtomicUsize>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let resp = if let Some(code) = path.strip_prefix("/status/") {
         let code = code.parse().unwrap_or(500);
@@ -125,15 +148,19 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     } else if path == "/sse" {
         let n = query(&req, "n").unwrap_or(3);
         let delay = Duration::from_millis(query(&req, "delay_ms").unwrap_or(200));
-        let stream = futures::stream::unfold(0u64, move |i| async move {
-            if i >= n {
-                return None;
+        let guard = Arc::new(OpenGuard::new(open));
+        let stream = futures::stream::unfold(0u64, move |i| {
+            let _alive = guard.clone();
+            async move {
+                if i >= n {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(delay).await;
+                }
+                let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
+                Some((Ok::<_, Infallible>(frame), i + 1))
             }
-            if i > 0 {
-                tokio::time::sleep(delay).await;
-            }
-            let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
-            Some((Ok::<_, Infallible>(frame), i + 1))
         });
         Response::builder()
             .header("content-type", "text/event-stream")
