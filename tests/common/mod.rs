@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod grpc;
 
 use std::future::Future;
 use std::net::SocketAddr;
