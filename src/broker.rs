@@ -240,8 +240,12 @@ impl Broker {
             let notified = b.poll_arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Newest poll first: after a relay-client's network changed, its
+            // old polls may sit on a dead connection the server has not
+            // noticed yet, while its fresh ones are live. Older polls that
+            // lose out simply time out and poll again.
             loop {
-                let Some(tx) = lock(&b.waiting).pop_front() else {
+                let Some(tx) = lock(&b.waiting).pop_back() else {
                     break;
                 };
                 match tx.send(req) {

@@ -404,6 +404,23 @@ mod tests {
     }
 
     #[test]
+    fn example_files_load_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let server: ServerConfig =
+            load(Some(&dir.join("server.example.toml")), Flags::default()).unwrap();
+        server.validate().unwrap();
+        assert_eq!(
+            server,
+            ServerConfig::default(),
+            "the example shows the defaults"
+        );
+        let client: ClientConfig =
+            load(Some(&dir.join("client.example.toml")), Flags::default()).unwrap();
+        client.validate().unwrap();
+        assert_eq!(client.backend_name, "robot-1");
+    }
+
+    #[test]
     fn client_validation() {
         let mut cfg = ClientConfig::default();
         assert!(

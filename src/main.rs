@@ -111,8 +111,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            let scheme = if cfg.tls.enabled { "https" } else { "http" };
-            tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
             http_relay::server::run(cfg, listener, shutdown_signal()).await?;
         }
         Command::Client(args) => {

@@ -75,6 +75,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let acceptor = tls_acceptor(&cfg)?;
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
     let broker = Broker::new(BrokerConfig {
         poll_timeout: cfg.timeouts.poll,
         relay_timeout: cfg.timeouts.relay,
@@ -235,16 +237,23 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         let mut resp = Response::new(full("ok"));
         *resp.status_mut() = StatusCode::OK;
         Ok(resp)
+    } else if path == "/metrics" {
+        // Reserved for the server's own metrics (`PROTOCOL.md`); never
+        // relayed to a backend.
+        Err(RelayError::NotFound)
     } else if path.starts_with("/server/") {
         relay::handle(state, req).await
     } else {
         user::handle(state, req).await
     };
     result.unwrap_or_else(|e: RelayError| {
-        if e.status().is_server_error() {
+        // Unknown names and timeouts are routine on a public relay; only
+        // failures of the relay path itself are worth an info line.
+        let status = e.status();
+        if status == StatusCode::BAD_GATEWAY || status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::info!(error = %e, "request failed");
         } else {
-            tracing::debug!(error = %e, "request refused");
+            tracing::debug!(error = %e, %status, "request refused");
         }
         e.into_response()
     })

@@ -1,0 +1,125 @@
+//! Faults: a dead network path to the server, an unreachable backend.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Relay, RelayClient, bounded, client_config};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP proxy whose connections can be frozen: bytes stop flowing but
+/// the sockets stay open, as when a robot's network path dies silently.
+struct FreezingProxy {
+    addr: SocketAddr,
+    frozen: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(target: SocketAddr) -> FreezingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (f, a) = (frozen.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let Ok(up) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                // Connections made after the freeze work again.
+                let frozen_now = Arc::new(AtomicBool::new(false));
+                let conn_frozen = if f.load(Ordering::SeqCst) {
+                    frozen_now
+                } else {
+                    f.clone()
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pump(dr, uw, conn_frozen.clone()));
+                tokio::spawn(pump(ur, dw, conn_frozen));
+            }
+        });
+        FreezingProxy {
+            addr,
+            frozen,
+            accepted,
+            _task: task,
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow everything and keep the sockets open.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn relay_client_notices_a_dead_connection_within_seconds() {
+    let backend = common::backend::Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let proxy = FreezingProxy::start(relay.addr).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
+    cfg.relay_ping_interval = Duration::from_secs(1);
+    cfg.relay_ping_timeout = Duration::from_secs(1);
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    let before = proxy.accepted.load(Ordering::SeqCst);
+
+    proxy.frozen.store(true, Ordering::SeqCst);
+    // Pings go unanswered; the client drops the connection and dials again
+    // (well before its 120 s call timeout).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while proxy.accepted.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no new connection within 10 s of the path dying");
+}
+
+#[tokio::test]
+async fn unreachable_backend_gets_a_clear_502() {
+    // A port with nothing listening.
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &dead).await;
+    let resp = bounded(
+        relay
+            .http()
+            .get(format!("{}/client/robot-1/x", relay.url))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.text().await.unwrap().contains("backend unreachable"));
+}

@@ -1,0 +1,186 @@
+//! Graceful shutdown, in-process and of the real binary on SIGTERM, and
+//! the embedded default start (development certificates created on the
+//! fly).
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::backend::Backend;
+use common::{Relay, RelayClient, bounded};
+
+#[tokio::test]
+async fn in_flight_requests_finish_and_new_ones_are_refused() {
+    let backend = Backend::start().await;
+    let mut relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let http = relay.http();
+    let slow = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{}/client/robot-1/slow?ms=1500", relay.url);
+        async move { http.get(url).send().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = relay.signal_stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let refused = http
+        .get(format!("{}/client/robot-1/x", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503, "no new work while draining");
+
+    let resp = bounded(slow).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "slow");
+    bounded(stopped).await.unwrap().unwrap();
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the child to exit and returns its exit code.
+fn wait_exit(child: &mut Child) -> Option<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("process did not exit within 20 s");
+}
+
+/// Reads stderr lines until one contains `needle`; returns that line. The
+/// rest of stderr keeps being drained in the background.
+fn wait_for_line(child: &mut Child, needle: &str) -> String {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if line.contains(needle) {
+            return line;
+        }
+    }
+    panic!("no line containing {needle:?}");
+}
+
+#[tokio::test]
+async fn binary_serves_on_the_embedded_default_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start().await;
+    let mut server = Proc(
+        Command::new(common::binary())
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = wait_for_line(&mut server.0, "listening on https://");
+    let url = line[line.find("https://").unwrap()..].trim().to_owned();
+    let ca = dir.path().join("certs/ca.pem");
+    assert!(ca.exists(), "dev CA created under certs/");
+    assert!(dir.path().join("certs/server.key").exists());
+
+    let mut client = Proc(
+        Command::new(common::binary())
+            .args(["client", "--relay-url", &url, "--backend-name", "robot-1"])
+            .args(["--backend-url", &backend.url, "--ca-file"])
+            .arg(&ca)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pem = std::fs::read(&ca).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .no_proxy()
+        .build()
+        .unwrap();
+    let text = bounded(async {
+        loop {
+            if let Ok(r) = http
+                .get(format!("{url}/client/robot-1/hello?x=1"))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return r.text().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(text.contains("uri: /hello?x=1"), "{text}");
+
+    sigterm(&client.0);
+    assert_eq!(wait_exit(&mut client.0), Some(0));
+    sigterm(&server.0);
+    assert_eq!(wait_exit(&mut server.0), Some(0));
+}
+
+#[test]
+fn bad_config_fails_at_start_naming_key_and_source() {
+    let out = Command::new(common::binary())
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .env("HTTP_RELAY_TIMEOUTS__POLL", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("timeouts.poll"), "{err}");
+    assert!(err.contains("http_relay_"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.toml");
+    std::fs::write(&file, "[limits]\nmax_request_body = \"lots\"\n").unwrap();
+    let out = Command::new(common::binary())
+        .args(["server", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_request_body"), "{err}");
+    assert!(err.contains("s.toml"), "{err}");
+
+    let out = Command::new(common::binary())
+        .args(["client", "--relay-url", "https://127.0.0.1:1"])
+        .env_remove("HTTP_RELAY_BACKEND_NAME")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backend_name"));
+}
