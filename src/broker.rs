@@ -153,13 +153,17 @@ impl Broker {
         if self.inner.draining.is_cancelled() {
             return Err(BrokerError::Draining);
         }
-        let b = self
-            .inner
-            .backends
-            .entry(backend.to_owned())
-            .or_insert_with(|| Arc::new(Backend::new()))
-            .clone();
-        b.touch();
+        let b = {
+            // Touched while the map entry is held, so the reaper cannot
+            // remove the backend between lookup and queueing this poll.
+            let entry = self
+                .inner
+                .backends
+                .entry(backend.to_owned())
+                .or_insert_with(|| Arc::new(Backend::new()));
+            entry.touch();
+            entry.clone()
+        };
         let (tx, mut rx) = oneshot::channel();
         {
             let mut q = lock(&b.waiting);
@@ -279,8 +283,9 @@ impl Broker {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(BrokerError::UnknownRequest(id)),
             Err(_) => {
+                // Reaped: the relay-client must stop, as for any gone id.
                 self.forget(&id);
-                Err(BrokerError::Inactive(self.inner.cfg.inactive_request))
+                Err(BrokerError::UnknownRequest(id))
             }
         }
     }
@@ -527,7 +532,7 @@ mod tests {
         }
         assert!(matches!(
             b.respond(chunk).await,
-            Err(BrokerError::Inactive(_))
+            Err(BrokerError::UnknownRequest(_))
         ));
         assert_eq!(b.active_requests(), 0);
     }

@@ -81,6 +81,8 @@ pub enum ProtoError {
     Status(i32),
     #[error("missing field {0}")]
     Missing(&'static str),
+    #[error("more than {MAX_HEADERS} header entries")]
+    TooManyHeaders,
     #[error("invalid url {0:?}")]
     Url(String),
 }
@@ -99,8 +101,15 @@ pub fn headers_to_proto(headers: &HeaderMap) -> Vec<HttpHeader> {
         .collect()
 }
 
+/// Most header (or trailer) entries accepted in one message; far above
+/// what real responses carry, far below what would strain a `HeaderMap`.
+pub const MAX_HEADERS: usize = 1024;
+
 /// Turns wire headers into a header map, appending repeated names.
 pub fn headers_from_proto(headers: &[HttpHeader]) -> Result<HeaderMap, ProtoError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(ProtoError::TooManyHeaders);
+    }
     let mut map = HeaderMap::with_capacity(headers.len());
     for h in headers {
         let name = h.name.as_deref().unwrap_or_default();
@@ -109,7 +118,8 @@ pub fn headers_from_proto(headers: &[HttpHeader]) -> Result<HeaderMap, ProtoErro
             .map_err(|_| ProtoError::HeaderName(name.to_owned()))?;
         let value = HeaderValue::from_str(value)
             .map_err(|_| ProtoError::HeaderValue(name.as_str().to_owned()))?;
-        map.append(name, value);
+        map.try_append(name, value)
+            .map_err(|_| ProtoError::TooManyHeaders)?;
     }
     Ok(map)
 }
@@ -211,6 +221,17 @@ mod tests {
         assert!(matches!(
             headers_from_proto(&bad_value),
             Err(ProtoError::HeaderValue(_))
+        ));
+        let many = vec![
+            HttpHeader {
+                name: Some("x".into()),
+                value: Some("v".into()),
+            };
+            MAX_HEADERS + 1
+        ];
+        assert!(matches!(
+            headers_from_proto(&many),
+            Err(ProtoError::TooManyHeaders)
         ));
         assert!(status_from_proto(-1).is_err());
         assert!(status_from_proto(99).is_err());

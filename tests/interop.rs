@@ -225,6 +225,23 @@ async fn invalid_backend_answers_become_502_not_panics() {
             },
             "status_code",
         ),
+        (
+            HttpResponse {
+                status_code: Some(103),
+                eof: Some(true),
+                ..Default::default()
+            },
+            "invalid status code 103",
+        ),
+        (
+            HttpResponse {
+                status_code: Some(200),
+                header: vec![header("x", "y"); 2000],
+                eof: Some(true),
+                ..Default::default()
+            },
+            "header entries",
+        ),
     ];
     for (mut chunk, expect) in cases {
         let user = user_get(&relay, "/client/bad/x");

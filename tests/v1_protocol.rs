@@ -106,6 +106,9 @@ async fn method_host_headers_body_and_status_are_preserved() {
         .header("host", "robot.example.com")
         .header("x-multi", "one")
         .header("x-multi", "two")
+        .header("connection", "x-secret")
+        .header("x-secret", "hop")
+        .header("keep-alive", "timeout=5")
         .body("payload")
         .send()
         .await
@@ -116,6 +119,8 @@ async fn method_host_headers_body_and_status_are_preserved() {
     assert_eq!(line(&text, "method"), ["PATCH"]);
     assert_eq!(line(&text, "host"), ["robot.example.com"]);
     assert_eq!(line(&text, "x-multi"), ["one", "two"]);
+    assert!(line(&text, "x-secret").is_empty(), "named by Connection: {text}");
+    assert!(line(&text, "keep-alive").is_empty(), "hop-by-hop: {text}");
     assert_eq!(line(&text, "body-len"), ["7"]);
     assert!(text.ends_with("\n\npayload"));
 

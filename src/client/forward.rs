@@ -9,8 +9,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
-use super::Ctx;
 use super::transport::{PostOutcome, StreamRead, TransportError};
+use super::{Backoff, Ctx};
 use crate::proto::{self, HttpRequest, HttpResponse};
 
 /// Why a relayed request ended early on the relay-client.
@@ -228,6 +228,9 @@ impl<'a> Chunker<'a> {
     }
 }
 
+/// Consecutive failed request-stream reads before giving up.
+const STREAM_RETRIES: u32 = 5;
+
 /// Read size for backend-to-user bytes of an upgraded connection.
 const PIPE_READ: usize = 64 * 1024;
 
@@ -261,16 +264,28 @@ async fn pipe(
         Chunker::new(ctx, first).run(body).await
     };
     let to_backend = async {
+        // A brief failure (e.g. a reconnect) is retried; the stream ends
+        // only when the server says so, or after repeated failures.
+        let mut backoff = Backoff::new();
+        let mut failures = 0;
         loop {
             match ctx.transport.request_stream(&id).await {
                 Ok(StreamRead::Bytes(b)) => {
+                    backoff.reset();
+                    failures = 0;
                     if !b.is_empty() && wr.write_all(&b).await.is_err() {
                         break;
                     }
                 }
                 Ok(StreamRead::Closed) => break,
+                Err(e) if failures < STREAM_RETRIES => {
+                    failures += 1;
+                    let wait = backoff.step();
+                    tracing::debug!(id, error = %e, retry_in = ?wait, "request stream read failed");
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) => {
-                    tracing::warn!(id, error = %e, "request stream failed");
+                    tracing::warn!(id, error = %e, "request stream failed; closing backend side");
                     break;
                 }
             }

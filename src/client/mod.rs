@@ -38,7 +38,7 @@ pub struct Ctx {
 
 /// Exponential backoff between failed polls, so a down server is not
 /// hammered and a restarted one is found again quickly.
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -46,13 +46,13 @@ impl Backoff {
     const MIN: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(10);
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { next: Self::MIN }
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Self::MIN;
     }
-    fn step(&mut self) -> Duration {
+    pub(crate) fn step(&mut self) -> Duration {
         let now = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         now

@@ -201,7 +201,8 @@ impl RelayTransport {
             StatusCode::OK => Ok(StreamRead::Bytes(
                 Self::read_body(resp, MAX_STREAM_ANSWER).await?,
             )),
-            StatusCode::GONE => Ok(StreamRead::Closed),
+            // 400: the id is unknown (request over or reaped).
+            StatusCode::GONE | StatusCode::BAD_REQUEST => Ok(StreamRead::Closed),
             _ => Err(Self::unexpected(resp).await),
         }
     }

@@ -83,10 +83,14 @@ impl RelayBody {
         if !chunk.trailer.is_empty() {
             let more = headers_from_proto(&chunk.trailer)?;
             let t = self.trailers.get_or_insert_with(HeaderMap::new);
-            for (name, value) in more {
-                if let Some(name) = name {
-                    t.insert(name, value);
-                }
+            // A later chunk's trailer replaces an earlier one of the same
+            // name (e.g. `grpc-status` copied from a trailers-only header);
+            // repeated values within one chunk are all kept.
+            for name in more.keys() {
+                t.remove(name);
+            }
+            for (name, value) in &more {
+                t.append(name.clone(), value.clone());
             }
         }
         if chunk.eof == Some(true) {

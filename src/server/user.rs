@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::State;
 use super::body::{Body, RelayBody, empty};
-use crate::broker::Exchange;
+use crate::broker::{BrokerError, Exchange};
 use crate::error::RelayError;
 use crate::proto::{self, HttpRequest, HttpResponse};
 
@@ -62,6 +62,39 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Removes hop-by-hop headers and the ones `Connection` names. On an
+/// upgrade, `Connection` and `Upgrade` are what the backend must see.
+/// `TE: trailers` stays: gRPC backends require it.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        let keep = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
+        if !keep {
+            headers.remove(name);
+        }
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
 fn is_upgrade_request(req: &Request<Incoming>) -> bool {
     req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
@@ -72,6 +105,10 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
     let route = route(req.uri().path(), req.headers())?;
+    // Fast refusal before reading (up to 64 MiB of) body for nobody.
+    if !state.broker.knows_backend(&route.backend) {
+        return Err(BrokerError::UnknownBackend(route.backend).into());
+    }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
 
@@ -86,9 +123,12 @@ pub async fn handle(
     }
     // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
     // cannot do").
-    let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
+    let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
+    // A trickling upload must not hold the request forever.
+    let idle = state.cfg.timeouts.inactive_request;
+    let body = tokio::time::timeout(idle, read)
         .await
+        .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 RelayError::BodyTooLarge(limit)
@@ -106,6 +146,7 @@ pub async fn handle(
         .or_else(|| parts.uri.authority().map(|a| a.to_string()));
     let mut headers = parts.headers;
     headers.remove(header::HOST);
+    strip_hop_by_hop(&mut headers, on_upgrade.is_some());
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
@@ -119,9 +160,7 @@ pub async fn handle(
     let first = exchange
         .next_chunk()
         .await?
-        .ok_or(crate::broker::BrokerError::Inactive(
-            exchange.inactive_timeout(),
-        ))?;
+        .ok_or(BrokerError::Inactive(exchange.inactive_timeout()))?;
     respond(exchange, first, on_upgrade)
 }
 
@@ -138,6 +177,13 @@ fn respond(
                 "status_code",
             )))?;
     let status = proto::status_from_proto(code).map_err(RelayError::BadBackendResponse)?;
+    // Only 101 may be relayed as an interim status; any other 1xx would
+    // be taken for the final answer.
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(RelayError::BadBackendResponse(proto::ProtoError::Status(
+            code,
+        )));
+    }
     let mut headers =
         proto::headers_from_proto(&first.header).map_err(RelayError::BadBackendResponse)?;
 
@@ -146,13 +192,14 @@ fn respond(
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
-        tokio::spawn(pipe(on_upgrade, exchange, first.body.unwrap_or_default()));
+        let ended = first.eof == Some(true);
+        let first_body = first.body.unwrap_or_default();
+        tokio::spawn(pipe(on_upgrade, exchange, first_body, ended));
         return Ok(resp);
     }
 
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
+    strip_hop_by_hop(&mut headers, false);
+    headers.remove(header::TE);
     // A gRPC "trailers-only" reply has its status in the headers; gRPC
     // clients read it from the trailers (`PROTOCOL.md`, "gRPC detail").
     let mut trailers = HeaderMap::new();
@@ -180,7 +227,7 @@ const PIPE_READ: usize = 64 * 1024;
 /// The user-client closing its side ends the request stream (410 to the
 /// relay-client); the backend's `eof` closes the user-client's side and
 /// ends the pipe.
-async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes) {
+async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes, ended: bool) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -194,22 +241,30 @@ async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes) {
     };
     let id = exchange.id().to_owned();
 
+    // Resolves with whether the user-client half-closed cleanly (`true`)
+    // or failed (`false`). Dropping the sender tells the relay-client the
+    // stream is over (410 Gone).
     let upstream = async move {
         loop {
             let mut buf = BytesMut::with_capacity(PIPE_READ);
             match rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => return true,
+                Err(_) => return false,
                 Ok(_) => {
                     if to_backend.send(buf.freeze()).await.is_err() {
-                        break;
+                        return false;
                     }
                 }
             }
         }
-        // Dropping the sender tells the relay-client: 410 Gone.
     };
+    let idle = exchange.inactive_timeout();
     let downstream = async move {
         if !first.is_empty() && wr.write_all(&first).await.is_err() {
+            return;
+        }
+        if ended {
+            let _ = wr.shutdown().await;
             return;
         }
         // Ends on the backend's eof, on reaping, or on inactivity.
@@ -228,9 +283,13 @@ async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes) {
     tokio::pin!(downstream);
     tokio::select! {
         () = &mut downstream => {}
-        () = upstream => {
-            // The user-client closed its side; the backend may still talk.
-            downstream.await;
+        clean = upstream => {
+            // After a clean half-close the backend may still talk, for a
+            // bounded time (keep-alive chunks do not extend it); after a
+            // failure nobody is listening: end now.
+            if clean {
+                let _ = tokio::time::timeout(idle, downstream).await;
+            }
         }
     }
     tracing::debug!(id, "upgraded connection closed");
