@@ -12,10 +12,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use bytesize::ByteSize;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the environment variables read by both roles.
@@ -159,20 +162,176 @@ impl Default for ServerLimits {
     }
 }
 
-/// Authentication of user-clients and relay-clients.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+/// Issuer name of the embedded development token issuer.
+pub const DEV_ISSUER: &str = "http-relay-dev";
+
+/// Authentication of user-clients and relay-clients with JWTs.
+///
+/// Each backend name has separate audiences for users and relay-clients,
+/// so a user token never works as a relay token, and a token for one
+/// backend never reaches another.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// Audience user-client tokens need; `{backend}` is the backend name.
+    pub user_audience: String,
+    /// Audience relay-client tokens need; `{backend}` is the backend name.
+    pub relay_audience: String,
+    /// Clock skew tolerated for `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Header that carries user-client tokens (`Bearer` scheme for
+    /// `authorization`; the bare token, or `Bearer`, for any other).
+    pub token_header: String,
+    /// Cookie that may carry user-client tokens (browsers, WebSockets).
+    pub token_cookie: Option<String>,
+    /// Trusted token issuers.
+    pub issuers: Vec<IssuerConfig>,
+    /// Per-backend extra audiences and required claims.
+    pub backends: BTreeMap<String, BackendAuth>,
+    /// Bounds of the JWKS refresh period (the IdP's `Cache-Control:
+    /// max-age` is clamped into them).
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_max: Duration,
+    /// A token with an unknown `kid` refetches the JWKS at most once per
+    /// this window, so random kids cannot make the relay hammer the IdP.
+    #[serde(with = "humantime_serde")]
+    pub unknown_kid_cooldown: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Jwt,
+            user_audience: "http-relay/client/{backend}".into(),
+            relay_audience: "http-relay/backend/{backend}".into(),
+            leeway: Duration::from_secs(30),
+            token_header: "authorization".into(),
+            token_cookie: None,
+            issuers: vec![IssuerConfig {
+                issuer: DEV_ISSUER.into(),
+                jwks_uri: None,
+                jwks_file: Some(Path::new(DEV_CERT_DIR).join("dev-issuer.jwks.json")),
+                algorithms: Vec::new(),
+            }],
+            backends: BTreeMap::new(),
+            jwks_refresh_min: Duration::from_secs(60),
+            jwks_refresh_max: Duration::from_secs(24 * 3600),
+            unknown_kid_cooldown: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How requests are authenticated.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
-    /// Anyone who reaches the relay may use it (the v1 behaviour).
-    #[default]
+    /// Anyone who reaches the relay may use it (the v1 behaviour); for
+    /// local use only, and logged loudly.
     None,
+    /// Every endpoint needs a JWT from a trusted issuer.
+    #[default]
+    Jwt,
+}
+
+/// One trusted token issuer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` value; OIDC discovery runs from
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// Skips discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// Reads the keys from a local JWKS file instead of HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// Allowed algorithms; empty means every asymmetric one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+}
+
+/// Per-backend additions to the audience policy.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendAuth {
+    /// Further audiences accepted from user-clients of this backend.
+    pub user_audiences: Vec<String>,
+    /// Further audiences accepted from its relay-clients.
+    pub relay_audiences: Vec<String>,
+    /// Claims every token for this backend must carry: the claim equals
+    /// the value, or is an array that contains it.
+    pub required_claims: BTreeMap<String, String>,
+}
+
+/// Whether `url` may be fetched for keys: https, or http on a loopback
+/// host (for tests and local IdPs).
+pub fn is_secure_or_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https"), Some(_)) => true,
+        (Some("http"), Some(host)) => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
+impl AuthConfig {
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mode == AuthMode::None {
+            return Ok(());
+        }
+        if self.issuers.is_empty() {
+            return Err(invalid(
+                "auth.issuers",
+                "at least one issuer is needed with mode = \"jwt\"",
+            ));
+        }
+        if HeaderName::from_bytes(self.token_header.as_bytes()).is_err() {
+            return Err(invalid("auth.token_header", "is not a valid header name"));
+        }
+        for i in &self.issuers {
+            if i.jwks_file.is_some() {
+                continue;
+            }
+            let url = i.jwks_uri.as_deref().unwrap_or(&i.issuer);
+            if !is_secure_or_loopback(url) {
+                return Err(invalid(
+                    "auth.issuers",
+                    format!("{url:?} must be https (http only on loopback hosts)"),
+                ));
+            }
+            if let Some(bad) = i
+                .algorithms
+                .iter()
+                .find(|a| !crate::auth::is_asymmetric(**a))
+            {
+                return Err(invalid(
+                    "auth.issuers.algorithms",
+                    format!("{bad:?} is not an asymmetric algorithm"),
+                ));
+            }
+        }
+        if self.user_audience == self.relay_audience {
+            return Err(invalid(
+                "auth.relay_audience",
+                "must differ from auth.user_audience, or user tokens would work as relay tokens",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -195,7 +354,7 @@ impl ServerConfig {
                 "must be at least 1KiB",
             ));
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -232,6 +391,82 @@ pub struct ClientConfig {
     pub relay_ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub relay_ping_timeout: Duration,
+    /// The token presented to the relay server.
+    pub auth: ClientAuth,
+}
+
+/// Where the relay-client's token comes from: a file (re-read when it
+/// changes), or OIDC client credentials. Neither: no token is sent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAuth {
+    /// A file holding the token, e.g. a projected service-account token.
+    pub token_file: Option<PathBuf>,
+    /// OIDC issuer for the client-credentials flow (token endpoint from
+    /// discovery).
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    /// File holding the client secret (never the secret itself).
+    pub client_secret_file: Option<PathBuf>,
+    /// Audience asked for: sent as the RFC 8707 `resource` parameter.
+    pub audience: Option<String>,
+    /// Also send the audience as the `audience` parameter (Auth0 style).
+    pub send_audience_param: bool,
+    /// How the client authenticates at the token endpoint.
+    pub client_auth: ClientAuthMethod,
+}
+
+impl Default for ClientAuth {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            issuer: None,
+            client_id: None,
+            client_secret_file: None,
+            audience: None,
+            send_audience_param: true,
+            client_auth: ClientAuthMethod::default(),
+        }
+    }
+}
+
+/// Client authentication at the token endpoint.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+impl ClientAuth {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.token_file, &self.issuer) {
+            (Some(_), Some(_)) => Err(invalid(
+                "auth.token_file",
+                "set either auth.token_file or auth.issuer, not both",
+            )),
+            (_, Some(issuer)) => {
+                if !is_secure_or_loopback(issuer) {
+                    return Err(invalid(
+                        "auth.issuer",
+                        format!("{issuer:?} must be https (http only on loopback hosts)"),
+                    ));
+                }
+                for (key, missing) in [
+                    ("auth.client_id", self.client_id.is_none()),
+                    ("auth.client_secret_file", self.client_secret_file.is_none()),
+                    ("auth.audience", self.audience.is_none()),
+                ] {
+                    if missing {
+                        return Err(invalid(key, "is required with auth.issuer"));
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for ClientConfig {
@@ -248,6 +483,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(3),
             relay_ping_interval: Duration::from_secs(5),
             relay_ping_timeout: Duration::from_secs(5),
+            auth: ClientAuth::default(),
         }
     }
 }
@@ -269,7 +505,7 @@ impl ClientConfig {
         if self.max_chunk_size.as_u64() == 0 {
             return Err(invalid("max_chunk_size", "must be greater than zero"));
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -418,6 +654,13 @@ mod tests {
             load(Some(&dir.join("client.example.toml")), Flags::default()).unwrap();
         client.validate().unwrap();
         assert_eq!(client.backend_name, "robot-1");
+        for idp in ["keycloak", "auth0", "google"] {
+            let path = dir.join(format!("auth-{idp}.example.toml"));
+            let cfg: ServerConfig = load(Some(&path), Flags::default()).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.auth.issuers.len(), 1, "{idp}: replaces the dev issuer");
+            assert!(cfg.auth.issuers[0].issuer.starts_with("https://"));
+        }
     }
 
     #[test]

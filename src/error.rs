@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 
+use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::proto::ProtoError;
 use crate::server::body::{Body, full};
@@ -30,6 +31,8 @@ pub enum RelayError {
     UnexpectedUpgrade,
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Auth(AuthError),
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -49,6 +52,7 @@ impl RelayError {
             }
             RelayError::NotFound => StatusCode::NOT_FOUND,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RelayError::Auth(e) => e.status(),
             RelayError::Broker(e) => match e {
                 B::UnknownBackend(_) | B::NoFreePoll(_) | B::Draining => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -71,6 +75,12 @@ impl RelayError {
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
         resp
     }
 }

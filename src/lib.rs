@@ -10,6 +10,8 @@
 //! - [`config`]: typed server and client configuration, layered with figment.
 //! - [`tls`]: rustls configurations and the development CA.
 //! - [`proto`]: the v1 wire messages (`PROTOCOL.md`).
+//! - [`auth`]: JWT validation, JWKS cache, audience policy, dev issuer,
+//!   relay-client token sources.
 //! - [`broker`]: the in-memory rendezvous of requests and relay-clients.
 //! - [`server`]: the relay server's listener, routing and handlers.
 //! - [`client`]: the relay-client.
@@ -18,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use http_relay::auth::Role;
+use http_relay::auth::dev::DevIssuer;
 use http_relay::config::{self, ClientConfig, Flags, ServerConfig};
 use http_relay::telemetry::{self, LogFormat};
 
@@ -30,6 +32,35 @@ enum Command {
     Server(ServerArgs),
     /// Run a relay-client next to a backend.
     Client(ClientArgs),
+    /// Mint a token from the development issuer (for local use).
+    Token(TokenArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TokenRole {
+    /// A user-client token for the backend.
+    User,
+    /// A relay-client token for the backend.
+    Relay,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Server config file whose audiences and development issuer to use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Who the token is for.
+    #[arg(long, value_enum)]
+    role: TokenRole,
+    /// Backend name the token grants access to.
+    #[arg(long)]
+    backend: String,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h")]
+    ttl: humantime::Duration,
+    /// Subject (`sub`) of the token.
+    #[arg(long, default_value = "dev")]
+    sub: String,
 }
 
 #[derive(Args)]
@@ -74,6 +105,9 @@ struct ClientArgs {
     /// Concurrent long polls (`pending_polls`).
     #[arg(long)]
     pending_polls: Option<usize>,
+    /// File with the token presented to the server (`auth.token_file`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -120,10 +154,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .set("backend_url", args.backend_url)
                 .set("backend_http2", args.backend_http2.then_some(true))
                 .set("ca_file", args.ca_file)
-                .set("pending_polls", args.pending_polls);
+                .set("pending_polls", args.pending_polls)
+                .set("auth.token_file", args.token_file);
             let cfg: ClientConfig = config::load(args.config.as_deref(), flags)?;
             cfg.validate()?;
             http_relay::client::run(cfg, shutdown_signal()).await?;
+        }
+        Command::Token(args) => {
+            let cfg: ServerConfig = config::load(args.config.as_deref(), Flags::default())?;
+            let jwks = cfg
+                .auth
+                .issuers
+                .iter()
+                .find(|i| i.issuer == config::DEV_ISSUER)
+                .and_then(|i| i.jwks_file.clone())
+                .context("the server configuration does not trust the development issuer")?;
+            let (issuer, _) = DevIssuer::ensure(&jwks)?;
+            let role = match args.role {
+                TokenRole::User => Role::User,
+                TokenRole::Relay => Role::Relay,
+            };
+            let aud = http_relay::auth::audience_for(&cfg.auth, role, &args.backend);
+            println!("{}", issuer.mint(&aud, &args.sub, args.ttl.into())?);
         }
     }
     Ok(())

@@ -138,21 +138,25 @@ impl DevCerts {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
 
-        write_file(&self.ca_cert, ca_cert.pem().as_bytes(), false)?;
-        write_file(&self.ca_key, ca_key.serialize_pem().as_bytes(), true)?;
-        write_file(&self.cert, cert.pem().as_bytes(), false)?;
-        write_file(&self.key, key.serialize_pem().as_bytes(), true)?;
+        for (path, data, secret) in [
+            (&self.ca_cert, ca_cert.pem(), false),
+            (&self.ca_key, ca_key.serialize_pem(), true),
+            (&self.cert, cert.pem(), false),
+            (&self.key, key.serialize_pem(), true),
+        ] {
+            write_file(path, data.as_bytes(), secret).map_err(|source| TlsError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
         Ok(true)
     }
 }
 
-fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), TlsError> {
-    let err = |source| TlsError::Write {
-        path: path.to_owned(),
-        source,
-    };
+/// Writes a file, creating its directory; secrets get mode 0600.
+pub(crate) fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::create_dir_all(dir)?;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -164,9 +168,7 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), TlsError> {
     #[cfg(not(unix))]
     let _ = secret;
     use std::io::Write as _;
-    opts.open(path)
-        .and_then(|mut f| f.write_all(data))
-        .map_err(err)
+    opts.open(path).and_then(|mut f| f.write_all(data))
 }
 
 #[cfg(test)]

@@ -112,10 +112,30 @@ async fn binary_serves_on_the_embedded_default_and_exits_0_on_sigterm() {
     assert!(ca.exists(), "dev CA created under certs/");
     assert!(dir.path().join("certs/server.key").exists());
 
+    // The embedded default authenticates with the development issuer.
+    let mint = |role: &str| {
+        let out = Command::new(common::binary())
+            .args(["token", "--role", role, "--backend", "robot-1"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let relay_token = dir.path().join("relay.token");
+    std::fs::write(&relay_token, mint("relay")).unwrap();
+    let user_token = mint("user");
+
     let mut client = Proc(
         Command::new(common::binary())
             .args(["client", "--relay-url", &url, "--backend-name", "robot-1"])
-            .args(["--backend-url", &backend.url, "--ca-file"])
+            .args(["--backend-url", &backend.url, "--token-file"])
+            .arg(&relay_token)
+            .arg("--ca-file")
             .arg(&ca)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -128,10 +148,17 @@ async fn binary_serves_on_the_embedded_default_and_exits_0_on_sigterm() {
         .no_proxy()
         .build()
         .unwrap();
+    let unauthenticated = http
+        .get(format!("{url}/client/robot-1/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
     let text = bounded(async {
         loop {
             if let Ok(r) = http
                 .get(format!("{url}/client/robot-1/hello?x=1"))
+                .bearer_auth(&user_token)
                 .send()
                 .await
                 && r.status() == 200
@@ -143,6 +170,10 @@ async fn binary_serves_on_the_embedded_default_and_exits_0_on_sigterm() {
     })
     .await;
     assert!(text.contains("uri: /hello?x=1"), "{text}");
+    assert!(
+        !text.to_lowercase().contains("authorization"),
+        "token not relayed: {text}"
+    );
 
     sigterm(&client.0);
     assert_eq!(wait_exit(&mut client.0), Some(0));

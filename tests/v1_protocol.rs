@@ -119,7 +119,10 @@ async fn method_host_headers_body_and_status_are_preserved() {
     assert_eq!(line(&text, "method"), ["PATCH"]);
     assert_eq!(line(&text, "host"), ["robot.example.com"]);
     assert_eq!(line(&text, "x-multi"), ["one", "two"]);
-    assert!(line(&text, "x-secret").is_empty(), "named by Connection: {text}");
+    assert!(
+        line(&text, "x-secret").is_empty(),
+        "named by Connection: {text}"
+    );
     assert!(line(&text, "keep-alive").is_empty(), "hop-by-hop: {text}");
     assert_eq!(line(&text, "body-len"), ["7"]);
     assert!(text.ends_with("\n\npayload"));

@@ -13,9 +13,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::client::TokenSource;
 use crate::config::ClientConfig;
 use crate::tls::TlsError;
-use transport::{HttpsClient, RelayTransport};
+use transport::{HttpsClient, RelayTransport, TransportError};
+
+/// Least wait after the server refused our token.
+const AUTH_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long requests in flight may run on after shutdown was asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -25,6 +29,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum ClientError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot build the token client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
 /// What every request task shares.
@@ -61,7 +67,8 @@ impl Backoff {
 
 impl Ctx {
     pub fn new(cfg: ClientConfig) -> Result<Self, ClientError> {
-        let transport = RelayTransport::new(&cfg)?;
+        let tokens = Arc::new(TokenSource::new(&cfg.auth)?);
+        let transport = RelayTransport::new(&cfg, tokens)?;
         let backend_tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
         let backend = transport::https_client(backend_tls, |_| {}, cfg.backend_http2);
         let backend_base = cfg.backend_url.trim_end_matches('/').to_owned();
@@ -119,7 +126,13 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             }
             Ok(None) => backoff.reset(),
             Err(e) => {
-                let wait = backoff.step();
+                let wait = match &e {
+                    // Refused tokens do not get better by asking faster.
+                    TransportError::Refused { .. } | TransportError::Token(_) => {
+                        backoff.step().max(AUTH_BACKOFF)
+                    }
+                    _ => backoff.step(),
+                };
                 tracing::warn!(error = %e, retry_in = ?wait, "poll failed");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}

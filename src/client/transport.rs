@@ -12,6 +12,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prost::Message as _;
 
+use std::sync::Arc;
+
+use crate::auth::client::{TokenError, TokenSource};
 use crate::config::ClientConfig;
 use crate::proto::{self, HttpRequest, HttpResponse};
 use crate::tls::TlsError;
@@ -41,6 +44,17 @@ pub enum TransportError {
     Decode(#[from] prost::DecodeError),
     #[error("invalid relay URL: {0}")]
     Url(String),
+    #[error("no token for the relay server: {0}")]
+    Token(#[from] TokenError),
+    /// 401/403: the server refused our token.
+    #[error(
+        "relay server refused the token ({status}): {body}; the token presented audience {presented}"
+    )]
+    Refused {
+        status: StatusCode,
+        body: String,
+        presented: String,
+    },
 }
 
 /// What the server said to a response chunk.
@@ -66,6 +80,7 @@ pub enum StreamRead {
 #[derive(Clone)]
 pub struct RelayTransport {
     client: HttpsClient,
+    tokens: Arc<TokenSource>,
     base: String,
     backend_query: String,
 }
@@ -97,7 +112,7 @@ pub(crate) fn https_client(
 }
 
 impl RelayTransport {
-    pub fn new(cfg: &ClientConfig) -> Result<Self, TlsError> {
+    pub fn new(cfg: &ClientConfig, tokens: Arc<TokenSource>) -> Result<Self, TlsError> {
         let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
         let ping = cfg.relay_ping_interval;
         let ping_timeout = cfg.relay_ping_timeout;
@@ -113,6 +128,7 @@ impl RelayTransport {
         );
         Ok(Self {
             client,
+            tokens,
             base: cfg.relay_url.trim_end_matches('/').to_owned(),
             backend_query: form_urlencoded::byte_serialize(cfg.backend_name.as_bytes()).collect(),
         })
@@ -126,6 +142,9 @@ impl RelayTransport {
     ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
         let uri = format!("{}{}", self.base, path_and_query);
         let mut req = Request::builder().method(method).uri(&uri);
+        if let Some(token) = self.tokens.token().await? {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         if !body.is_empty() {
             req = req.header(header::CONTENT_TYPE, proto::RESPONSE_CONTENT_TYPE);
         }
@@ -149,13 +168,24 @@ impl RelayTransport {
             .map_err(|e| TransportError::Body(e.to_string()))
     }
 
-    async fn unexpected(resp: hyper::Response<hyper::body::Incoming>) -> TransportError {
+    async fn unexpected(&self, resp: hyper::Response<hyper::body::Incoming>) -> TransportError {
         let status = resp.status();
         let body = Self::read_body(resp, 4096).await.unwrap_or_default();
-        TransportError::Status {
-            status,
-            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        let body = String::from_utf8_lossy(&body).trim().to_owned();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // The next call fetches a fresh token.
+            self.tokens.invalidate().await;
+            let presented = match self.tokens.token().await {
+                Ok(Some(t)) => crate::auth::client::presented_audience(&t),
+                _ => "<none>".into(),
+            };
+            return TransportError::Refused {
+                status,
+                body,
+                presented,
+            };
         }
+        TransportError::Status { status, body }
     }
 
     /// One long poll: `Ok(None)` on 408 (nothing arrived).
@@ -168,7 +198,7 @@ impl RelayTransport {
                 Ok(Some(HttpRequest::decode(body)?))
             }
             StatusCode::REQUEST_TIMEOUT => Ok(None),
-            _ => Err(Self::unexpected(resp).await),
+            _ => Err(self.unexpected(resp).await),
         }
     }
 
@@ -188,7 +218,7 @@ impl RelayTransport {
                 Ok(PostOutcome::Accepted)
             }
             StatusCode::BAD_REQUEST => Ok(PostOutcome::Gone),
-            _ => Err(Self::unexpected(resp).await),
+            _ => Err(self.unexpected(resp).await),
         }
     }
 
@@ -203,7 +233,7 @@ impl RelayTransport {
             )),
             // 400: the id is unknown (request over or reaped).
             StatusCode::GONE | StatusCode::BAD_REQUEST => Ok(StreamRead::Closed),
-            _ => Err(Self::unexpected(resp).await),
+            _ => Err(self.unexpected(resp).await),
         }
     }
 }

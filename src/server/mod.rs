@@ -5,6 +5,7 @@
 //! tests bind port 0 and stop the server themselves.
 
 pub mod body;
+mod gate;
 mod relay;
 mod user;
 
@@ -23,9 +24,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use self::user::{Route, route};
+use crate::auth::Authenticator;
+use crate::auth::dev::{DevIssuer, DevIssuerError};
 use crate::broker::{Broker, BrokerConfig};
-use crate::config::{DEV_CERT_DIR, ServerConfig};
+use crate::config::{AuthMode, DEV_CERT_DIR, DEV_ISSUER, ServerConfig};
 use crate::error::RelayError;
+use crate::telemetry::Metrics;
 use crate::tls::{self, DevCerts, TlsError};
 use body::{Body, full};
 
@@ -41,6 +45,10 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("listener failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    DevIssuer(#[from] DevIssuerError),
+    #[error("cannot build the key fetch client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
 /// What every handler shares.
@@ -48,6 +56,9 @@ pub enum ServerError {
 pub struct State {
     pub cfg: Arc<ServerConfig>,
     pub broker: Broker,
+    /// `None` with `auth.mode = "none"`.
+    pub auth: Option<Arc<Authenticator>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Builds the TLS acceptor, creating the development certificates on the
@@ -83,9 +94,17 @@ pub async fn run(
         inactive_request: cfg.timeouts.inactive_request,
         inactive_backend: cfg.timeouts.inactive_backend,
     });
+    let auth = authenticator(&cfg)?;
+    let stop_refresh = CancellationToken::new();
+    if let Some(auth) = &auth {
+        auth.spawn_refresh(stop_refresh.clone());
+    }
+    let _stop_refresh = stop_refresh.drop_guard();
     let state = State {
         cfg: Arc::new(cfg),
         broker: broker.clone(),
+        auth,
+        metrics: Arc::new(Metrics::default()),
     };
     let stop_accepting = CancellationToken::new();
     let graceful = GracefulShutdown::new();
@@ -138,6 +157,29 @@ pub async fn run(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// The authenticator of `cfg`, creating the development issuer's key when
+/// the configuration trusts it and it is absent.
+fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, ServerError> {
+    if cfg.auth.mode == AuthMode::None {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.mode = \"none\"): anyone who reaches this relay can use every backend"
+        );
+        return Ok(None);
+    }
+    for issuer in &cfg.auth.issuers {
+        if let (DEV_ISSUER, Some(jwks)) = (issuer.issuer.as_str(), &issuer.jwks_file) {
+            let (_, created) = DevIssuer::ensure(jwks)?;
+            if created {
+                tracing::info!(jwks = %jwks.display(), "created the development token issuer key");
+            }
+            tracing::warn!(
+                "trusting the development token issuer; mint tokens with `http-relay token`, use a real identity provider in production"
+            );
+        }
+    }
+    Ok(Authenticator::new(&cfg.auth)?)
 }
 
 async fn reap_backends(broker: Broker, inactive: Duration) {
@@ -238,9 +280,15 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         *resp.status_mut() = StatusCode::OK;
         Ok(resp)
     } else if path == "/metrics" {
-        // Reserved for the server's own metrics (`PROTOCOL.md`); never
-        // relayed to a backend.
-        Err(RelayError::NotFound)
+        // The server's own metrics (`PROTOCOL.md`); never relayed.
+        let mut resp = Response::new(full(state.metrics.encode()));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        Ok(resp)
     } else if path.starts_with("/server/") {
         relay::handle(state, req).await
     } else {

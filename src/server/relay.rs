@@ -7,8 +7,9 @@ use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use prost::Message as _;
 
-use super::State;
 use super::body::{Body, full};
+use super::{State, gate};
+use crate::broker::BrokerError;
 use crate::error::RelayError;
 use crate::proto::{self, HttpResponse};
 
@@ -47,6 +48,8 @@ fn ok_with(content_type: &'static str, body: Bytes) -> Response<Body> {
 /// `GET /server/request?server=<name>`: long poll for the next request.
 async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, RelayError> {
     let backend = query_param(req, "server")?;
+    let claims = gate::relay_token(state, req.headers(), &backend).await?;
+    gate::relay_access(state, claims.as_ref(), &backend)?;
     let request = state.broker.poll(&backend).await?;
     Ok(ok_with(
         proto::REQUEST_CONTENT_TYPE,
@@ -56,6 +59,9 @@ async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, 
 
 /// `POST /server/response`: one chunk of a backend's answer.
 async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+    // Verify the token before reading the body; the owner is known only
+    // once the message is decoded.
+    let claims = gate::relay_token(state, req.headers(), "-").await?;
     let limit = state.cfg.limits.max_response_chunk.as_u64();
     let body = Limited::new(
         req.into_body(),
@@ -72,6 +78,13 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     })?
     .to_bytes();
     let chunk = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
+    let id = chunk.id.as_deref().ok_or(BrokerError::MissingId)?;
+    // The owner comes from the broker, never from the id string.
+    let owner = state
+        .broker
+        .owner(id)
+        .ok_or_else(|| BrokerError::UnknownRequest(id.to_owned()))?;
+    gate::relay_access(state, claims.as_ref(), &owner)?;
     state.broker.respond(chunk).await?;
     let mut resp = Response::new(full(Bytes::from_static(b"ok")));
     *resp.status_mut() = StatusCode::OK;
@@ -85,6 +98,9 @@ async fn request_stream(
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
     let id = query_param(req, "id")?;
+    let claims = gate::relay_token(state, req.headers(), "-").await?;
+    let owner = state.broker.owner(&id).ok_or(BrokerError::StreamClosed)?;
+    gate::relay_access(state, claims.as_ref(), &owner)?;
     let bytes = state.broker.request_stream(&id).await?;
     Ok(ok_with(proto::STREAM_CONTENT_TYPE, bytes))
 }

@@ -105,6 +105,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
     let route = route(req.uri().path(), req.headers())?;
+    let _subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
     // Fast refusal before reading (up to 64 MiB of) body for nobody.
     if !state.broker.knows_backend(&route.backend) {
         return Err(BrokerError::UnknownBackend(route.backend).into());

@@ -73,6 +73,8 @@ pub fn server_config() -> ServerConfig {
     cfg.tls.cert = certs().cert.clone();
     cfg.tls.key = certs().key.clone();
     cfg.timeouts.poll = Duration::from_secs(5);
+    // Protocol tests run without tokens; tests/auth.rs turns auth on.
+    cfg.auth.mode = http_relay::config::AuthMode::None;
     cfg.timeouts.shutdown = Duration::from_secs(5);
     cfg
 }

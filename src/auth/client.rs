@@ -1,0 +1,253 @@
+//! Where the relay-client's bearer token comes from: a file re-read when
+//! it changes (projected service-account tokens), or the OIDC
+//! client-credentials grant, refreshed before expiry.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::config::{ClientAuth, ClientAuthMethod};
+
+/// Why no token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("reading token file {0}: {1}")]
+    File(PathBuf, std::io::Error),
+    #[error("token file {0} is empty")]
+    Empty(PathBuf),
+    #[error("reading client secret {0}: {1}")]
+    Secret(PathBuf, std::io::Error),
+    #[error("token endpoint: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("token endpoint answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("discovery of {0} failed: {1}")]
+    Discovery(String, String),
+}
+
+/// The relay-client's token source.
+pub enum TokenSource {
+    /// No token: for servers with `auth.mode = "none"`.
+    None,
+    File(FileToken),
+    ClientCredentials(Box<ClientCredentials>),
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never prints a token or secret.
+        match self {
+            TokenSource::None => f.write_str("TokenSource::None"),
+            TokenSource::File(t) => write!(f, "TokenSource::File({})", t.path.display()),
+            TokenSource::ClientCredentials(c) => {
+                write!(f, "TokenSource::ClientCredentials({})", c.issuer)
+            }
+        }
+    }
+}
+
+impl TokenSource {
+    pub fn new(cfg: &ClientAuth) -> Result<Self, reqwest::Error> {
+        if let Some(path) = &cfg.token_file {
+            return Ok(TokenSource::File(FileToken {
+                path: path.clone(),
+                cache: Mutex::new(None),
+            }));
+        }
+        if cfg.issuer.is_some() {
+            return Ok(TokenSource::ClientCredentials(Box::new(
+                ClientCredentials::new(cfg)?,
+            )));
+        }
+        Ok(TokenSource::None)
+    }
+
+    /// The current token, if this source has one.
+    pub async fn token(&self) -> Result<Option<String>, TokenError> {
+        match self {
+            TokenSource::None => Ok(None),
+            TokenSource::File(f) => f.token().map(Some),
+            TokenSource::ClientCredentials(c) => c.token().await.map(Some),
+        }
+    }
+
+    /// The server refused the token: fetch a new one next time.
+    pub async fn invalidate(&self) {
+        if let TokenSource::ClientCredentials(c) = self {
+            *c.current.lock().await = None;
+        }
+    }
+}
+
+/// A token kept in a file; re-read whenever size or mtime change.
+pub struct FileToken {
+    path: PathBuf,
+    cache: Mutex<Option<(SystemTime, u64, String)>>,
+}
+
+impl FileToken {
+    fn token(&self) -> Result<String, TokenError> {
+        let err = |e| TokenError::File(self.path.clone(), e);
+        let meta = std::fs::metadata(&self.path).map_err(err)?;
+        let stamp = (meta.modified().map_err(err)?, meta.len());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((mtime, len, token)) = cache.as_ref()
+            && (*mtime, *len) == stamp
+        {
+            return Ok(token.clone());
+        }
+        let token = std::fs::read_to_string(&self.path)
+            .map_err(err)?
+            .trim()
+            .to_owned();
+        if token.is_empty() {
+            return Err(TokenError::Empty(self.path.clone()));
+        }
+        *cache = Some((stamp.0, stamp.1, token.clone()));
+        Ok(token)
+    }
+}
+
+/// The OIDC client-credentials grant against `auth.issuer`.
+pub struct ClientCredentials {
+    issuer: String,
+    client_id: String,
+    secret_file: PathBuf,
+    audience: String,
+    send_audience_param: bool,
+    method: ClientAuthMethod,
+    http: reqwest::Client,
+    token_endpoint: tokio::sync::Mutex<Option<String>>,
+    current: tokio::sync::Mutex<Option<(String, Instant)>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl ClientCredentials {
+    fn new(cfg: &ClientAuth) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            issuer: cfg.issuer.clone().unwrap_or_default(),
+            client_id: cfg.client_id.clone().unwrap_or_default(),
+            secret_file: cfg.client_secret_file.clone().unwrap_or_default(),
+            audience: cfg.audience.clone().unwrap_or_default(),
+            send_audience_param: cfg.send_audience_param,
+            method: cfg.client_auth,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            token_endpoint: tokio::sync::Mutex::new(None),
+            current: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// A token valid for a while yet; refreshed when 80% of its life has
+    /// passed (or within 10 s of expiry).
+    async fn token(&self) -> Result<String, TokenError> {
+        let mut current = self.current.lock().await;
+        if let Some((token, refresh_at)) = current.as_ref()
+            && Instant::now() < *refresh_at
+        {
+            return Ok(token.clone());
+        }
+        let (token, lifetime) = self.fetch().await?;
+        let margin = (lifetime / 5).max(Duration::from_secs(10)).min(lifetime);
+        *current = Some((token.clone(), Instant::now() + (lifetime - margin)));
+        Ok(token)
+    }
+
+    async fn endpoint(&self) -> Result<String, TokenError> {
+        let mut cached = self.token_endpoint.lock().await;
+        if let Some(e) = cached.as_ref() {
+            return Ok(e.clone());
+        }
+        #[derive(serde::Deserialize)]
+        struct Discovery {
+            token_endpoint: String,
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.issuer.trim_end_matches('/')
+        );
+        let doc: Discovery = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?;
+        if !crate::config::is_secure_or_loopback(&doc.token_endpoint) {
+            return Err(TokenError::Discovery(
+                url,
+                "token_endpoint must be https".into(),
+            ));
+        }
+        *cached = Some(doc.token_endpoint.clone());
+        Ok(doc.token_endpoint)
+    }
+
+    async fn fetch(&self) -> Result<(String, Duration), TokenError> {
+        let endpoint = self.endpoint().await?;
+        let secret = std::fs::read_to_string(&self.secret_file)
+            .map_err(|e| TokenError::Secret(self.secret_file.clone(), e))?
+            .trim()
+            .to_owned();
+        let mut form = vec![
+            ("grant_type", "client_credentials".to_owned()),
+            ("resource", self.audience.clone()),
+        ];
+        if self.send_audience_param {
+            form.push(("audience", self.audience.clone()));
+        }
+        let mut req = self.http.post(&endpoint);
+        match self.method {
+            ClientAuthMethod::ClientSecretBasic => {
+                // RFC 6749 2.3.1: form-urlencode both parts first.
+                let id: String =
+                    form_urlencoded::byte_serialize(self.client_id.as_bytes()).collect();
+                let pw: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+                req = req.basic_auth(id, Some(pw));
+            }
+            ClientAuthMethod::ClientSecretPost => {
+                form.push(("client_id", self.client_id.clone()));
+                form.push(("client_secret", secret));
+            }
+        }
+        let resp = req.form(&form).send().await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(TokenError::Refused {
+                status: status.as_u16(),
+                body: body.chars().take(300).collect(),
+            });
+        }
+        let tok: TokenResponse = resp.json().await?;
+        let lifetime = Duration::from_secs(tok.expires_in.unwrap_or(300).max(1));
+        tracing::debug!(lifetime = ?lifetime, "fetched relay token");
+        Ok((tok.access_token, lifetime))
+    }
+}
+
+/// The audience(s) a token claims, for log lines (never the token).
+pub fn presented_audience(token: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Aud {
+        #[serde(default)]
+        aud: super::Audience,
+    }
+    match jsonwebtoken::dangerous::insecure_decode_claims::<Aud>(token).map(|a| a.aud) {
+        Ok(super::Audience::One(a)) => a,
+        Ok(super::Audience::Many(v)) => v.join(","),
+        _ => "<none>".into(),
+    }
+}

@@ -1,0 +1,234 @@
+//! Signing keys of one token issuer: OIDC discovery, JWKS fetch, cache,
+//! periodic refresh and rate-limited refetch on an unknown `kid`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use tokio::time::Instant;
+
+use super::AuthError;
+use crate::config::{AuthConfig, IssuerConfig, is_secure_or_loopback};
+
+/// Why keys could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("reading {0}: {1}")]
+    File(String, std::io::Error),
+    #[error("fetching {0}: {1}")]
+    Http(String, reqwest::Error),
+    #[error("invalid JWKS or discovery document from {0}: {1}")]
+    Parse(String, serde_json::Error),
+    #[error("discovery document of {0} names issuer {1:?}")]
+    IssuerMismatch(String, String),
+    #[error("jwks_uri {0:?} must be https (http only on loopback hosts)")]
+    InsecureUri(String),
+}
+
+/// Longest a retry of a failed fetch waits.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct State {
+    keys: Option<Arc<JwkSet>>,
+    /// When the last fetch attempt (successful or not) started.
+    last_attempt: Option<Instant>,
+    jwks_uri: Option<String>,
+}
+
+/// The cached keys of one issuer.
+pub struct KeySource {
+    cfg: IssuerConfig,
+    refresh_min: Duration,
+    refresh_max: Duration,
+    cooldown: Duration,
+    http: reqwest::Client,
+    state: Mutex<State>,
+    /// Single flight for on-demand refetches.
+    refetch: tokio::sync::Mutex<()>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `max-age` of a `Cache-Control` header, if any.
+fn max_age(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|d| d.trim().strip_prefix("max-age=")?.trim().parse().ok())
+        .map(Duration::from_secs)
+}
+
+impl KeySource {
+    pub fn new(cfg: IssuerConfig, auth: &AuthConfig, http: reqwest::Client) -> Self {
+        Self {
+            cfg,
+            refresh_min: auth.jwks_refresh_min,
+            refresh_max: auth.jwks_refresh_max,
+            cooldown: auth.unknown_kid_cooldown,
+            http,
+            state: Mutex::new(State::default()),
+            refetch: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.cfg.issuer
+    }
+
+    pub fn allows(&self, alg: jsonwebtoken::Algorithm) -> bool {
+        self.cfg.algorithms.is_empty() || self.cfg.algorithms.contains(&alg)
+    }
+
+    /// Keeps the keys fresh: fetches at start (retrying with backoff while
+    /// the IdP is unreachable), then on the period the IdP's
+    /// `Cache-Control` asks for, clamped to the configured bounds.
+    pub async fn run(self: Arc<Self>) {
+        let mut retry = Duration::from_millis(250);
+        loop {
+            match self.fetch().await {
+                Ok(max_age) => {
+                    retry = Duration::from_millis(250);
+                    let period = max_age
+                        .unwrap_or(self.refresh_max)
+                        .clamp(self.refresh_min, self.refresh_max);
+                    tokio::time::sleep(period).await;
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = self.cfg.issuer, error = %e, retry_in = ?retry, "cannot fetch signing keys");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    /// The key with id `kid`. An unknown kid refetches the keys, at most
+    /// once per cooldown window.
+    pub async fn key(&self, kid: &str) -> Result<Jwk, AuthError> {
+        if let Some(found) = self.cached(kid)? {
+            return Ok(found);
+        }
+        let _single = self.refetch.lock().await;
+        // Another request may have refetched while this one waited.
+        if let Some(found) = self.cached(kid)? {
+            return Ok(found);
+        }
+        let recent = lock(&self.state)
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < self.cooldown);
+        if recent {
+            return Err(AuthError::UnknownKid);
+        }
+        if let Err(e) = self.fetch().await {
+            tracing::warn!(issuer = self.cfg.issuer, error = %e, "refetching signing keys failed");
+        }
+        self.cached(kid)?.ok_or(AuthError::UnknownKid)
+    }
+
+    fn cached(&self, kid: &str) -> Result<Option<Jwk>, AuthError> {
+        let state = lock(&self.state);
+        let keys = state.keys.as_ref().ok_or(AuthError::KeysUnavailable)?;
+        Ok(keys.find(kid).cloned())
+    }
+
+    /// Fetches and stores the keys; returns the IdP's `max-age`.
+    async fn fetch(&self) -> Result<Option<Duration>, FetchError> {
+        let known_uri = {
+            let mut state = lock(&self.state);
+            state.last_attempt = Some(Instant::now());
+            state.jwks_uri.clone()
+        };
+        let (set, max_age) = if let Some(path) = &self.cfg.jwks_file {
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| FetchError::File(path.display().to_string(), e))?;
+            let set: JwkSet = serde_json::from_str(&text)
+                .map_err(|e| FetchError::Parse(path.display().to_string(), e))?;
+            (set, None)
+        } else {
+            let uri = match known_uri.or_else(|| self.cfg.jwks_uri.clone()) {
+                Some(uri) => uri,
+                None => self.discover().await?,
+            };
+            let resp = self
+                .http
+                .get(&uri)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| FetchError::Http(uri.clone(), e))?;
+            let max_age = max_age(resp.headers());
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| FetchError::Http(uri.clone(), e))?;
+            let set: JwkSet =
+                serde_json::from_slice(&body).map_err(|e| FetchError::Parse(uri.clone(), e))?;
+            lock(&self.state).jwks_uri = Some(uri);
+            (set, max_age)
+        };
+        tracing::debug!(
+            issuer = self.cfg.issuer,
+            keys = set.keys.len(),
+            "signing keys loaded"
+        );
+        // The new set replaces the old one: keys the IdP still publishes
+        // stay valid across a rotation, removed ones stop working.
+        lock(&self.state).keys = Some(Arc::new(set));
+        Ok(max_age)
+    }
+
+    /// OIDC discovery: the `jwks_uri` of the issuer's configuration.
+    async fn discover(&self) -> Result<String, FetchError> {
+        #[derive(serde::Deserialize)]
+        struct Discovery {
+            issuer: String,
+            jwks_uri: String,
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.cfg.issuer.trim_end_matches('/')
+        );
+        let body = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| FetchError::Http(url.clone(), e))?
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Http(url.clone(), e))?;
+        let doc: Discovery =
+            serde_json::from_slice(&body).map_err(|e| FetchError::Parse(url.clone(), e))?;
+        if doc.issuer.trim_end_matches('/') != self.cfg.issuer.trim_end_matches('/') {
+            return Err(FetchError::IssuerMismatch(url, doc.issuer));
+        }
+        if !is_secure_or_loopback(&doc.jwks_uri) {
+            return Err(FetchError::InsecureUri(doc.jwks_uri));
+        }
+        Ok(doc.jwks_uri)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_max_age() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "cache-control",
+            "public, max-age=300, must-revalidate".parse().unwrap(),
+        );
+        assert_eq!(max_age(&h), Some(Duration::from_secs(300)));
+        h.insert("cache-control", "no-store".parse().unwrap());
+        assert_eq!(max_age(&h), None);
+    }
+}

@@ -1,0 +1,414 @@
+//! Authentication: token extraction, JWT validation against the trusted
+//! issuers' keys, and the per-backend audience policy.
+//!
+//! Every backend name has two audiences: one for user-clients and one for
+//! relay-clients. A token is first *verified* (signature, issuer, `exp`,
+//! `nbf`: failures are 401) and then *checked* for the role and backend at
+//! hand (wrong audience or missing claim: 403). Relay-client calls that
+//! name a request id are checked against the backend the broker says owns
+//! the id, never against anything parsed from the id.
+
+pub mod client;
+pub mod dev;
+mod keys;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{AuthConfig, AuthMode, BackendAuth};
+pub use keys::{FetchError, KeySource};
+
+/// Who is calling, as far as the audience policy is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Relay,
+}
+
+/// Why a request was not authenticated. [`AuthError::status`] picks 401,
+/// 403 or 503; `crate::error` turns it into the response.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("malformed token")]
+    Malformed,
+    #[error("token algorithm {0:?} is not allowed")]
+    Algorithm(Algorithm),
+    #[error("token has no key id (kid)")]
+    NoKid,
+    #[error("token signed with an unknown key")]
+    UnknownKid,
+    #[error("token issuer is not trusted")]
+    UnknownIssuer,
+    #[error("token key does not match its algorithm")]
+    KeyMismatch,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token lacks a required claim or has an invalid one: {0}")]
+    Claims(String),
+    #[error("token audience does not include {expected}")]
+    WrongAudience { expected: String },
+    #[error("token lacks required claim {0}")]
+    MissingClaim(String),
+    #[error("cannot verify tokens yet: the identity provider's keys are not loaded")]
+    KeysUnavailable,
+}
+
+impl AuthError {
+    /// 401 for bad tokens, 403 for valid tokens without access, 503 while
+    /// keys cannot be loaded.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            AuthError::WrongAudience { .. } | AuthError::MissingClaim(_) => {
+                http::StatusCode::FORBIDDEN
+            }
+            AuthError::KeysUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => http::StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Label of the failure metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Algorithm(_) => "algorithm",
+            AuthError::NoKid => "no_kid",
+            AuthError::UnknownKid => "unknown_kid",
+            AuthError::UnknownIssuer => "unknown_issuer",
+            AuthError::KeyMismatch => "key_mismatch",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::Claims(_) => "claims",
+            AuthError::WrongAudience { .. } => "wrong_audience",
+            AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::KeysUnavailable => "keys_unavailable",
+        }
+    }
+}
+
+/// Only asymmetric algorithms are accepted from JWKS issuers: with an
+/// HMAC algorithm, a public key would be usable as the shared secret.
+pub fn is_asymmetric(alg: Algorithm) -> bool {
+    !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// `aud` is a string or an array of strings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    pub fn contains(&self, aud: &str) -> bool {
+        match self {
+            Audience::None => false,
+            Audience::One(a) => a == aud,
+            Audience::Many(v) => v.iter().any(|a| a == aud),
+        }
+    }
+}
+
+/// The verified claims the relay looks at.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claims {
+    #[serde(default)]
+    pub sub: Option<String>,
+    #[serde(default)]
+    pub aud: Audience,
+    /// Everything else, for required-claim checks.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// Whether the JWK's key type (and curve, and `alg` if it names one) fits
+/// the token's algorithm: no key confusion.
+fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {
+    if let Some(key_alg) = jwk.common.key_algorithm
+        && key_alg.to_string() != format!("{alg:?}")
+    {
+        return false;
+    }
+    match (&jwk.algorithm, alg) {
+        (
+            AlgorithmParameters::RSA(_),
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512,
+        ) => true,
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES256) => {
+            ec.curve == EllipticCurve::P256
+        }
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES384) => {
+            ec.curve == EllipticCurve::P384
+        }
+        (AlgorithmParameters::OctetKeyPair(okp), Algorithm::EdDSA) => {
+            okp.curve == EllipticCurve::Ed25519
+        }
+        _ => false,
+    }
+}
+
+/// Verifies tokens and applies the audience policy of a server.
+pub struct Authenticator {
+    cfg: AuthConfig,
+    issuers: Vec<Arc<KeySource>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field(
+                "issuers",
+                &self.issuers.iter().map(|i| i.issuer()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// `None` when auth is off. Keys load once [`Authenticator::spawn_refresh`]
+    /// runs; until then requests get 503.
+    pub fn new(cfg: &AuthConfig) -> Result<Option<Arc<Self>>, reqwest::Error> {
+        if cfg.mode == AuthMode::None {
+            return Ok(None);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()?;
+        let issuers = cfg
+            .issuers
+            .iter()
+            .map(|i| Arc::new(KeySource::new(i.clone(), cfg, http.clone())))
+            .collect();
+        Ok(Some(Arc::new(Self {
+            cfg: cfg.clone(),
+            issuers,
+        })))
+    }
+
+    /// Starts the key refresh of every issuer; the tasks stop when `stop`
+    /// is cancelled.
+    pub fn spawn_refresh(&self, stop: tokio_util::sync::CancellationToken) {
+        for source in &self.issuers {
+            let source = source.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = source.run() => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// Verifies signature, issuer, `exp` and `nbf` (401 on failure).
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let alg = header.alg;
+        if !is_asymmetric(alg) {
+            return Err(AuthError::Algorithm(alg));
+        }
+        #[derive(Deserialize)]
+        struct Unverified {
+            iss: Option<String>,
+        }
+        // Only to pick the issuer whose keys verify the token; the issuer
+        // is then validated with the signature.
+        let unverified: Unverified = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|_| AuthError::Malformed)?;
+        let iss = unverified.iss.ok_or(AuthError::UnknownIssuer)?;
+        let source = self
+            .issuers
+            .iter()
+            .find(|s| s.issuer() == iss)
+            .ok_or(AuthError::UnknownIssuer)?;
+        if !source.allows(alg) {
+            return Err(AuthError::Algorithm(alg));
+        }
+        let kid = header.kid.ok_or(AuthError::NoKid)?;
+        let jwk = source.key(&kid).await?;
+        if !key_fits(&jwk, alg) {
+            return Err(AuthError::KeyMismatch);
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|_| AuthError::KeyMismatch)?;
+        let mut v = Validation::new(alg);
+        v.set_issuer(&[&iss]);
+        v.validate_aud = false; // checked per role and backend, for a 403
+        v.validate_nbf = true;
+        v.leeway = self.cfg.leeway.as_secs();
+        v.set_required_spec_claims(&["exp", "iss"]);
+        use jsonwebtoken::errors::ErrorKind as K;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|e| match e.kind() {
+            K::ExpiredSignature => AuthError::Expired,
+            K::ImmatureSignature => AuthError::NotYetValid,
+            K::InvalidSignature => AuthError::BadSignature,
+            K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::Algorithm(alg),
+            K::InvalidKeyFormat | K::InvalidEcdsaKey | K::InvalidRsaKey(_) => {
+                AuthError::KeyMismatch
+            }
+            K::MissingRequiredClaim(c) => AuthError::Claims(format!("missing {c}")),
+            K::InvalidIssuer => AuthError::UnknownIssuer,
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => AuthError::Malformed,
+            other => AuthError::Claims(format!("{other:?}")),
+        })?;
+        Ok(data.claims)
+    }
+
+    /// The audience a `role` token for `backend` must carry.
+    pub fn audience(&self, role: Role, backend: &str) -> String {
+        audience_for(&self.cfg, role, backend)
+    }
+
+    /// Applies the audience policy (403 on failure).
+    pub fn check(&self, claims: &Claims, role: Role, backend: &str) -> Result<(), AuthError> {
+        let expected = self.audience(role, backend);
+        let extra = self.cfg.backends.get(backend);
+        let extra_auds = extra.map(|b: &BackendAuth| match role {
+            Role::User => &b.user_audiences,
+            Role::Relay => &b.relay_audiences,
+        });
+        let ok = claims.aud.contains(&expected)
+            || extra_auds.is_some_and(|auds| auds.iter().any(|a| claims.aud.contains(a)));
+        if !ok {
+            return Err(AuthError::WrongAudience { expected });
+        }
+        if let Some(b) = extra {
+            for (name, want) in &b.required_claims {
+                let has = match claims.other.get(name) {
+                    Some(serde_json::Value::String(s)) => s == want,
+                    Some(serde_json::Value::Array(v)) => v.iter().any(|x| x.as_str() == Some(want)),
+                    _ => false,
+                };
+                if !has {
+                    return Err(AuthError::MissingClaim(format!("{name}={want}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the user-client's token out of the request (header or
+    /// cookie), so it is never relayed to the backend.
+    pub fn take_user_token(&self, headers: &mut HeaderMap) -> Option<String> {
+        let name = self.cfg.token_header.as_str();
+        let from_header = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let v = v.trim();
+                match v.split_once(' ') {
+                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                        Some(token.trim().to_owned())
+                    }
+                    // A dedicated header may carry the bare token.
+                    None if !name.eq_ignore_ascii_case("authorization") && !v.is_empty() => {
+                        Some(v.to_owned())
+                    }
+                    _ => None,
+                }
+            });
+        if from_header.is_some() {
+            headers.remove(name);
+        }
+        let from_cookie = self
+            .cfg
+            .token_cookie
+            .as_deref()
+            .and_then(|cookie| take_cookie(headers, cookie));
+        from_header.or(from_cookie)
+    }
+}
+
+/// `template` with `{backend}` replaced.
+pub fn audience_for(cfg: &AuthConfig, role: Role, backend: &str) -> String {
+    let template = match role {
+        Role::User => &cfg.user_audience,
+        Role::Relay => &cfg.relay_audience,
+    };
+    template.replace("{backend}", backend)
+}
+
+/// The relay-client's bearer token (always `Authorization: Bearer`).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Removes cookie `name` from the `Cookie` header(s), returning its value.
+fn take_cookie(headers: &mut HeaderMap, name: &str) -> Option<String> {
+    let mut found = None;
+    let mut kept = Vec::new();
+    for value in headers.get_all(http::header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        for pair in value.split(';') {
+            let pair = pair.trim();
+            match pair.split_once('=') {
+                Some((k, v)) if k.trim() == name => found = Some(v.trim().to_owned()),
+                _ if !pair.is_empty() => kept.push(pair.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    if found.is_some() {
+        headers.remove(http::header::COOKIE);
+        if !kept.is_empty()
+            && let Ok(v) = http::HeaderValue::from_str(&kept.join("; "))
+        {
+            headers.insert(http::header::COOKIE, v);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_is_taken_and_others_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "a=1; relay_token=tok; b=2".parse().unwrap());
+        assert_eq!(take_cookie(&mut h, "relay_token").as_deref(), Some("tok"));
+        assert_eq!(h["cookie"], "a=1; b=2");
+        assert_eq!(take_cookie(&mut h, "relay_token"), None);
+    }
+
+    #[test]
+    fn audience_shapes() {
+        assert!(Audience::One("a".into()).contains("a"));
+        assert!(Audience::Many(vec!["b".into(), "a".into()]).contains("a"));
+        assert!(!Audience::None.contains("a"));
+    }
+
+    #[test]
+    fn only_asymmetric_algorithms() {
+        assert!(!is_asymmetric(Algorithm::HS256));
+        assert!(is_asymmetric(Algorithm::RS256));
+        assert!(is_asymmetric(Algorithm::EdDSA));
+    }
+}

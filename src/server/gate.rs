@@ -1,0 +1,75 @@
+//! Where the server asks `auth` whether a request may pass, and counts
+//! and logs every refusal once (subject and backend, never the token).
+
+use http::HeaderMap;
+
+use super::State;
+use crate::auth::{AuthError, Claims, Role};
+use crate::error::RelayError;
+
+fn refuse(state: &State, e: AuthError, sub: Option<&str>, backend: &str) -> RelayError {
+    state.metrics.auth_failure(e.reason());
+    tracing::info!(
+        reason = e.reason(),
+        sub = sub.unwrap_or("-"),
+        backend,
+        error = %e,
+        "authentication failed"
+    );
+    RelayError::Auth(e)
+}
+
+/// A user-client request for `backend`: verifies and checks its token,
+/// and removes the token from the headers so it is never relayed.
+/// Returns the token's subject (`None` with auth off).
+pub async fn user(
+    state: &State,
+    headers: &mut HeaderMap,
+    backend: &str,
+) -> Result<Option<String>, RelayError> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    let token = auth
+        .take_user_token(headers)
+        .ok_or_else(|| refuse(state, AuthError::Missing, None, backend))?;
+    let claims = auth
+        .verify(&token)
+        .await
+        .map_err(|e| refuse(state, e, None, backend))?;
+    auth.check(&claims, Role::User, backend)
+        .map_err(|e| refuse(state, e, claims.sub.as_deref(), backend))?;
+    Ok(claims.sub)
+}
+
+/// First stage for relay-client calls: a valid token (401 otherwise).
+/// `backend` is what the call names, for the log line only.
+pub async fn relay_token(
+    state: &State,
+    headers: &HeaderMap,
+    backend: &str,
+) -> Result<Option<Claims>, RelayError> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    let token = crate::auth::bearer(headers)
+        .ok_or_else(|| refuse(state, AuthError::Missing, None, backend))?;
+    auth.verify(token)
+        .await
+        .map(Some)
+        .map_err(|e| refuse(state, e, None, backend))
+}
+
+/// Second stage: the token is a relay token for `backend` (403 otherwise).
+pub fn relay_access(
+    state: &State,
+    claims: Option<&Claims>,
+    backend: &str,
+) -> Result<(), RelayError> {
+    match (&state.auth, claims) {
+        (Some(auth), Some(claims)) => auth
+            .check(claims, Role::Relay, backend)
+            .map_err(|e| refuse(state, e, claims.sub.as_deref(), backend)),
+        _ => Ok(()),
+    }
+}
