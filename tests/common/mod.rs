@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod grpc;
+pub mod idp;
 
 use std::future::Future;
 use std::net::SocketAddr;
