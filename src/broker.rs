@@ -11,6 +11,7 @@
 //! sharded maps, and each backend has its own small queue.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::proto::{HttpRequest, HttpResponse};
 
@@ -102,6 +104,12 @@ struct Pending {
     responses: mpsc::Sender<HttpResponse>,
     /// User-to-backend bytes of an upgraded connection.
     stream: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+    /// The request's `relay.request` span: parent of its chunk spans.
+    span: tracing::Span,
+    /// Sequence number of the next response chunk.
+    seq: AtomicU64,
+    /// Set once the connection is upgraded: chunks are stream bytes.
+    upgraded: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -190,10 +198,12 @@ impl Broker {
 
     /// Starts relaying `req` to `backend`: assigns the id, registers the
     /// request and hands it to a waiting poll within the relay timeout.
+    /// `span` becomes the parent of the request's chunk spans.
     pub async fn relay(
         &self,
         backend: &str,
         mut req: HttpRequest,
+        span: tracing::Span,
     ) -> Result<Exchange, BrokerError> {
         if self.inner.draining.is_cancelled() {
             return Err(BrokerError::Draining);
@@ -212,11 +222,14 @@ impl Broker {
             backend: Arc::from(backend),
             responses: resp_tx,
             stream: tokio::sync::Mutex::new(stream_rx),
+            span,
+            seq: AtomicU64::new(0),
+            upgraded: AtomicBool::new(false),
         });
         match self.inner.requests.entry(id.clone()) {
             Entry::Occupied(_) => return Err(BrokerError::DuplicateId(id)),
             Entry::Vacant(v) => {
-                v.insert(pending);
+                v.insert(pending.clone());
             }
         }
         let exchange = Exchange {
@@ -227,6 +240,7 @@ impl Broker {
             responses: resp_rx,
             stream: Some(stream_tx),
             inactive: self.inner.cfg.inactive_request,
+            shared: pending,
         };
         req.id = Some(id);
         self.hand_to_poll(&b, backend, req).await?;
@@ -274,12 +288,21 @@ impl Broker {
     pub async fn respond(&self, chunk: HttpResponse) -> Result<(), BrokerError> {
         let id = chunk.id.clone().ok_or(BrokerError::MissingId)?;
         let pending = self.pending(&id)?;
-        match tokio::time::timeout(
+        let seq = pending.seq.fetch_add(1, Ordering::Relaxed);
+        let bytes = chunk.body.as_ref().map_or(0, Bytes::len);
+        let eof = chunk.eof == Some(true);
+        let span = if pending.upgraded.load(Ordering::Relaxed) {
+            tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
+                relay.direction = "to_user", relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+        } else {
+            tracing::info_span!(parent: &pending.span, "relay.response_chunk",
+                relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+        };
+        let send = tokio::time::timeout(
             self.inner.cfg.inactive_request,
             pending.responses.send(chunk),
-        )
-        .await
-        {
+        );
+        match send.instrument(span).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(BrokerError::UnknownRequest(id)),
             Err(_) => {
@@ -305,17 +328,25 @@ impl Broker {
             return Err(BrokerError::StreamClosed);
         };
         // Coalesce what is already queued, to save round trips.
-        if rx.is_empty() {
-            return Ok(first);
-        }
-        let mut buf = BytesMut::from(first);
-        while buf.len() < MAX_STREAM_READ {
-            match rx.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
+        let bytes = if rx.is_empty() {
+            first
+        } else {
+            let mut buf = BytesMut::from(first);
+            while buf.len() < MAX_STREAM_READ {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
             }
-        }
-        Ok(buf.freeze())
+            buf.freeze()
+        };
+        let seq = pending.seq.fetch_add(1, Ordering::Relaxed);
+        // A span of its own per chunk that crossed the relay.
+        drop(
+            tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
+            relay.direction = "to_backend", relay.chunk.seq = seq, relay.chunk.bytes = bytes.len(), relay.chunk.eof = false),
+        );
+        Ok(bytes)
     }
 
     /// The backend a live request belongs to, looked up (never parsed from
@@ -357,6 +388,11 @@ impl Broker {
     /// Whether a relay-client has polled for `backend` recently enough.
     pub fn knows_backend(&self, backend: &str) -> bool {
         self.inner.backends.contains_key(backend)
+    }
+
+    /// Number of known backends.
+    pub fn backend_count(&self) -> usize {
+        self.inner.backends.len()
     }
 
     /// Number of requests in flight (including upgraded connections).
@@ -403,6 +439,7 @@ pub struct Exchange {
     responses: mpsc::Receiver<HttpResponse>,
     stream: Option<mpsc::Sender<Bytes>>,
     inactive: Duration,
+    shared: Arc<Pending>,
 }
 
 impl Exchange {
@@ -434,7 +471,14 @@ impl Exchange {
     /// The sender of user-to-backend bytes, for an upgraded connection.
     /// Dropping it tells the relay-client the stream is over (410).
     pub fn take_stream(&mut self) -> Option<mpsc::Sender<Bytes>> {
+        // Later response chunks are stream bytes (`relay.stream_chunk`).
+        self.shared.upgraded.store(true, Ordering::Relaxed);
         self.stream.take()
+    }
+
+    /// The request's `relay.request` span.
+    pub fn span(&self) -> &tracing::Span {
+        &self.shared.span
     }
 }
 
@@ -463,12 +507,12 @@ mod tests {
     async fn unknown_backend_until_first_poll() {
         let b = broker();
         assert!(matches!(
-            b.relay("r", request()).await,
+            b.relay("r", request(), tracing::Span::none()).await,
             Err(BrokerError::UnknownBackend(_))
         ));
         assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
         assert!(matches!(
-            b.relay("r", request()).await,
+            b.relay("r", request(), tracing::Span::none()).await,
             Err(BrokerError::NoFreePoll(_))
         ));
         assert_eq!(b.active_requests(), 0, "a failed hand-off frees the id");
@@ -482,7 +526,10 @@ mod tests {
             tokio::spawn(async move { b.poll("r").await })
         };
         tokio::task::yield_now().await;
-        let mut ex = b.relay("r", request()).await.unwrap();
+        let mut ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
         let got = poller.await.unwrap().unwrap();
         let id = got.id.clone().unwrap();
         assert!(id.starts_with("r:"));
@@ -521,7 +568,10 @@ mod tests {
             tokio::spawn(async move { b.poll("r").await })
         };
         tokio::task::yield_now().await;
-        let _ex = b.relay("r", request()).await.unwrap();
+        let _ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
         let id = poller.await.unwrap().unwrap().id.unwrap();
         let chunk = HttpResponse {
             id: Some(id),

@@ -21,6 +21,8 @@ use figment::{Figment, Metadata, Profile, Provider};
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
+pub use crate::telemetry::TelemetryConfig;
+
 /// Prefix of the environment variables read by both roles.
 pub const ENV_PREFIX: &str = "HTTP_RELAY_";
 
@@ -61,6 +63,10 @@ pub struct ServerConfig {
     pub timeouts: ServerTimeouts,
     pub limits: ServerLimits,
     pub auth: AuthConfig,
+    pub telemetry: TelemetryConfig,
+    /// Optional separate address for `/metrics` and `/healthz` (cleartext
+    /// HTTP); when set, `/metrics` is off on the public listener.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +77,8 @@ impl Default for ServerConfig {
             timeouts: ServerTimeouts::default(),
             limits: ServerLimits::default(),
             auth: AuthConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            admin_listen: None,
         }
     }
 }
@@ -393,6 +401,7 @@ pub struct ClientConfig {
     pub relay_ping_timeout: Duration,
     /// The token presented to the relay server.
     pub auth: ClientAuth,
+    pub telemetry: TelemetryConfig,
 }
 
 /// Where the relay-client's token comes from: a file (re-read when it
@@ -484,6 +493,7 @@ impl Default for ClientConfig {
             relay_ping_interval: Duration::from_secs(5),
             relay_ping_timeout: Duration::from_secs(5),
             auth: ClientAuth::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -66,6 +66,25 @@ impl RelayError {
         }
     }
 
+    /// The `result` label of `broker_responses` for this error.
+    pub fn metric_result(&self) -> &'static str {
+        use crate::telemetry::metrics::result as r;
+        match self {
+            RelayError::Broker(BrokerError::UnknownBackend(_)) => r::UNKNOWN_CLIENT,
+            RelayError::Broker(
+                BrokerError::NoFreePoll(_) | BrokerError::Inactive(_) | BrokerError::PollTimeout,
+            ) => r::TIMEOUT,
+            RelayError::Broker(BrokerError::UnknownRequest(_) | BrokerError::MissingId) => {
+                r::MISSING_MESSAGE
+            }
+            RelayError::BadMessage(_) => r::BAD_MESSAGE,
+            RelayError::NoBackendName | RelayError::MissingParam(_) => r::MISSING_HEADER,
+            RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => r::BAD_RESPONSE,
+            RelayError::Auth(_) => r::UNAUTHORIZED,
+            _ => r::ERROR,
+        }
+    }
+
     /// A plain-text response with the status and the reason in one line.
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use http_relay::auth::Role;
 use http_relay::auth::dev::DevIssuer;
 use http_relay::config::{self, ClientConfig, Flags, ServerConfig};
-use http_relay::telemetry::{self, LogFormat};
+use http_relay::telemetry::{self, LogFormat, Telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -112,7 +112,6 @@ struct ClientArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,7 +122,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, cli.log_format)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -132,7 +131,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Flushes batched spans without blocking a runtime worker.
+async fn flush(telemetry: Telemetry) {
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+}
+
+async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     match command {
         Command::Server(args) => {
             let flags = Flags::default()
@@ -142,10 +146,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .set("tls.enabled", args.no_tls.then_some(false));
             let cfg: ServerConfig = config::load(args.config.as_deref(), flags)?;
             cfg.validate()?;
+            let telemetry = telemetry::init(&cfg.telemetry, "http-relay-server", log_format)?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            http_relay::server::run(cfg, listener, shutdown_signal()).await?;
+            let admin = match cfg.admin_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
+                ),
+                None => None,
+            };
+            let result =
+                http_relay::server::run_with_admin(cfg, listener, admin, shutdown_signal()).await;
+            flush(telemetry).await;
+            result?;
         }
         Command::Client(args) => {
             let flags = Flags::default()
@@ -158,7 +174,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .set("auth.token_file", args.token_file);
             let cfg: ClientConfig = config::load(args.config.as_deref(), flags)?;
             cfg.validate()?;
-            http_relay::client::run(cfg, shutdown_signal()).await?;
+            let telemetry = telemetry::init(&cfg.telemetry, "http-relay-client", log_format)?;
+            let result = http_relay::client::run(cfg, shutdown_signal()).await;
+            flush(telemetry).await;
+            result?;
         }
         Command::Token(args) => {
             let cfg: ServerConfig = config::load(args.config.as_deref(), Flags::default())?;

@@ -10,8 +10,12 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 use super::transport::{PostOutcome, StreamRead, TransportError};
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
 use super::{Backoff, Ctx};
 use crate::proto::{self, HttpRequest, HttpResponse};
+use crate::telemetry;
 
 /// Why a relayed request ended early on the relay-client.
 #[derive(Debug, thiserror::Error)]
@@ -28,30 +32,75 @@ pub enum ForwardError {
 /// bad request must not disturb the others.
 pub async fn forward(ctx: &Ctx, req: HttpRequest) {
     let id = req.id.clone().unwrap_or_default();
-    match forward_inner(ctx, req).await {
-        Ok(()) => tracing::debug!(id, "request done"),
+    let span = tracing::info_span!(
+        "relay.client.request",
+        relay.request_id = %id,
+        http.request.method = req.method.as_deref().unwrap_or(""),
+        url.path = Empty,
+        http.response.status_code = Empty,
+        otel.status_code = Empty,
+        trace_id = Empty,
+    );
+    // Continue the trace the server put into the relayed headers.
+    if let Ok(headers) = proto::headers_from_proto(&req.header) {
+        telemetry::continue_trace(&span, &headers);
+    }
+    telemetry::record_trace_id(&span);
+    match forward_inner(ctx, req, &span)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(()) => tracing::debug!(parent: &span, id, "request done"),
         Err(ForwardError::Gone) => {
-            tracing::debug!(id, "user-client went away; backend call closed")
+            tracing::debug!(parent: &span, id, "user-client went away; backend call closed")
         }
-        Err(e) => tracing::warn!(id, error = %e, "request failed"),
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            tracing::warn!(parent: &span, id, error = %e, "request failed");
+        }
     }
 }
 
-async fn forward_inner(ctx: &Ctx, req: HttpRequest) -> Result<(), ForwardError> {
+async fn forward_inner(
+    ctx: &Ctx,
+    req: HttpRequest,
+    span: &tracing::Span,
+) -> Result<(), ForwardError> {
     let id = req.id.clone().ok_or(ForwardError::NoId)?;
     let started = Instant::now();
-    let backend_req = match backend_request(ctx, req) {
+    let mut backend_req = match backend_request(ctx, req) {
         Ok(r) => r,
         Err(msg) => return post_error(ctx, &id, StatusCode::BAD_REQUEST, &msg).await,
     };
+    span.record("url.path", backend_req.uri().path());
     let wants_upgrade = backend_req.headers().contains_key(header::UPGRADE);
-    let resp = match ctx.backend.request(backend_req).await {
+    let backend_span = tracing::info_span!(
+        "relay.backend_request",
+        otel.kind = "client",
+        http.request.method = %backend_req.method(),
+        url.full = %backend_req.uri(),
+        http.response.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    // An instrumented backend joins the trace.
+    telemetry::inject(&backend_span, backend_req.headers_mut());
+    let called = ctx
+        .backend
+        .request(backend_req)
+        .instrument(backend_span.clone())
+        .await;
+    let resp = match called {
         Ok(r) => r,
         Err(e) => {
+            backend_span.record("otel.status_code", "ERROR");
+            drop(backend_span);
             let msg = format!("backend unreachable: {e}");
             return post_error(ctx, &id, StatusCode::BAD_GATEWAY, &msg).await;
         }
     };
+    backend_span.record("http.response.status_code", resp.status().as_u16());
+    drop(backend_span);
+    span.record("http.response.status_code", resp.status().as_u16());
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
     let first = HttpResponse {
         id: Some(id.clone()),
@@ -133,6 +182,8 @@ async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
 struct Chunker<'a> {
     ctx: &'a Ctx,
     id: String,
+    /// Sequence number of the next chunk.
+    seq: u64,
     first: Option<HttpResponse>,
     buf: BytesMut,
     trailers: HeaderMap,
@@ -143,6 +194,7 @@ impl<'a> Chunker<'a> {
         Self {
             ctx,
             id: first.id.clone().unwrap_or_default(),
+            seq: 0,
             first: Some(first),
             buf: BytesMut::new(),
             trailers: HeaderMap::new(),
@@ -224,7 +276,15 @@ impl<'a> Chunker<'a> {
             chunk.eof = Some(true);
             chunk.trailer = proto::headers_to_proto(&std::mem::take(&mut self.trailers));
         }
-        post(self.ctx, &chunk).await
+        let span = tracing::info_span!(
+            "relay.client.chunk",
+            relay.chunk.seq = self.seq,
+            relay.chunk.bytes = chunk.body.as_ref().map_or(0, Bytes::len),
+            relay.chunk.eof = eof,
+        );
+        self.seq += 1;
+        // The post carries this span's context (see `RelayTransport`).
+        post(self.ctx, &chunk).instrument(span).await
     }
 }
 

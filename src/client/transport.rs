@@ -141,7 +141,12 @@ impl RelayTransport {
         body: Bytes,
     ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
         let uri = format!("{}{}", self.base, path_and_query);
-        let mut req = Request::builder().method(method).uri(&uri);
+        let req = Request::builder().method(method).uri(&uri);
+        let mut req = req;
+        if let Some(headers) = req.headers_mut() {
+            // Calls made inside a span (chunk posts) carry its context.
+            crate::telemetry::inject(&tracing::Span::current(), headers);
+        }
         if let Some(token) = self.tokens.token().await? {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }

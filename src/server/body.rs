@@ -12,8 +12,12 @@ use http_body_util::BodyExt as _;
 use http_body_util::combinators::BoxBody;
 use tokio::time::Sleep;
 
+use std::sync::Arc;
+
 use crate::broker::Exchange;
 use crate::proto::{HttpResponse, ProtoError, headers_from_proto};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::Direction;
 
 /// Boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -53,6 +57,9 @@ pub enum RelayBodyError {
 /// user-client goes away frees the request at once.
 pub struct RelayBody {
     exchange: Exchange,
+    metrics: Arc<Metrics>,
+    /// Body bytes sent so far (`relay.bytes_out`).
+    sent: usize,
     data: Option<Bytes>,
     trailers: Option<HeaderMap>,
     done: bool,
@@ -66,10 +73,13 @@ impl RelayBody {
         exchange: Exchange,
         first: HttpResponse,
         trailers: HeaderMap,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, ProtoError> {
         let idle = Box::pin(tokio::time::sleep(exchange.inactive_timeout()));
         let mut body = Self {
             exchange,
+            metrics,
+            sent: 0,
             data: None,
             trailers: (!trailers.is_empty()).then_some(trailers),
             done: false,
@@ -103,6 +113,12 @@ impl RelayBody {
     }
 }
 
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        self.exchange.span().record("relay.bytes_out", self.sent);
+    }
+}
+
 impl http_body::Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -114,6 +130,8 @@ impl http_body::Body for RelayBody {
         let this = &mut *self;
         loop {
             if let Some(data) = this.data.take() {
+                this.sent += data.len();
+                this.metrics.bytes(Direction::ToUser, data.len());
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             if this.done {

@@ -85,6 +85,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    run_with_admin(cfg, listener, None, shutdown).await
+}
+
+/// [`run`] with an admin listener for `/metrics` and `/healthz`.
+pub async fn run_with_admin(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let acceptor = tls_acceptor(&cfg)?;
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
@@ -104,12 +114,17 @@ pub async fn run(
         cfg: Arc::new(cfg),
         broker: broker.clone(),
         auth,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::new()),
     };
     let stop_accepting = CancellationToken::new();
+    if let Some(admin) = admin {
+        tracing::info!("admin listening on http://{}", admin.local_addr()?);
+        tokio::spawn(admin_loop(admin, state.clone(), stop_accepting.clone()));
+    }
     let graceful = GracefulShutdown::new();
     let reaper = tokio::spawn(reap_backends(
         broker.clone(),
+        state.metrics.clone(),
         state.cfg.timeouts.inactive_backend,
     ));
 
@@ -182,13 +197,14 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
     Ok(Authenticator::new(&cfg.auth)?)
 }
 
-async fn reap_backends(broker: Broker, inactive: Duration) {
+async fn reap_backends(broker: Broker, metrics: Arc<Metrics>, inactive: Duration) {
     let period = (inactive / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         for name in broker.reap_backends() {
             tracing::info!(backend = name, "forgot inactive backend");
+            metrics.forget_backend(&name);
         }
     }
 }
@@ -238,6 +254,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let state = state.clone();
         tokio::spawn(async move {
+            let metrics = state.metrics.clone();
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(dispatch(&state, req).await) }
@@ -248,10 +265,12 @@ async fn accept_loop(
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
                             Ok(Err(e)) => {
+                                metrics.tls_handshake_failures.inc();
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                                 return;
                             }
                             Err(_) => {
+                                metrics.tls_handshake_failures.inc();
                                 tracing::debug!(%peer, "TLS handshake timed out");
                                 return;
                             }
@@ -272,6 +291,53 @@ async fn accept_loop(
     }
 }
 
+/// The Prometheus exposition, with the gauges read from the broker.
+fn metrics_response(state: &State) -> Response<Body> {
+    let m = &state.metrics;
+    m.connected_backends
+        .set(i64::try_from(state.broker.backend_count()).unwrap_or(i64::MAX));
+    m.active_requests
+        .set(i64::try_from(state.broker.active_requests()).unwrap_or(i64::MAX));
+    let mut resp = Response::new(full(m.encode()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(crate::telemetry::metrics::CONTENT_TYPE),
+    );
+    resp
+}
+
+/// Serves `/metrics` and `/healthz` on the admin listener (cleartext,
+/// HTTP/1.1 and h2c) until `stop`.
+async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = match req.uri().path() {
+                    "/metrics" => metrics_response(&state),
+                    "/healthz" => Response::new(full("ok")),
+                    _ => RelayError::NotFound.into_response(),
+                };
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
 /// Routes a request to its handler and maps any error to its response.
 pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
@@ -280,15 +346,13 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         *resp.status_mut() = StatusCode::OK;
         Ok(resp)
     } else if path == "/metrics" {
-        // The server's own metrics (`PROTOCOL.md`); never relayed.
-        let mut resp = Response::new(full(state.metrics.encode()));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
-        );
-        Ok(resp)
+        // The server's own metrics (`PROTOCOL.md`); never relayed. With an
+        // admin listener they are served only there.
+        if state.cfg.admin_listen.is_some() {
+            Err(RelayError::NotFound)
+        } else {
+            Ok(metrics_response(state))
+        }
     } else if path.starts_with("/server/") {
         relay::handle(state, req).await
     } else {

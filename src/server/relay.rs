@@ -12,6 +12,7 @@ use super::{State, gate};
 use crate::broker::BrokerError;
 use crate::error::RelayError;
 use crate::proto::{self, HttpResponse};
+use crate::telemetry::metrics::{method, result};
 
 /// Dispatches `/server/<what>`.
 pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
@@ -50,11 +51,29 @@ async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, 
     let backend = query_param(req, "server")?;
     let claims = gate::relay_token(state, req.headers(), &backend).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
-    let request = state.broker.poll(&backend).await?;
-    Ok(ok_with(
-        proto::REQUEST_CONTENT_TYPE,
-        request.encode_to_vec().into(),
-    ))
+    let m = &state.metrics;
+    m.request(method::SERVER_REQUEST, &backend);
+    let started = std::time::Instant::now();
+    let polled = state.broker.poll(&backend).await;
+    m.duration(
+        method::SERVER_REQUEST,
+        &backend,
+        started.elapsed().as_secs_f64(),
+    );
+    match polled {
+        Ok(request) => {
+            m.response(method::SERVER_REQUEST, result::OK, &backend);
+            Ok(ok_with(
+                proto::REQUEST_CONTENT_TYPE,
+                request.encode_to_vec().into(),
+            ))
+        }
+        Err(e) => {
+            let e = RelayError::from(e);
+            m.response(method::SERVER_REQUEST, e.metric_result(), &backend);
+            Err(e)
+        }
+    }
 }
 
 /// `POST /server/response`: one chunk of a backend's answer.
@@ -85,7 +104,14 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
         .owner(id)
         .ok_or_else(|| BrokerError::UnknownRequest(id.to_owned()))?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
-    state.broker.respond(chunk).await?;
+    let m = &state.metrics;
+    m.request(method::SERVER_RESPONSE, &owner);
+    if let Err(e) = state.broker.respond(chunk).await {
+        let e = RelayError::from(e);
+        m.response(method::SERVER_RESPONSE, e.metric_result(), &owner);
+        return Err(e);
+    }
+    m.response(method::SERVER_RESPONSE, result::OK, &owner);
     let mut resp = Response::new(full(Bytes::from_static(b"ok")));
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)

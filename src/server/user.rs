@@ -10,11 +10,18 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use std::sync::Arc;
+
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
 use super::State;
 use super::body::{Body, RelayBody, empty};
 use crate::broker::{BrokerError, Exchange};
 use crate::error::RelayError;
 use crate::proto::{self, HttpRequest, HttpResponse};
+use crate::telemetry::metrics::{self, Direction, method};
+use crate::telemetry::{self, Metrics};
 
 /// Where a user-client request goes (`PROTOCOL.md`, "Choosing the backend").
 #[derive(Debug, PartialEq, Eq)]
@@ -100,12 +107,62 @@ fn is_upgrade_request(req: &Request<Incoming>) -> bool {
 }
 
 /// Relays one user-client request.
-pub async fn handle(
+pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
+    let route = route(req.uri().path(), req.headers())?;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "relay.request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        relay.backend = %route.backend,
+        relay.request_id = Empty,
+        http.response.status_code = Empty,
+        enduser.id = Empty,
+        relay.bytes_in = Empty,
+        relay.bytes_out = Empty,
+        otel.status_code = Empty,
+        trace_id = Empty,
+    );
+    // A `traceparent` from the user-client is continued.
+    telemetry::continue_trace(&span, req.headers());
+    telemetry::record_trace_id(&span);
+    let backend = route.backend.clone();
+    state.metrics.request(method::CLIENT, &backend);
+    let result = relay_request(state, req, route, span.clone())
+        .instrument(span.clone())
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(resp) => {
+            span.record("http.response.status_code", resp.status().as_u16());
+            state
+                .metrics
+                .response(method::CLIENT, metrics::result::OK, &backend);
+        }
+        Err(e) => {
+            span.record("http.response.status_code", e.status().as_u16());
+            span.record("otel.status_code", "ERROR");
+            state
+                .metrics
+                .response(method::CLIENT, e.metric_result(), &backend);
+        }
+    }
+    state.metrics.duration(method::CLIENT, &backend, elapsed);
+    result
+}
+
+async fn relay_request(
     state: &State,
     mut req: Request<Incoming>,
+    route: Route,
+    span: tracing::Span,
 ) -> Result<Response<Body>, RelayError> {
-    let route = route(req.uri().path(), req.headers())?;
-    let _subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
+    let started = std::time::Instant::now();
+    let subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
+    if let Some(sub) = &subject {
+        span.record("enduser.id", sub.as_str());
+    }
     // Fast refusal before reading (up to 64 MiB of) body for nobody.
     if !state.broker.knows_backend(&route.backend) {
         return Err(BrokerError::UnknownBackend(route.backend).into());
@@ -145,9 +202,13 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    span.record("relay.bytes_in", body.len());
+    state.metrics.bytes(Direction::ToBackend, body.len());
     let mut headers = parts.headers;
     headers.remove(header::HOST);
     strip_hop_by_hop(&mut headers, on_upgrade.is_some());
+    // The relay-client continues the trace from here.
+    telemetry::inject(&span, &mut headers);
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
@@ -157,12 +218,27 @@ pub async fn handle(
         body: Some(body),
     };
 
-    let mut exchange = state.broker.relay(&route.backend, message).await?;
+    let mut exchange = state
+        .broker
+        .relay(&route.backend, message, span.clone())
+        .instrument(tracing::info_span!("relay.enqueue"))
+        .await?;
+    span.record("relay.request_id", exchange.id());
+    let inactive = exchange.inactive_timeout();
     let first = exchange
         .next_chunk()
+        .instrument(tracing::info_span!("relay.first_chunk"))
         .await?
-        .ok_or(BrokerError::Inactive(exchange.inactive_timeout()))?;
-    respond(exchange, first, on_upgrade)
+        .ok_or(BrokerError::Inactive(inactive))?;
+    if let Some(ms) = first.backend_duration_ms {
+        let backend_secs = ms.max(0) as f64 / 1000.0;
+        state.metrics.backend_time(
+            &route.backend,
+            started.elapsed().as_secs_f64(),
+            backend_secs,
+        );
+    }
+    respond(exchange, first, on_upgrade, state.metrics.clone())
 }
 
 /// Builds the user-client's response from the first chunk.
@@ -170,6 +246,7 @@ fn respond(
     exchange: Exchange,
     first: HttpResponse,
     on_upgrade: Option<OnUpgrade>,
+    metrics: Arc<Metrics>,
 ) -> Result<Response<Body>, RelayError> {
     let code =
         first
@@ -195,7 +272,7 @@ fn respond(
         *resp.headers_mut() = headers;
         let ended = first.eof == Some(true);
         let first_body = first.body.unwrap_or_default();
-        tokio::spawn(pipe(on_upgrade, exchange, first_body, ended));
+        tokio::spawn(pipe(on_upgrade, exchange, first_body, ended, metrics));
         return Ok(resp);
     }
 
@@ -211,7 +288,8 @@ fn respond(
             }
         }
     }
-    let body = RelayBody::new(exchange, first, trailers).map_err(RelayError::BadBackendResponse)?;
+    let body = RelayBody::new(exchange, first, trailers, metrics)
+        .map_err(RelayError::BadBackendResponse)?;
     let mut resp = Response::new(http_body_util::BodyExt::boxed(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
@@ -228,7 +306,13 @@ const PIPE_READ: usize = 64 * 1024;
 /// The user-client closing its side ends the request stream (410 to the
 /// relay-client); the backend's `eof` closes the user-client's side and
 /// ends the pipe.
-async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes, ended: bool) {
+async fn pipe(
+    on_upgrade: OnUpgrade,
+    mut exchange: Exchange,
+    first: Bytes,
+    ended: bool,
+    metrics: Arc<Metrics>,
+) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -241,17 +325,21 @@ async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes, ended
         return;
     };
     let id = exchange.id().to_owned();
+    let span = exchange.span().clone();
+    metrics.active_streams.inc();
 
     // Resolves with whether the user-client half-closed cleanly (`true`)
     // or failed (`false`). Dropping the sender tells the relay-client the
     // stream is over (410 Gone).
+    let up_metrics = metrics.clone();
     let upstream = async move {
         loop {
             let mut buf = BytesMut::with_capacity(PIPE_READ);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return true,
                 Err(_) => return false,
-                Ok(_) => {
+                Ok(n) => {
+                    up_metrics.bytes(Direction::ToBackend, n);
                     if to_backend.send(buf.freeze()).await.is_err() {
                         return false;
                     }
@@ -260,25 +348,33 @@ async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes, ended
         }
     };
     let idle = exchange.inactive_timeout();
+    let down_metrics = metrics.clone();
+    let down_span = span.clone();
     let downstream = async move {
-        if !first.is_empty() && wr.write_all(&first).await.is_err() {
-            return;
-        }
-        if ended {
-            let _ = wr.shutdown().await;
-            return;
-        }
-        // Ends on the backend's eof, on reaping, or on inactivity.
-        while let Ok(Some(chunk)) = exchange.next_chunk().await {
-            if let Some(body) = chunk.body.filter(|b| !b.is_empty())
-                && wr.write_all(&body).await.is_err()
-            {
+        let mut sent = 0usize;
+        if !first.is_empty() {
+            sent += first.len();
+            down_metrics.bytes(Direction::ToUser, first.len());
+            if wr.write_all(&first).await.is_err() {
                 return;
             }
-            if chunk.eof == Some(true) {
-                break;
+        }
+        if !ended {
+            // Ends on the backend's eof, on reaping, or on inactivity.
+            while let Ok(Some(chunk)) = exchange.next_chunk().await {
+                if let Some(body) = chunk.body.filter(|b| !b.is_empty()) {
+                    sent += body.len();
+                    down_metrics.bytes(Direction::ToUser, body.len());
+                    if wr.write_all(&body).await.is_err() {
+                        return;
+                    }
+                }
+                if chunk.eof == Some(true) {
+                    break;
+                }
             }
         }
+        down_span.record("relay.bytes_out", sent);
         let _ = wr.shutdown().await;
     };
     tokio::pin!(downstream);
@@ -293,7 +389,8 @@ async fn pipe(on_upgrade: OnUpgrade, mut exchange: Exchange, first: Bytes, ended
             }
         }
     }
-    tracing::debug!(id, "upgraded connection closed");
+    metrics.active_streams.dec();
+    tracing::debug!(parent: &span, id, "upgraded connection closed");
 }
 
 #[cfg(test)]

@@ -1,0 +1,225 @@
+//! Logging, OpenTelemetry tracing (OTLP export) and Prometheus metrics.
+//!
+//! The library only creates `tracing` spans (named `relay.*`, see
+//! `docs/telemetry.md`); [`init`] connects them to an OTLP exporter in the
+//! binary. W3C trace context travels in `traceparent` headers: the server
+//! continues the user-client's trace and injects its own context into the
+//! relayed request; the relay-client continues that and injects into the
+//! backend call and into its posts to the server.
+
+pub mod metrics;
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use serde::{Deserialize, Serialize};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+pub use metrics::Metrics;
+
+/// Output format of log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// OTLP transport.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+/// `[telemetry]` of both roles. The standard `OTEL_*` variables work too
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`,
+/// `OTEL_RESOURCE_ATTRIBUTES`); keys set here win.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP collector, e.g. `http://127.0.0.1:4317` (grpc) or
+    /// `http://127.0.0.1:4318` (http). Empty: export off, unless
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: String,
+    pub otlp_protocol: OtlpProtocol,
+    /// Defaults to `http-relay-server` / `http-relay-client`.
+    pub service_name: Option<String>,
+    /// Parent-based ratio sampler; unset: `OTEL_TRACES_SAMPLER`, else
+    /// every trace.
+    pub sample_ratio: Option<f64>,
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("telemetry.sample_ratio must be within 0..=1, not {0}")]
+    Ratio(f64),
+}
+
+/// Keeps the tracer provider; [`Telemetry::shutdown`] flushes the spans.
+#[must_use]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still batched (on graceful shutdown).
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing spans failed");
+        }
+    }
+}
+
+/// Bound of one export attempt: an unreachable collector costs this much
+/// of a background thread, never a relayed request.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn endpoint(cfg: &TelemetryConfig) -> Option<String> {
+    if !cfg.otlp_endpoint.is_empty() {
+        return Some(cfg.otlp_endpoint.clone());
+    }
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+}
+
+/// Installs logging and (when an endpoint is configured) the OTLP span
+/// export. Must run inside the tokio runtime (the gRPC exporter needs it).
+pub fn init(
+    cfg: &TelemetryConfig,
+    default_service: &str,
+    format: LogFormat,
+) -> Result<Telemetry, TelemetryError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = match endpoint(cfg) {
+        Some(endpoint) => Some(provider(cfg, &endpoint, default_service)?),
+        None => None,
+    };
+    use std::io::IsTerminal as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
+    };
+    // Only the relay's own spans are exported: the exporter's hyper, h2
+    // and tonic spans would otherwise feed back into it.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("http-relay"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.target().starts_with("http_relay")
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(Telemetry { provider })
+}
+
+fn provider(
+    cfg: &TelemetryConfig,
+    endpoint: &str,
+    default_service: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let exporter = match cfg.otlp_protocol {
+        OtlpProtocol::Http => {
+            let url = if endpoint.ends_with("/v1/traces") {
+                endpoint.to_owned()
+            } else {
+                format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(url)
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?
+        }
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?,
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if let Some(name) = &cfg.service_name {
+        resource = resource.with_service_name(name.clone());
+    } else if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(default_service.to_owned());
+    }
+    let resource = resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    let mut builder = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource);
+    if let Some(ratio) = cfg.sample_ratio {
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(TelemetryError::Ratio(ratio));
+        }
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))));
+    }
+    Ok(builder.build())
+}
+
+/// The trace context a request carries (`traceparent`), if any.
+pub fn extract(headers: &HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&opentelemetry_http::HeaderExtractor(headers))
+    })
+}
+
+/// Makes `span` a child of the context in `headers`.
+pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+    let parent = extract(headers);
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s context into `headers` (replacing any `traceparent`).
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers))
+    });
+}
+
+/// Records the span's trace id as field `trace_id`, so log lines inside
+/// it carry it.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+    }
+}
