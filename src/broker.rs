@@ -288,8 +288,8 @@ impl Broker {
     pub async fn respond(&self, chunk: HttpResponse) -> Result<(), BrokerError> {
         let id = chunk.id.clone().ok_or(BrokerError::MissingId)?;
         let pending = self.pending(&id)?;
-        let seq = pending.seq.fetch_add(1, Ordering::Relaxed);
-        let bytes = chunk.body.as_ref().map_or(0, Bytes::len);
+        let seq = crate::telemetry::int(pending.seq.fetch_add(1, Ordering::Relaxed));
+        let bytes = crate::telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len));
         let eof = chunk.eof == Some(true);
         let span = if pending.upgraded.load(Ordering::Relaxed) {
             tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
@@ -344,7 +344,7 @@ impl Broker {
         // A span of its own per chunk that crossed the relay.
         drop(
             tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
-            relay.direction = "to_backend", relay.chunk.seq = seq, relay.chunk.bytes = bytes.len(), relay.chunk.eof = false),
+            relay.direction = "to_backend", relay.chunk.seq = crate::telemetry::int(seq), relay.chunk.bytes = crate::telemetry::int(bytes.len()), relay.chunk.eof = false),
         );
         Ok(bytes)
     }

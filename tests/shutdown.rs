@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::backend::Backend;
+use common::process::{Proc, sigterm, wait_exit, wait_for_line};
 use common::{Relay, RelayClient, bounded};
 
 #[tokio::test]
@@ -37,59 +37,6 @@ async fn in_flight_requests_finish_and_new_ones_are_refused() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "slow");
     bounded(stopped).await.unwrap().unwrap();
-}
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits (bounded) for the child to exit and returns its exit code.
-fn wait_exit(child: &mut Child) -> Option<i32> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("process did not exit within 20 s");
-}
-
-/// Reads stderr lines until one contains `needle`; returns that line. The
-/// rest of stderr keeps being drained in the background.
-fn wait_for_line(child: &mut Child, needle: &str) -> String {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while let Ok(line) =
-        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        if line.contains(needle) {
-            return line;
-        }
-    }
-    panic!("no line containing {needle:?}");
 }
 
 #[tokio::test]

@@ -1,76 +1,16 @@
 //! 101 upgrades: a real WebSocket through the relay (TLS to the relay,
 //! relay-client to a tungstenite backend), and either side going away.
 
-// tungstenite fixes the handshake callback's (large) error type.
-#![allow(clippy::result_large_err)]
-
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::ws::WsBackend;
 use common::{Relay, RelayClient, bounded};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-
-/// A WebSocket backend. `/echo` echoes; `/drop` closes the TCP connection
-/// after the first message. Every connection's end is reported.
-struct WsBackend {
-    url: String,
-    ended: mpsc::UnboundedReceiver<String>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl WsBackend {
-    async fn start() -> WsBackend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, ended) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let path = Arc::new(std::sync::Mutex::new(String::new()));
-                    let seen = path.clone();
-                    let cb = move |req: &Request, resp: Response| {
-                        *seen.lock().unwrap() = req.uri().path().to_owned();
-                        Ok(resp)
-                    };
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
-                        return;
-                    };
-                    let path = path.lock().unwrap().clone();
-                    while let Some(Ok(msg)) = ws.next().await {
-                        if path == "/drop" {
-                            break; // drops the TCP stream without a close frame
-                        }
-                        if msg.is_text() || msg.is_binary() {
-                            if ws.send(msg).await.is_err() {
-                                break;
-                            }
-                        } else if msg.is_close() {
-                            // tungstenite answered the close already.
-                            let _ = ws.flush().await;
-                        }
-                    }
-                    drop(ws);
-                    let _ = tx.send(path);
-                });
-            }
-        });
-        WsBackend {
-            url,
-            ended,
-            _task: task,
-        }
-    }
-}
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 

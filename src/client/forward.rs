@@ -98,9 +98,15 @@ async fn forward_inner(
             return post_error(ctx, &id, StatusCode::BAD_GATEWAY, &msg).await;
         }
     };
-    backend_span.record("http.response.status_code", resp.status().as_u16());
+    backend_span.record(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
     drop(backend_span);
-    span.record("http.response.status_code", resp.status().as_u16());
+    span.record(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
     let first = HttpResponse {
         id: Some(id.clone()),
@@ -278,8 +284,8 @@ impl<'a> Chunker<'a> {
         }
         let span = tracing::info_span!(
             "relay.client.chunk",
-            relay.chunk.seq = self.seq,
-            relay.chunk.bytes = chunk.body.as_ref().map_or(0, Bytes::len),
+            relay.chunk.seq = telemetry::int(self.seq),
+            relay.chunk.bytes = telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len)),
             relay.chunk.eof = eof,
         );
         self.seq += 1;

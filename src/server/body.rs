@@ -115,7 +115,9 @@ impl RelayBody {
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
-        self.exchange.span().record("relay.bytes_out", self.sent);
+        self.exchange
+            .span()
+            .record("relay.bytes_out", crate::telemetry::int(self.sent));
     }
 }
 

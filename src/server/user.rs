@@ -135,13 +135,16 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Bo
     let elapsed = started.elapsed().as_secs_f64();
     match &result {
         Ok(resp) => {
-            span.record("http.response.status_code", resp.status().as_u16());
+            span.record(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
             state
                 .metrics
                 .response(method::CLIENT, metrics::result::OK, &backend);
         }
         Err(e) => {
-            span.record("http.response.status_code", e.status().as_u16());
+            span.record("http.response.status_code", i64::from(e.status().as_u16()));
             span.record("otel.status_code", "ERROR");
             state
                 .metrics
@@ -202,7 +205,7 @@ async fn relay_request(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-    span.record("relay.bytes_in", body.len());
+    span.record("relay.bytes_in", telemetry::int(body.len()));
     state.metrics.bytes(Direction::ToBackend, body.len());
     let mut headers = parts.headers;
     headers.remove(header::HOST);
@@ -374,7 +377,7 @@ async fn pipe(
                 }
             }
         }
-        down_span.record("relay.bytes_out", sent);
+        down_span.record("relay.bytes_out", telemetry::int(sent));
         let _ = wr.shutdown().await;
     };
     tokio::pin!(downstream);

@@ -213,6 +213,12 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     });
 }
 
+/// A count as a span attribute value: the OpenTelemetry bridge exports
+/// only `i64` as an integer (unsigned values would become strings).
+pub fn int(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
 /// Records the span's trace id as field `trace_id`, so log lines inside
 /// it carry it.
 pub fn record_trace_id(span: &tracing::Span) {

@@ -6,6 +6,9 @@
 pub mod backend;
 pub mod grpc;
 pub mod idp;
+pub mod otlp;
+pub mod process;
+pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -83,6 +86,14 @@ pub fn server_config() -> ServerConfig {
 impl Relay {
     /// Starts a server with [`server_config`] changed by `edit`.
     pub async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Relay {
+        Self::start_with_admin(edit, None).await
+    }
+
+    /// [`Relay::start`] with an admin listener.
+    pub async fn start_with_admin(
+        edit: impl FnOnce(&mut ServerConfig),
+        admin: Option<tokio::net::TcpListener>,
+    ) -> Relay {
         init_logs();
         let mut cfg = server_config();
         edit(&mut cfg);
@@ -90,9 +101,14 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let tls = cfg.tls.enabled;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(http_relay::server::run(cfg, listener, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(http_relay::server::run_with_admin(
+            cfg,
+            listener,
+            admin,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let scheme = if tls { "https" } else { "http" };
         Relay {
             addr,
