@@ -106,6 +106,8 @@ struct Pending {
     stream: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
     /// The request's `relay.request` span: parent of its chunk spans.
     span: tracing::Span,
+    /// Whether that span is sampled (chunk spans only then).
+    traced: bool,
     /// Sequence number of the next response chunk.
     seq: AtomicU64,
     /// Set once the connection is upgraded: chunks are stream bytes.
@@ -222,6 +224,7 @@ impl Broker {
             backend: Arc::from(backend),
             responses: resp_tx,
             stream: tokio::sync::Mutex::new(stream_rx),
+            traced: crate::telemetry::is_sampled(&span),
             span,
             seq: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
@@ -288,15 +291,19 @@ impl Broker {
     pub async fn respond(&self, chunk: HttpResponse) -> Result<(), BrokerError> {
         let id = chunk.id.clone().ok_or(BrokerError::MissingId)?;
         let pending = self.pending(&id)?;
-        let seq = crate::telemetry::int(pending.seq.fetch_add(1, Ordering::Relaxed));
-        let bytes = crate::telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len));
-        let eof = chunk.eof == Some(true);
-        let span = if pending.upgraded.load(Ordering::Relaxed) {
-            tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
-                relay.direction = "to_user", relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+        let span = if pending.traced {
+            let seq = crate::telemetry::int(pending.seq.fetch_add(1, Ordering::Relaxed));
+            let bytes = crate::telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len));
+            let eof = chunk.eof == Some(true);
+            if pending.upgraded.load(Ordering::Relaxed) {
+                tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
+                    relay.direction = "to_user", relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+            } else {
+                tracing::info_span!(parent: &pending.span, "relay.response_chunk",
+                    relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+            }
         } else {
-            tracing::info_span!(parent: &pending.span, "relay.response_chunk",
-                relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
+            tracing::Span::none()
         };
         let send = tokio::time::timeout(
             self.inner.cfg.inactive_request,
@@ -340,12 +347,15 @@ impl Broker {
             }
             buf.freeze()
         };
-        let seq = pending.seq.fetch_add(1, Ordering::Relaxed);
-        // A span of its own per chunk that crossed the relay.
-        drop(
-            tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
-            relay.direction = "to_backend", relay.chunk.seq = crate::telemetry::int(seq), relay.chunk.bytes = crate::telemetry::int(bytes.len()), relay.chunk.eof = false),
-        );
+        if pending.traced {
+            let seq = crate::telemetry::int(pending.seq.fetch_add(1, Ordering::Relaxed));
+            // A span of its own per chunk that crossed the relay.
+            drop(
+                tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
+                relay.direction = "to_backend", relay.chunk.seq = seq,
+                relay.chunk.bytes = crate::telemetry::int(bytes.len()), relay.chunk.eof = false),
+            );
+        }
         Ok(bytes)
     }
 

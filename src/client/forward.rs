@@ -74,16 +74,26 @@ async fn forward_inner(
     };
     span.record("url.path", backend_req.uri().path());
     let wants_upgrade = backend_req.headers().contains_key(header::UPGRADE);
-    let backend_span = tracing::info_span!(
-        "relay.backend_request",
-        otel.kind = "client",
-        http.request.method = %backend_req.method(),
-        url.full = %backend_req.uri(),
-        http.response.status_code = Empty,
-        otel.status_code = Empty,
-    );
-    // An instrumented backend joins the trace.
-    telemetry::inject(&backend_span, backend_req.headers_mut());
+    let backend_span = if telemetry::is_sampled(span) {
+        tracing::info_span!(
+            "relay.backend_request",
+            otel.kind = "client",
+            http.request.method = %backend_req.method(),
+            url.full = %backend_req.uri(),
+            http.response.status_code = Empty,
+            otel.status_code = Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    // An instrumented backend joins the trace (an unsampled one learns
+    // that it is unsampled).
+    let carrier = if backend_span.is_disabled() {
+        span
+    } else {
+        &backend_span
+    };
+    telemetry::inject(carrier, backend_req.headers_mut());
     let called = ctx
         .backend
         .request(backend_req)
@@ -190,6 +200,8 @@ struct Chunker<'a> {
     id: String,
     /// Sequence number of the next chunk.
     seq: u64,
+    /// Whether the request is traced (chunk spans only then).
+    traced: bool,
     first: Option<HttpResponse>,
     buf: BytesMut,
     trailers: HeaderMap,
@@ -201,6 +213,8 @@ impl<'a> Chunker<'a> {
             ctx,
             id: first.id.clone().unwrap_or_default(),
             seq: 0,
+            // Created inside the request's span.
+            traced: telemetry::is_sampled(&tracing::Span::current()),
             first: Some(first),
             buf: BytesMut::new(),
             trailers: HeaderMap::new(),
@@ -282,12 +296,16 @@ impl<'a> Chunker<'a> {
             chunk.eof = Some(true);
             chunk.trailer = proto::headers_to_proto(&std::mem::take(&mut self.trailers));
         }
-        let span = tracing::info_span!(
-            "relay.client.chunk",
-            relay.chunk.seq = telemetry::int(self.seq),
-            relay.chunk.bytes = telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len)),
-            relay.chunk.eof = eof,
-        );
+        let span = if self.traced {
+            tracing::info_span!(
+                "relay.client.chunk",
+                relay.chunk.seq = telemetry::int(self.seq),
+                relay.chunk.bytes = telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len)),
+                relay.chunk.eof = eof,
+            )
+        } else {
+            tracing::Span::none()
+        };
         self.seq += 1;
         // The post carries this span's context (see `RelayTransport`).
         post(self.ctx, &chunk).instrument(span).await

@@ -162,6 +162,7 @@ async fn relay_request(
     span: tracing::Span,
 ) -> Result<Response<Body>, RelayError> {
     let started = std::time::Instant::now();
+    let traced = telemetry::is_sampled(&span);
     let subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
     if let Some(sub) = &subject {
         span.record("enduser.id", sub.as_str());
@@ -224,13 +225,13 @@ async fn relay_request(
     let mut exchange = state
         .broker
         .relay(&route.backend, message, span.clone())
-        .instrument(tracing::info_span!("relay.enqueue"))
+        .instrument(child(traced, || tracing::info_span!("relay.enqueue")))
         .await?;
     span.record("relay.request_id", exchange.id());
     let inactive = exchange.inactive_timeout();
     let first = exchange
         .next_chunk()
-        .instrument(tracing::info_span!("relay.first_chunk"))
+        .instrument(child(traced, || tracing::info_span!("relay.first_chunk")))
         .await?
         .ok_or(BrokerError::Inactive(inactive))?;
     if let Some(ms) = first.backend_duration_ms {
@@ -242,6 +243,15 @@ async fn relay_request(
         );
     }
     respond(exchange, first, on_upgrade, state.metrics.clone())
+}
+
+/// A child span, or none when the request is not traced.
+fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if traced {
+        make()
+    } else {
+        tracing::Span::none()
+    }
 }
 
 /// Builds the user-client's response from the first chunk.

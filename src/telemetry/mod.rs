@@ -116,12 +116,15 @@ pub fn init(
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    // `RUST_LOG` filters the log lines only: spans are exported whatever
+    // the log level.
     let fmt = match format {
-        LogFormat::Human => fmt.boxed(),
+        LogFormat::Human => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt
             .json()
             .with_current_span(true)
             .with_span_list(true)
+            .with_filter(filter)
             .boxed(),
     };
     // Only the relay's own spans are exported: the exporter's hyper, h2
@@ -130,11 +133,10 @@ pub fn init(
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("http-relay"))
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.target().starts_with("http_relay")
+                m.target().starts_with("http_relay") && *m.level() <= tracing::Level::INFO
             }))
     });
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init();
@@ -211,6 +213,14 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers))
     });
+}
+
+/// Whether `span` is recorded (exported). Children of an unrecorded span
+/// are not created at all: at `sample_ratio = 0` a request then costs one
+/// span per side instead of one per chunk.
+pub fn is_sampled(span: &tracing::Span) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
 }
 
 /// A count as a span attribute value: the OpenTelemetry bridge exports
