@@ -32,19 +32,22 @@ pub enum ForwardError {
 /// bad request must not disturb the others.
 pub async fn forward(ctx: &Ctx, req: HttpRequest) {
     let id = req.id.clone().unwrap_or_default();
-    let span = tracing::info_span!(
-        "relay.client.request",
-        relay.request_id = %id,
-        http.request.method = req.method.as_deref().unwrap_or(""),
-        url.path = Empty,
-        http.response.status_code = Empty,
-        otel.status_code = Empty,
-        trace_id = Empty,
-    );
     // Continue the trace the server put into the relayed headers.
-    if let Ok(headers) = proto::headers_from_proto(&req.header) {
-        telemetry::continue_trace(&span, &headers);
-    }
+    let trace = trace_headers(&req);
+    let span = if telemetry::wants_span(&trace) {
+        tracing::info_span!(
+            "relay.client.request",
+            relay.request_id = %id,
+            http.request.method = req.method.as_deref().unwrap_or(""),
+            url.path = Empty,
+            http.response.status_code = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    telemetry::continue_trace(&span, &trace);
     telemetry::record_trace_id(&span);
     match forward_inner(ctx, req, &span)
         .instrument(span.clone())
@@ -59,6 +62,23 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
             tracing::warn!(parent: &span, id, error = %e, "request failed");
         }
     }
+}
+
+/// The W3C trace-context headers of a relayed request.
+fn trace_headers(req: &HttpRequest) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for h in &req.header {
+        let name = h.name.as_deref().unwrap_or_default();
+        if (name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate"))
+            && let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(h.value.as_deref().unwrap_or_default()),
+            )
+        {
+            out.append(n, v);
+        }
+    }
+    out
 }
 
 async fn forward_inner(

@@ -110,20 +110,24 @@ fn is_upgrade_request(req: &Request<Incoming>) -> bool {
 pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
     let route = route(req.uri().path(), req.headers())?;
     let started = std::time::Instant::now();
-    let span = tracing::info_span!(
-        "relay.request",
-        otel.kind = "server",
-        http.request.method = %req.method(),
-        url.path = %req.uri().path(),
-        relay.backend = %route.backend,
-        relay.request_id = Empty,
-        http.response.status_code = Empty,
-        enduser.id = Empty,
-        relay.bytes_in = Empty,
-        relay.bytes_out = Empty,
-        otel.status_code = Empty,
-        trace_id = Empty,
-    );
+    let span = if telemetry::wants_span(req.headers()) {
+        tracing::info_span!(
+            "relay.request",
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            url.path = %req.uri().path(),
+            relay.backend = %route.backend,
+            relay.request_id = Empty,
+            http.response.status_code = Empty,
+            enduser.id = Empty,
+            relay.bytes_in = Empty,
+            relay.bytes_out = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     // A `traceparent` from the user-client is continued.
     telemetry::continue_trace(&span, req.headers());
     telemetry::record_trace_id(&span);

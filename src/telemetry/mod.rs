@@ -9,6 +9,7 @@
 
 pub mod metrics;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -107,6 +108,7 @@ pub fn init(
     format: LogFormat,
 ) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    ROOT_SPANS.store(cfg.sample_ratio != Some(0.0), Ordering::Relaxed);
     let provider = match endpoint(cfg) {
         Some(endpoint) => Some(provider(cfg, &endpoint, default_service)?),
         None => None,
@@ -213,6 +215,18 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers))
     });
+}
+
+/// `false` when `sample_ratio = 0`: request spans are then created only
+/// under a sampled parent, so unsampled traffic pays nothing for tracing.
+static ROOT_SPANS: AtomicBool = AtomicBool::new(true);
+
+/// Whether a request with these headers gets a span at all: always,
+/// unless sampling is 0 and no sampled parent asks for one (parent-based
+/// sampling keeps honouring sampled parents).
+pub fn wants_span(headers: &HeaderMap) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    ROOT_SPANS.load(Ordering::Relaxed) || extract(headers).span().span_context().is_sampled()
 }
 
 /// Whether `span` is recorded (exported). Children of an unrecorded span
