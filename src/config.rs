@@ -664,6 +664,14 @@ mod tests {
             load(Some(&dir.join("client.example.toml")), Flags::default()).unwrap();
         client.validate().unwrap();
         assert_eq!(client.backend_name, "robot-1");
+        let obs = Path::new(env!("CARGO_MANIFEST_DIR")).join("observability");
+        let cfg: ServerConfig =
+            load(Some(&obs.join("relay-server.toml")), Flags::default()).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.admin_listen.is_some());
+        let cfg: ClientConfig =
+            load(Some(&obs.join("relay-client.toml")), Flags::default()).unwrap();
+        cfg.validate().unwrap();
         for idp in ["keycloak", "auth0", "google"] {
             let path = dir.join(format!("auth-{idp}.example.toml"));
             let cfg: ServerConfig = load(Some(&path), Flags::default()).unwrap();

@@ -43,6 +43,7 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
             http.response.status_code = Empty,
             otel.status_code = Empty,
             trace_id = Empty,
+            span_id = Empty,
         )
     } else {
         tracing::Span::none()

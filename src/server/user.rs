@@ -124,6 +124,7 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Bo
             relay.bytes_out = Empty,
             otel.status_code = Empty,
             trace_id = Empty,
+            span_id = Empty,
         )
     } else {
         tracing::Span::none()

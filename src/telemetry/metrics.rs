@@ -280,4 +280,44 @@ mod tests {
             "series of a reaped backend are deleted"
         );
     }
+
+    #[test]
+    fn dashboard_queries_only_existing_metrics() {
+        let m = Metrics::new();
+        m.request(method::CLIENT, "b");
+        m.response(method::CLIENT, result::OK, "b");
+        m.duration(method::CLIENT, "b", 0.1);
+        m.backend_time("b", 0.2, 0.1);
+        m.bytes(Direction::ToUser, 1);
+        m.auth_failure("expired");
+        m.tls_handshake_failures.inc();
+        let text = m.encode();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/observability/grafana/dashboards/http-relay.json"
+        );
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut checked = 0;
+        for panel in dash["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if !(word.starts_with("broker_") || word.starts_with("relay_")) {
+                        continue;
+                    }
+                    let family = ["_bucket", "_count", "_sum"]
+                        .iter()
+                        .find_map(|s| word.strip_suffix(s))
+                        .unwrap_or(word);
+                    assert!(
+                        text.contains(&format!("# TYPE {family} ")),
+                        "{word} in the dashboard is not exposed"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 10, "{checked}");
+    }
 }

@@ -243,13 +243,17 @@ pub fn int(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
-/// Records the span's trace id as field `trace_id`, so log lines inside
-/// it carry it.
+/// Records the span's trace and span ids as fields `trace_id` and
+/// `span_id`, so log lines inside it carry them.
 pub fn record_trace_id(span: &tracing::Span) {
     use opentelemetry::trace::TraceContextExt as _;
+    if span.is_disabled() {
+        return;
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     if sc.is_valid() {
         span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
     }
 }
