@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::backend::Backend;
 use common::idp::{Idp, Key};
-use common::{Relay, RelayClient, bounded, client_config};
+use common::{Relay, RelayClient, bounded, client_config, eventually};
 use http_relay::config::{AuthMode, BackendAuth, ClientAuthMethod, IssuerConfig, ServerConfig};
 use http_relay::proto::{HttpRequest, HttpResponse};
 use jsonwebtoken::Algorithm;
@@ -53,14 +53,9 @@ async fn relay_with(idp: &Idp, edit: impl FnOnce(&mut ServerConfig)) -> Relay {
 /// Waits until the server has loaded the IdP's keys.
 async fn wait_keys_loaded(relay: &Relay, idp: &Idp) {
     let token = idp.sign("rsa-1", &idp.claims(&user_aud("nobody"), "probe"));
-    bounded(async {
-        loop {
-            let (_, body, _) = user_status(relay, "nobody", &token).await;
-            if !body.contains("identity provider") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(|| async {
+        let (_, body, _) = user_status(relay, "nobody", &token).await;
+        (!body.contains("identity provider")).then_some(())
     })
     .await
 }
@@ -85,20 +80,19 @@ fn client_with_token(
 
 /// Waits until a user request with `token` for `backend` is answered 200.
 async fn wait_served(relay: &Relay, backend: &str, token: &str) -> String {
-    bounded(async {
-        loop {
-            let resp = relay
-                .http()
-                .get(format!("{}/client/{backend}/who", relay.url))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap();
-            if resp.status() == 200 {
-                return resp.text().await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
+    let url = format!("{}/client/{backend}/who", relay.url);
+    eventually(|| async {
+        let resp = relay
+            .http()
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != 200 {
+            return None;
         }
+        resp.text().await.ok()
     })
     .await
 }
@@ -454,14 +448,10 @@ async fn idp_down_at_start_gives_503_then_recovers() {
     );
 
     idp.set_up(true);
-    bounded(async {
-        loop {
-            let (_, body, _) = user_status(&relay, "robot-1", &token).await;
-            if body.contains("unknown client") {
-                return; // authenticated; the backend is just not connected
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    // Authenticated once the answer is "unknown client" (nobody polls).
+    eventually(|| async {
+        let (_, body, _) = user_status(&relay, "robot-1", &token).await;
+        body.contains("unknown client").then_some(())
     })
     .await;
 }
@@ -478,20 +468,15 @@ async fn custom_token_header_and_cookie() {
     let file = token_file(&idp.sign("ec-1", &idp.claims(&relay_aud("robot-1"), "robot-1")));
     let _client = client_with_token(&relay, "robot-1", &backend.url, &file);
     let token = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
-    bounded(async {
-        loop {
-            let resp = relay
-                .http()
-                .get(format!("{}/client/robot-1/h", relay.url))
-                .header("x-relay-token", &token)
-                .send()
-                .await
-                .unwrap();
-            if resp.status() == 200 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+    eventually(|| async {
+        let resp = relay
+            .http()
+            .get(format!("{}/client/robot-1/h", relay.url))
+            .header("x-relay-token", &token)
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
     })
     .await;
 
@@ -550,17 +535,28 @@ async fn client_rereads_its_token_file() {
     wait_served(&relay, "robot-1", &user).await;
 }
 
+/// A relay-client `robot-1` using the client-credentials grant at `idp`.
+fn credentials_client(
+    relay: &Relay,
+    idp: &Idp,
+    backend: &Backend,
+    secret: &tempfile::NamedTempFile,
+) -> http_relay::config::ClientConfig {
+    let mut cfg = client_config(relay, "robot-1", &backend.url);
+    cfg.auth.issuer = Some(idp.url.clone());
+    cfg.auth.client_id = Some("robot-1".into());
+    cfg.auth.client_secret_file = Some(secret.path().to_owned());
+    cfg.auth.audience = Some(relay_aud("robot-1"));
+    cfg
+}
+
 async fn client_credentials(method: ClientAuthMethod) {
     let idp = Idp::start().await;
     idp.add_client("robot-1", "s3cret:/&");
     let backend = Backend::start().await;
     let relay = relay_with(&idp, |_| {}).await;
     let secret = token_file("s3cret:/&\n");
-    let mut cfg = client_config(&relay, "robot-1", &backend.url);
-    cfg.auth.issuer = Some(idp.url.clone());
-    cfg.auth.client_id = Some("robot-1".into());
-    cfg.auth.client_secret_file = Some(secret.path().to_owned());
-    cfg.auth.audience = Some(relay_aud("robot-1"));
+    let mut cfg = credentials_client(&relay, &idp, &backend, &secret);
     cfg.auth.client_auth = method;
     let _client = RelayClient::start(cfg);
     let user = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
@@ -615,11 +611,7 @@ async fn client_credentials_refresh_before_expiry() {
     let backend = Backend::start().await;
     let relay = relay_with(&idp, |_| {}).await;
     let secret = token_file("pw");
-    let mut cfg = client_config(&relay, "robot-1", &backend.url);
-    cfg.auth.issuer = Some(idp.url.clone());
-    cfg.auth.client_id = Some("robot-1".into());
-    cfg.auth.client_secret_file = Some(secret.path().to_owned());
-    cfg.auth.audience = Some(relay_aud("robot-1"));
+    let cfg = credentials_client(&relay, &idp, &backend, &secret);
     let _client = RelayClient::start(cfg);
     let user = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
     wait_served(&relay, "robot-1", &user).await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::backend::Backend;
 use common::process::{Proc, sigterm, wait_exit, wait_for_line};
-use common::{Relay, RelayClient, bounded};
+use common::{Relay, RelayClient, bounded, eventually};
 
 #[tokio::test]
 async fn in_flight_requests_finish_and_new_ones_are_refused() {
@@ -101,19 +101,17 @@ async fn binary_serves_on_the_embedded_default_and_exits_0_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(unauthenticated.status(), 401);
-    let text = bounded(async {
-        loop {
-            if let Ok(r) = http
-                .get(format!("{url}/client/robot-1/hello?x=1"))
-                .bearer_auth(&user_token)
-                .send()
-                .await
-                && r.status() == 200
-            {
-                return r.text().await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = eventually(|| async {
+        let r = http
+            .get(format!("{url}/client/robot-1/hello?x=1"))
+            .bearer_auth(&user_token)
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 200 {
+            return None;
         }
+        r.text().await.ok()
     })
     .await;
     assert!(text.contains("uri: /hello?x=1"), "{text}");

@@ -12,7 +12,7 @@ use common::backend::Backend;
 use common::otlp::{Received, Receiver};
 use common::process::{Proc, sigterm, wait_exit, wait_for_line};
 use common::ws::WsBackend;
-use common::{bounded, pattern};
+use common::{bounded, eventually, pattern};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -81,15 +81,13 @@ impl Stack {
 }
 
 async fn wait_backend(http: &reqwest::Client, url: &str, name: &str) {
-    bounded(async {
-        loop {
-            if let Ok(r) = http.get(format!("{url}/client/{name}/ready")).send().await
-                && r.status() != 503
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+    eventually(|| async {
+        let r = http
+            .get(format!("{url}/client/{name}/ready"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() != 503).then_some(())
     })
     .await
 }

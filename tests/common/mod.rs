@@ -58,6 +58,24 @@ pub async fn bounded<T>(fut: impl Future<Output = T>) -> T {
         .expect("test step timed out")
 }
 
+/// Retries `attempt` every 20 ms until it yields `Some`, within the test
+/// timeout.
+pub async fn eventually<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    bounded(async {
+        loop {
+            if let Some(v) = attempt().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// A relay server running in-process.
 pub struct Relay {
     pub addr: SocketAddr,
@@ -156,15 +174,9 @@ impl Relay {
     pub async fn wait_for_backend(&self, backend: &str) {
         let http = self.http();
         let url = format!("{}/client/{backend}/", self.url);
-        bounded(async {
-            loop {
-                if let Ok(resp) = http.get(&url).send().await
-                    && resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        eventually(|| async {
+            let resp = http.get(&url).send().await.ok()?;
+            (resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
         })
         .await
     }
