@@ -221,6 +221,10 @@ async fn attacks_are_refused_with_401() {
     );
     cases.push(("unknown kid", unknown, "unknown key"));
 
+    // The last refetch is past the 300 ms cooldown, so the unknown kid
+    // may refetch exactly once.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let fetches_before = idp.jwks_fetches();
     for (name, token, expect) in cases {
         let (status, body, www) = user_status(&relay, "robot-1", &token).await;
         assert_eq!(status, 401, "{name}: {body}");
@@ -232,6 +236,12 @@ async fn attacks_are_refused_with_401() {
             "{name}"
         );
     }
+
+    assert_eq!(
+        idp.jwks_fetches() - fetches_before,
+        1,
+        "one refetch for the unknown kid"
+    );
 
     // Every failure is counted by reason.
     let metrics = relay
@@ -525,6 +535,23 @@ async fn client_rereads_its_token_file() {
     let user = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
     let (status, body, _) = user_status(&relay, "robot-1", &user).await;
     assert_eq!(status, 503, "not registered with a refused token: {body}");
+    // Refused, the client backs off instead of spinning: at most one
+    // refused poll per pending poll in that half second.
+    let metrics = relay
+        .http()
+        .get(format!("{}/metrics", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_auth_failures_total{reason=\"wrong_audience\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!((1.0..=4.0).contains(&refused), "{refused} refused polls");
 
     // The file is rotated (as a projected token would be); no restart.
     std::fs::write(
