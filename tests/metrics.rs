@@ -106,22 +106,21 @@ async fn counters_move_after_traffic() {
     assert!(text.contains("relay_active_requests"));
     assert!(text.contains("relay_active_streams"));
 
-    // Unknown backends are counted by result.
-    let r = http
-        .get(format!("{}/client/nobody/x", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    // Unknown backends are counted by result, all under one label value:
+    // user-clients pick the names.
+    let unknown = "broker_responses{backend=\"-\",method=\"client\",result=\"unknown_client\"}";
+    let u0 = value(&scrape(&http, &relay.url).await, unknown).unwrap_or(0.0);
+    for name in ["nobody", "someone", "anyone"] {
+        let r = http
+            .get(format!("{}/client/{name}/x", relay.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
     let text = scrape(&http, &relay.url).await;
-    assert_eq!(
-        value(
-            &text,
-            "broker_responses{backend=\"nobody\",method=\"client\",result=\"unknown_client\"}"
-        ),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(value(&text, unknown), Some(u0 + 3.0), "{text}");
+    assert!(!text.contains("nobody"), "{text}");
 
     // TLS handshake failures are counted.
     let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();

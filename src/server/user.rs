@@ -132,7 +132,13 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Bo
     // A `traceparent` from the user-client is continued.
     telemetry::continue_trace(&span, req.headers());
     telemetry::record_trace_id(&span);
-    let backend = route.backend.clone();
+    // Names nobody polls for are one series: user-clients choose them, and
+    // must not grow the metric set without bound.
+    let backend = if state.broker.knows_backend(&route.backend) {
+        route.backend.clone()
+    } else {
+        metrics::UNKNOWN_BACKEND.to_owned()
+    };
     state.metrics.request(method::CLIENT, &backend);
     let result = relay_request(state, req, route, span.clone())
         .instrument(span.clone())

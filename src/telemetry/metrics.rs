@@ -42,6 +42,9 @@ pub mod result {
     ];
 }
 
+/// `backend` label of user requests for names no relay-client polls for.
+pub const UNKNOWN_BACKEND: &str = "-";
+
 const METHODS: [&str; 3] = [
     method::CLIENT,
     method::SERVER_REQUEST,
