@@ -338,6 +338,29 @@ impl AuthConfig {
                 "must differ from auth.user_audience, or user tokens would work as relay tokens",
             ));
         }
+        for (key, template) in [
+            ("auth.user_audience", &self.user_audience),
+            ("auth.relay_audience", &self.relay_audience),
+        ] {
+            if !template.contains("{backend}") {
+                return Err(invalid(
+                    key,
+                    "must contain {backend}, or one token would reach every backend",
+                ));
+            }
+        }
+        if self.jwks_refresh_min.is_zero() || self.jwks_refresh_min > self.jwks_refresh_max {
+            return Err(invalid(
+                "auth.jwks_refresh_min",
+                "must be greater than zero and at most auth.jwks_refresh_max",
+            ));
+        }
+        if self.unknown_kid_cooldown.is_zero() {
+            return Err(invalid(
+                "auth.unknown_kid_cooldown",
+                "must be greater than zero",
+            ));
+        }
         Ok(())
     }
 }
@@ -679,6 +702,36 @@ mod tests {
             assert_eq!(cfg.auth.issuers.len(), 1, "{idp}: replaces the dev issuer");
             assert!(cfg.auth.issuers[0].issuer.starts_with("https://"));
         }
+    }
+
+    #[test]
+    fn auth_validation() {
+        let ok = ServerConfig::default();
+        ok.validate().unwrap();
+        let mut c = ServerConfig::default();
+        c.auth.relay_audience = "https://relay/backend".into();
+        assert!(c.validate().unwrap_err().to_string().contains("{backend}"));
+        let mut c = ServerConfig::default();
+        c.auth.relay_audience = c.auth.user_audience.clone();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("must differ")
+        );
+        let mut c = ServerConfig::default();
+        c.auth.jwks_refresh_min = Duration::from_secs(7200);
+        c.auth.jwks_refresh_max = Duration::from_secs(60);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("jwks_refresh_min")
+        );
+        let mut c = ServerConfig::default();
+        c.auth.issuers[0].jwks_file = None;
+        c.auth.issuers[0].issuer = "http://idp.example.com".into();
+        assert!(c.validate().unwrap_err().to_string().contains("https"));
     }
 
     #[test]

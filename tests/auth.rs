@@ -299,6 +299,7 @@ async fn roles_and_backends_do_not_mix() {
 
     // B polls with its own token and gets a request...
     let user_b = idp.sign("rsa-1", &idp.claims(&user_aud("robot-b"), "bob"));
+    let user_b_again = user_b.clone();
     let _ = poll("robot-b", &relay_b).await; // registers B
     let waiting = tokio::spawn({
         let http = relay.http();
@@ -329,6 +330,11 @@ async fn roles_and_backends_do_not_mix() {
             .body(answer.encode_to_vec())
             .send()
     };
+    assert_eq!(
+        post(&user_b_again).await.unwrap().status(),
+        403,
+        "user token, refused before the body is read"
+    );
     assert_eq!(post(&relay_a).await.unwrap().status(), 403);
     let stream = http
         .post(format!("{}/server/requeststream?id={id}", relay.url))

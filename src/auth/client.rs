@@ -17,6 +17,8 @@ pub enum TokenError {
     File(PathBuf, std::io::Error),
     #[error("token file {0} is empty")]
     Empty(PathBuf),
+    #[error("token is not a valid header value")]
+    Invalid,
     #[error("reading client secret {0}: {1}")]
     Secret(PathBuf, std::io::Error),
     #[error("token endpoint: {0}")]
@@ -73,10 +75,15 @@ impl TokenSource {
         }
     }
 
-    /// The server refused the token: fetch a new one next time.
-    pub async fn invalidate(&self) {
+    /// The server refused `sent`: fetch a new token next time, unless the
+    /// cached one is already another (compare and clear, so concurrent
+    /// refusals cost one fetch).
+    pub async fn invalidate(&self, sent: &str) {
         if let TokenSource::ClientCredentials(c) = self {
-            *c.current.lock().await = None;
+            let mut current = c.current.lock().await;
+            if current.as_ref().is_some_and(|(t, _)| t == sent) {
+                *current = None;
+            }
         }
     }
 }

@@ -23,7 +23,12 @@ pub enum FetchError {
     IssuerMismatch(String, String),
     #[error("jwks_uri {0:?} must be https (http only on loopback hosts)")]
     InsecureUri(String),
+    #[error("{0} answered more than {MAX_DOCUMENT} bytes")]
+    TooLarge(String),
 }
+
+/// Largest discovery document or JWKS accepted.
+const MAX_DOCUMENT: usize = 1 << 20;
 
 /// Longest a retry of a failed fetch waits.
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -155,18 +160,17 @@ impl KeySource {
                 Some(uri) => uri,
                 None => self.discover().await?,
             };
-            let resp = self
-                .http
-                .get(&uri)
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| FetchError::Http(uri.clone(), e))?;
-            let max_age = max_age(resp.headers());
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| FetchError::Http(uri.clone(), e))?;
+            let fetched = self.get(&uri).await;
+            let (body, max_age) = match fetched {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // A discovered URI may have moved: discover again next time.
+                    if self.cfg.jwks_uri.is_none() {
+                        lock(&self.state).jwks_uri = None;
+                    }
+                    return Err(e);
+                }
+            };
             let set: JwkSet =
                 serde_json::from_slice(&body).map_err(|e| FetchError::Parse(uri.clone(), e))?;
             lock(&self.state).jwks_uri = Some(uri);
@@ -183,6 +187,28 @@ impl KeySource {
         Ok(max_age)
     }
 
+    /// GETs `url` (2xx only), reading at most [`MAX_DOCUMENT`] bytes;
+    /// returns the body and the `Cache-Control` max-age.
+    async fn get(&self, url: &str) -> Result<(Vec<u8>, Option<Duration>), FetchError> {
+        let err = |e| FetchError::Http(url.to_owned(), e);
+        let mut resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(err)?;
+        let age = max_age(resp.headers());
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(err)? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_DOCUMENT {
+                return Err(FetchError::TooLarge(url.to_owned()));
+            }
+        }
+        Ok((body, age))
+    }
+
     /// OIDC discovery: the `jwks_uri` of the issuer's configuration.
     async fn discover(&self) -> Result<String, FetchError> {
         #[derive(serde::Deserialize)]
@@ -194,16 +220,7 @@ impl KeySource {
             "{}/.well-known/openid-configuration",
             self.cfg.issuer.trim_end_matches('/')
         );
-        let body = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| FetchError::Http(url.clone(), e))?
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Http(url.clone(), e))?;
+        let (body, _) = self.get(&url).await?;
         let doc: Discovery =
             serde_json::from_slice(&body).map_err(|e| FetchError::Parse(url.clone(), e))?;
         if doc.issuer.trim_end_matches('/') != self.cfg.issuer.trim_end_matches('/') {

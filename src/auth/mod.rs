@@ -139,6 +139,9 @@ pub struct Claims {
 /// Whether the JWK's key type (and curve, and `alg` if it names one) fits
 /// the token's algorithm: no key confusion.
 fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {
+    if jwk.common.public_key_use == Some(jsonwebtoken::jwk::PublicKeyUse::Encryption) {
+        return false;
+    }
     if let Some(key_alg) = jwk.common.key_algorithm
         && key_alg.to_string() != format!("{alg:?}")
     {
@@ -193,7 +196,8 @@ impl Authenticator {
         }
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // No redirects: a redirect could lead key fetches off https.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let issuers = cfg
             .issuers
@@ -277,6 +281,33 @@ impl Authenticator {
     /// The audience a `role` token for `backend` must carry.
     pub fn audience(&self, role: Role, backend: &str) -> String {
         audience_for(&self.cfg, role, backend)
+    }
+
+    /// Whether the token carries a `role` audience for *some* backend: a
+    /// cheap check before the owner is known (e.g. before reading a
+    /// `/server/response` body), so other tokens cannot make the server
+    /// buffer bodies.
+    pub fn has_role(&self, claims: &Claims, role: Role) -> bool {
+        let template = match role {
+            Role::User => &self.cfg.user_audience,
+            Role::Relay => &self.cfg.relay_audience,
+        };
+        let (prefix, suffix) = template.split_once("{backend}").unwrap_or((template, ""));
+        let fits = |aud: &str| {
+            aud.len() > prefix.len() + suffix.len()
+                && aud.starts_with(prefix)
+                && aud.ends_with(suffix)
+        };
+        let extra = self.cfg.backends.values().flat_map(|b| match role {
+            Role::User => &b.user_audiences,
+            Role::Relay => &b.relay_audiences,
+        });
+        let auds: Vec<&str> = match &claims.aud {
+            Audience::None => Vec::new(),
+            Audience::One(a) => vec![a.as_str()],
+            Audience::Many(v) => v.iter().map(String::as_str).collect(),
+        };
+        auds.iter().any(|a| fits(a)) || extra.into_iter().any(|e| claims.aud.contains(e))
     }
 
     /// Applies the audience policy (403 on failure).

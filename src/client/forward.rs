@@ -100,7 +100,7 @@ async fn forward_inner(
             "relay.backend_request",
             otel.kind = "client",
             http.request.method = %backend_req.method(),
-            url.full = %backend_req.uri(),
+            url.path = backend_req.uri().path(),
             http.response.status_code = Empty,
             otel.status_code = Empty,
         )

@@ -57,6 +57,10 @@ pub enum TransportError {
     },
 }
 
+/// The token a call presented (a response extension).
+#[derive(Clone)]
+struct SentToken(Option<String>);
+
 /// What the server said to a response chunk.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PostOutcome {
@@ -141,25 +145,35 @@ impl RelayTransport {
         body: Bytes,
     ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
         let uri = format!("{}{}", self.base, path_and_query);
-        let req = Request::builder().method(method).uri(&uri);
-        let mut req = req;
-        if let Some(headers) = req.headers_mut() {
-            // Calls made inside a span (chunk posts) carry its context.
-            crate::telemetry::inject(&tracing::Span::current(), headers);
-        }
-        if let Some(token) = self.tokens.token().await? {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .body(Full::new(body.clone()))
+            .map_err(|e| TransportError::Url(format!("{uri}: {e}")))?;
+        let headers = req.headers_mut();
+        // Calls made inside a span (chunk posts) carry its context.
+        crate::telemetry::inject(&tracing::Span::current(), headers);
+        let token = self.tokens.token().await?;
+        if let Some(token) = &token {
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| TransportError::Token(TokenError::Invalid))?;
+            // Kept out of HPACK tables and debug output.
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
         }
         if !body.is_empty() {
-            req = req.header(header::CONTENT_TYPE, proto::RESPONSE_CONTENT_TYPE);
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(proto::RESPONSE_CONTENT_TYPE),
+            );
         }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| TransportError::Url(format!("{uri}: {e}")))?;
-        match tokio::time::timeout(CALL_TIMEOUT, self.client.request(req)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(TransportError::Timeout),
-        }
+        let mut resp = match tokio::time::timeout(CALL_TIMEOUT, self.client.request(req)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(TransportError::Timeout),
+        };
+        // For a refusal: which token the server saw.
+        resp.extensions_mut().insert(SentToken(token));
+        Ok(resp)
     }
 
     async fn read_body(
@@ -175,15 +189,21 @@ impl RelayTransport {
 
     async fn unexpected(&self, resp: hyper::Response<hyper::body::Incoming>) -> TransportError {
         let status = resp.status();
+        let sent = resp
+            .extensions()
+            .get::<SentToken>()
+            .and_then(|t| t.0.clone());
         let body = Self::read_body(resp, 4096).await.unwrap_or_default();
         let body = String::from_utf8_lossy(&body).trim().to_owned();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            // The next call fetches a fresh token.
-            self.tokens.invalidate().await;
-            let presented = match self.tokens.token().await {
-                Ok(Some(t)) => crate::auth::client::presented_audience(&t),
-                _ => "<none>".into(),
-            };
+            let presented = sent
+                .as_deref()
+                .map_or_else(|| "<none>".into(), crate::auth::client::presented_audience);
+            // The next call fetches a fresh token, unless another call
+            // already did.
+            if let Some(sent) = &sent {
+                self.tokens.invalidate(sent).await;
+            }
             return TransportError::Refused {
                 status,
                 body,

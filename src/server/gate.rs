@@ -60,6 +60,23 @@ pub async fn relay_token(
         .map_err(|e| refuse(state, e, None, backend))
 }
 
+/// Between the stages, while the backend is not yet known: the token is a
+/// relay token for some backend (403 otherwise).
+pub fn relay_role(state: &State, claims: Option<&Claims>) -> Result<(), RelayError> {
+    match (&state.auth, claims) {
+        (Some(auth), Some(claims)) if !auth.has_role(claims, crate::auth::Role::Relay) => {
+            let expected = auth.audience(crate::auth::Role::Relay, "{backend}");
+            Err(refuse(
+                state,
+                AuthError::WrongAudience { expected },
+                claims.sub.as_deref(),
+                "-",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Second stage: the token is a relay token for `backend` (403 otherwise).
 pub fn relay_access(
     state: &State,

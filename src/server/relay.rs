@@ -81,6 +81,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     // Verify the token before reading the body; the owner is known only
     // once the message is decoded.
     let claims = gate::relay_token(state, req.headers(), "-").await?;
+    gate::relay_role(state, claims.as_ref())?;
     let limit = state.cfg.limits.max_response_chunk.as_u64();
     let body = Limited::new(
         req.into_body(),
