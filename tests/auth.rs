@@ -244,15 +244,7 @@ async fn attacks_are_refused_with_401() {
     );
 
     // Every failure is counted by reason.
-    let metrics = relay
-        .http()
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.get_text("/metrics").await;
     for reason in [
         "expired",
         "not_yet_valid",
@@ -543,15 +535,7 @@ async fn client_rereads_its_token_file() {
     assert_eq!(status, 503, "not registered with a refused token: {body}");
     // Refused, the client backs off instead of spinning: at most one
     // refused poll per pending poll in that half second.
-    let metrics = relay
-        .http()
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.get_text("/metrics").await;
     let refused: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("relay_auth_failures_total{reason=\"wrong_audience\"} "))

@@ -92,6 +92,21 @@ async fn wait_backend(http: &reqwest::Client, url: &str, name: &str) {
     .await
 }
 
+/// `(seq, bytes)` of chunk spans, in order.
+fn seq_and_bytes(chunks: &[&Received]) -> Vec<(i64, i64)> {
+    let mut v: Vec<(i64, i64)> = chunks
+        .iter()
+        .map(|c| {
+            (
+                c.int("relay.chunk.seq").unwrap(),
+                c.int("relay.chunk.bytes").unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn by_name<'a>(spans: &'a [Received], name: &str) -> Vec<&'a Received> {
     spans.iter().filter(|s| s.name() == name).collect()
 }
@@ -273,27 +288,7 @@ async fn one_trace_from_user_client_to_backend_with_chunk_spans() {
         "one span per chunk on both sides"
     );
     assert!(client_chunks.iter().all(|c| c.parent_id() == job.span_id()));
-    let mut client_bytes: Vec<(i64, i64)> = client_chunks
-        .iter()
-        .map(|c| {
-            (
-                c.int("relay.chunk.seq").unwrap(),
-                c.int("relay.chunk.bytes").unwrap(),
-            )
-        })
-        .collect();
-    let mut server_bytes: Vec<(i64, i64)> = server_chunks
-        .iter()
-        .map(|c| {
-            (
-                c.int("relay.chunk.seq").unwrap(),
-                c.int("relay.chunk.bytes").unwrap(),
-            )
-        })
-        .collect();
-    client_bytes.sort();
-    server_bytes.sort();
-    assert_eq!(client_bytes, server_bytes);
+    assert_eq!(seq_and_bytes(&client_chunks), seq_and_bytes(&server_chunks));
 
     // --- the echo request: the backend's traceparent is the client's
     // backend-call span ---

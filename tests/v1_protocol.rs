@@ -24,25 +24,11 @@ async fn both_routing_forms_reach_the_backend() {
     let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
     let http = relay.http();
 
-    let text = http
-        .get(format!("{}/client/robot-1/any/path?q=1&r=a%20b", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = relay.get_text("/client/robot-1/any/path?q=1&r=a%20b").await;
     assert_eq!(line(&text, "uri"), ["/any/path?q=1&r=a%20b"]);
 
     for path in ["/client/robot-1", "/client/robot-1/"] {
-        let text = http
-            .get(format!("{}{path}", relay.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = relay.get_text(path).await;
         assert_eq!(line(&text, "uri"), ["/"], "{path}");
     }
 

@@ -155,6 +155,12 @@ impl Relay {
         self.task.take().expect("server task")
     }
 
+    /// The body of `GET <path>` on the relay.
+    pub async fn get_text(&self, path: &str) -> String {
+        let resp = self.http().get(format!("{}{path}", self.url)).send().await;
+        resp.unwrap().text().await.unwrap()
+    }
+
     /// An HTTP client (HTTP/1.1 and HTTP/2 by ALPN) that trusts the dev CA.
     pub fn http(&self) -> reqwest::Client {
         client_builder().build().unwrap()
