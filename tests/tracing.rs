@@ -68,6 +68,30 @@ fn start_client(
 }
 
 impl Stack {
+    /// Starts the server and one relay-client per `(name, backend_url)`,
+    /// all with `env`, and waits until every backend is reachable.
+    async fn start(
+        otlp: &Receiver,
+        env: &[(&str, &str)],
+        backends: &[(&str, &str)],
+    ) -> (Stack, reqwest::Client) {
+        let (server, url) = start_server(otlp, env);
+        let clients = backends
+            .iter()
+            .map(|(name, backend)| start_client(otlp, &url, name, backend, env))
+            .collect();
+        let stack = Stack {
+            url,
+            server,
+            clients,
+        };
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        for (name, _) in backends {
+            wait_backend(&http, &stack.url, name).await;
+        }
+        (stack, http)
+    }
+
     /// Stops the clients, then the server, each with SIGTERM (which
     /// flushes their spans), and checks they exit 0.
     fn stop(mut self) {
@@ -127,19 +151,8 @@ async fn one_trace_from_user_client_to_backend_with_chunk_spans() {
     let otlp = Receiver::start().await;
     let backend = Backend::start().await;
     let ws = WsBackend::start().await;
-    let (server, url) = start_server(&otlp, &[]);
-    let clients = vec![
-        start_client(&otlp, &url, "robot-1", &backend.url, &[]),
-        start_client(&otlp, &url, "ws", &ws.url, &[]),
-    ];
-    let stack = Stack {
-        url,
-        server,
-        clients,
-    };
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    wait_backend(&http, &stack.url, "robot-1").await;
-    wait_backend(&http, &stack.url, "ws").await;
+    let (stack, http) =
+        Stack::start(&otlp, &[], &[("robot-1", &backend.url), ("ws", &ws.url)]).await;
 
     // 1. A streamed response of several chunks (4 events 300 ms apart,
     // each flushed on its own), under a user-supplied traceparent.
@@ -339,15 +352,7 @@ async fn sample_ratio_zero_exports_nothing() {
     let otlp = Receiver::start().await;
     let backend = Backend::start().await;
     let env = [("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", "0")];
-    let (server, url) = start_server(&otlp, &env);
-    let clients = vec![start_client(&otlp, &url, "robot-1", &backend.url, &env)];
-    let stack = Stack {
-        url,
-        server,
-        clients,
-    };
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    wait_backend(&http, &stack.url, "robot-1").await;
+    let (stack, http) = Stack::start(&otlp, &env, &[("robot-1", &backend.url)]).await;
     for _ in 0..5 {
         let r = http
             .get(format!("{}/client/robot-1/x", stack.url))
