@@ -8,13 +8,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt as _;
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Limited};
 use tokio::time::Sleep;
 
 use std::sync::Arc;
 
 use crate::broker::Exchange;
+use crate::error::RelayError;
 use crate::proto::{HttpResponse, ProtoError, headers_from_proto};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::Direction;
@@ -37,6 +38,21 @@ pub fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// Reads a whole request body of at most `limit` bytes (413 above it).
+pub async fn read_limited(body: hyper::body::Incoming, limit: u64) -> Result<Bytes, RelayError> {
+    Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                RelayError::BodyTooLarge(limit)
+            } else {
+                RelayError::ReadBody(e.to_string())
+            }
+        })
 }
 
 /// Why a relayed body ended early.

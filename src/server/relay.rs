@@ -3,11 +3,10 @@
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use prost::Message as _;
 
-use super::body::{Body, full};
+use super::body::{Body, full, read_limited};
 use super::{State, gate};
 use crate::broker::BrokerError;
 use crate::error::RelayError;
@@ -83,20 +82,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     gate::relay_role(state, claims.as_ref())?;
     let limit = state.cfg.limits.max_response_chunk.as_u64();
-    let body = Limited::new(
-        req.into_body(),
-        usize::try_from(limit).unwrap_or(usize::MAX),
-    )
-    .collect()
-    .await
-    .map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            RelayError::BodyTooLarge(limit)
-        } else {
-            RelayError::ReadBody(e.to_string())
-        }
-    })?
-    .to_bytes();
+    let body = read_limited(req.into_body(), limit).await?;
     let chunk = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
     let id = chunk.id.as_deref().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.

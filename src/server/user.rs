@@ -4,7 +4,6 @@
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -16,7 +15,7 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::State;
-use super::body::{Body, RelayBody, empty};
+use super::body::{Body, RelayBody, empty, read_limited};
 use crate::broker::{BrokerError, Exchange};
 use crate::error::RelayError;
 use crate::proto::{self, HttpRequest, HttpResponse};
@@ -140,7 +139,7 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Bo
         metrics::UNKNOWN_BACKEND.to_owned()
     };
     state.metrics.request(method::CLIENT, &backend);
-    let result = relay_request(state, req, route, span.clone())
+    let result = relay_request(state, req, route, span.clone(), started)
         .instrument(span.clone())
         .await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -171,8 +170,8 @@ async fn relay_request(
     mut req: Request<Incoming>,
     route: Route,
     span: tracing::Span,
+    started: std::time::Instant,
 ) -> Result<Response<Body>, RelayError> {
-    let started = std::time::Instant::now();
     let traced = telemetry::is_sampled(&span);
     let subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
     if let Some(sub) = &subject {
@@ -196,20 +195,11 @@ async fn relay_request(
     }
     // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
     // cannot do").
-    let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
     // A trickling upload must not hold the request forever.
     let idle = state.cfg.timeouts.inactive_request;
-    let body = tokio::time::timeout(idle, read)
+    let body = tokio::time::timeout(idle, read_limited(body, limit))
         .await
-        .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                RelayError::BodyTooLarge(limit)
-            } else {
-                RelayError::ReadBody(e.to_string())
-            }
-        })?
-        .to_bytes();
+        .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
 
     let host = parts
         .headers
