@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::proto::{HttpRequest, HttpResponse};
+use crate::proto::{HttpRequest, MAX_TRAILER_BYTES, MAX_TRAILERS, ProtoError, ResponseChunk};
 
 /// Chunks buffered between a relay-client's posts and a slow user-client.
 /// Small on purpose: a full channel makes the relay-client's post wait,
@@ -64,7 +64,18 @@ pub enum BrokerError {
     /// An id collision; never expected with 128 random bits.
     #[error("duplicate request id {0:?}")]
     DuplicateId(String),
+    /// The relay-client posted a chunk that cannot be relayed; the
+    /// user-client was told (502) and the request is over.
+    #[error("response refused: {0}")]
+    Refused(String),
+    /// What the user side sees of a refused chunk.
+    #[error("invalid response from backend: {0}")]
+    BadResponse(ProtoError),
 }
+
+/// What the user side receives for each relay-client post: a checked
+/// chunk, or why the relay-client's answer cannot be relayed.
+pub type Delivery = Result<ResponseChunk, ProtoError>;
 
 /// Timing rules of the broker (`PROTOCOL.md`, "Server-side timing rules").
 #[derive(Debug, Clone)]
@@ -101,7 +112,7 @@ struct Backend {
 /// What the relay-client side needs to reach a live request.
 struct Pending {
     backend: Arc<str>,
-    responses: mpsc::Sender<HttpResponse>,
+    responses: mpsc::Sender<Delivery>,
     /// User-to-backend bytes of an upgraded connection.
     stream: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
     /// The request's `relay.request` span: parent of its chunk spans.
@@ -112,6 +123,28 @@ struct Pending {
     seq: AtomicU64,
     /// Set once the connection is upgraded: chunks are stream bytes.
     upgraded: AtomicBool,
+    /// Trailer entries and bytes posted so far, capped per response.
+    trailer_entries: AtomicU64,
+    trailer_bytes: AtomicU64,
+}
+
+impl Pending {
+    /// Counts a chunk's trailers; `false` once the response's total
+    /// passes [`MAX_TRAILERS`] or [`MAX_TRAILER_BYTES`].
+    fn admit_trailers(&self, chunk: &ResponseChunk) -> bool {
+        if chunk.trailers.is_empty() {
+            return true;
+        }
+        let entries = self
+            .trailer_entries
+            .fetch_add(chunk.trailers.len() as u64, Ordering::Relaxed)
+            + chunk.trailers.len() as u64;
+        let bytes = self
+            .trailer_bytes
+            .fetch_add(chunk.trailer_bytes() as u64, Ordering::Relaxed)
+            + chunk.trailer_bytes() as u64;
+        entries <= MAX_TRAILERS as u64 && bytes <= MAX_TRAILER_BYTES as u64
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -228,6 +261,8 @@ impl Broker {
             span,
             seq: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
+            trailer_entries: AtomicU64::new(0),
+            trailer_bytes: AtomicU64::new(0),
         });
         match self.inner.requests.entry(id.clone()) {
             Entry::Occupied(_) => return Err(BrokerError::DuplicateId(id)),
@@ -256,7 +291,7 @@ impl Broker {
         name: &str,
         mut req: HttpRequest,
     ) -> Result<(), BrokerError> {
-        let deadline = Instant::now() + self.inner.cfg.relay_timeout;
+        let deadline = crate::clock::from_now(self.inner.cfg.relay_timeout);
         loop {
             let notified = b.poll_arrived.notified();
             tokio::pin!(notified);
@@ -283,18 +318,27 @@ impl Broker {
         }
     }
 
-    /// Delivers one response chunk from a relay-client.
+    /// Delivers one response chunk from a relay-client, checked or not
+    /// (see [`ResponseChunk::from_message`]).
+    ///
+    /// A chunk that cannot be relayed (invalid, or past the trailer caps)
+    /// is delivered as a failure, so the user-client gets its 502 at once,
+    /// and answered [`BrokerError::Refused`] (400 to the relay-client).
     ///
     /// Waits while the user-client is slow to read (backpressure), but at
     /// most the inactive-request timeout: a user-client that stopped
     /// reading gets its request reaped.
-    pub async fn respond(&self, chunk: HttpResponse) -> Result<(), BrokerError> {
-        let id = chunk.id.clone().ok_or(BrokerError::MissingId)?;
-        let pending = self.pending(&id)?;
+    pub async fn respond(&self, id: &str, chunk: Delivery) -> Result<(), BrokerError> {
+        let pending = self.pending(id)?;
+        let chunk = match chunk {
+            Ok(c) if !pending.admit_trailers(&c) => Err(ProtoError::TooManyTrailers),
+            other => other,
+        };
+        let refused = chunk.as_ref().err().map(ToString::to_string);
         let span = if pending.traced {
             let seq = crate::telemetry::int(pending.seq.fetch_add(1, Ordering::Relaxed));
-            let bytes = crate::telemetry::int(chunk.body.as_ref().map_or(0, Bytes::len));
-            let eof = chunk.eof == Some(true);
+            let (bytes, eof) = chunk.as_ref().map_or((0, true), |c| (c.body.len(), c.eof));
+            let bytes = crate::telemetry::int(bytes);
             if pending.upgraded.load(Ordering::Relaxed) {
                 tracing::info_span!(parent: &pending.span, "relay.stream_chunk",
                     relay.direction = "to_user", relay.chunk.seq = seq, relay.chunk.bytes = bytes, relay.chunk.eof = eof)
@@ -309,13 +353,20 @@ impl Broker {
             self.inner.cfg.inactive_request,
             pending.responses.send(chunk),
         );
-        match send.instrument(span).await {
+        let sent = send.instrument(span).await;
+        if let Some(reason) = refused {
+            // Whether or not the user-client was still there to be told,
+            // this request is over.
+            self.forget(id);
+            return Err(BrokerError::Refused(reason));
+        }
+        match sent {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(BrokerError::UnknownRequest(id)),
+            Ok(Err(_)) => Err(BrokerError::UnknownRequest(id.to_owned())),
             Err(_) => {
                 // Reaped: the relay-client must stop, as for any gone id.
-                self.forget(&id);
-                Err(BrokerError::UnknownRequest(id))
+                self.forget(id);
+                Err(BrokerError::UnknownRequest(id.to_owned()))
             }
         }
     }
@@ -446,7 +497,7 @@ impl Drop for RequestGuard {
 /// request at once (id, channels, the relay-client's slot).
 pub struct Exchange {
     guard: RequestGuard,
-    responses: mpsc::Receiver<HttpResponse>,
+    responses: mpsc::Receiver<Delivery>,
     stream: Option<mpsc::Sender<Bytes>>,
     inactive: Duration,
     shared: Arc<Pending>,
@@ -458,11 +509,14 @@ impl Exchange {
     }
 
     /// The next chunk; `Ok(None)` if the request was reaped from the
-    /// relay-client side, an error after the inactive-request timeout.
-    pub async fn next_chunk(&mut self) -> Result<Option<HttpResponse>, BrokerError> {
-        tokio::time::timeout(self.inactive, self.responses.recv())
-            .await
-            .map_err(|_| BrokerError::Inactive(self.inactive))
+    /// relay-client side, an error after the inactive-request timeout or
+    /// when the relay-client's answer could not be relayed.
+    pub async fn next_chunk(&mut self) -> Result<Option<ResponseChunk>, BrokerError> {
+        match tokio::time::timeout(self.inactive, self.responses.recv()).await {
+            Err(_) => Err(BrokerError::Inactive(self.inactive)),
+            Ok(None) => Ok(None),
+            Ok(Some(delivery)) => delivery.map(Some).map_err(BrokerError::BadResponse),
+        }
     }
 
     /// Polling form of [`Exchange::next_chunk`] without the timer, for
@@ -470,7 +524,7 @@ impl Exchange {
     pub fn poll_chunk(
         &mut self,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<HttpResponse>> {
+    ) -> std::task::Poll<Option<Delivery>> {
         self.responses.poll_recv(cx)
     }
 
@@ -495,6 +549,7 @@ impl Exchange {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn broker() -> Broker {
         Broker::new(BrokerConfig {
@@ -546,28 +601,87 @@ mod tests {
         assert_eq!(id.len(), 2 + 32);
         assert_eq!(b.owner(&id).as_deref(), Some("r"));
 
-        b.respond(HttpResponse {
-            id: Some(id.clone()),
-            status_code: Some(200),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            ex.next_chunk().await.unwrap().unwrap().status_code,
-            Some(200)
-        );
+        b.respond(&id, chunk(Some(200), HeaderMap::new()))
+            .await
+            .unwrap();
+        let got = ex.next_chunk().await.unwrap().unwrap();
+        assert_eq!(got.head.unwrap().status, 200);
 
         drop(ex);
         assert!(matches!(
-            b.respond(HttpResponse {
-                id: Some(id),
-                ..Default::default()
-            })
-            .await,
+            b.respond(&id, chunk(None, HeaderMap::new())).await,
             Err(BrokerError::UnknownRequest(_))
         ));
         assert_eq!(b.active_requests(), 0);
+    }
+
+    fn chunk(status: Option<u16>, trailers: HeaderMap) -> Delivery {
+        Ok(ResponseChunk {
+            head: status.map(|s| crate::proto::ResponseHead {
+                status: http::StatusCode::from_u16(s).unwrap(),
+                headers: HeaderMap::new(),
+            }),
+            body: Bytes::new(),
+            trailers,
+            eof: false,
+            backend_duration_ms: None,
+        })
+    }
+
+    async fn started(b: &Broker) -> (Exchange, String) {
+        let poller = {
+            let b = b.clone();
+            tokio::spawn(async move { b.poll("r").await })
+        };
+        tokio::task::yield_now().await;
+        let ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
+        let id = poller.await.unwrap().unwrap().id.unwrap();
+        (ex, id)
+    }
+
+    #[tokio::test]
+    async fn a_refused_chunk_fails_the_user_side_and_ends_the_request() {
+        let b = broker();
+        let (mut ex, id) = started(&b).await;
+        let refused = b
+            .respond(&id, Err(ProtoError::HeaderName("x\\xff".into())))
+            .await;
+        assert!(matches!(refused, Err(BrokerError::Refused(r)) if r.contains("x\\xff")));
+        assert!(matches!(
+            ex.next_chunk().await,
+            Err(BrokerError::BadResponse(ProtoError::HeaderName(_)))
+        ));
+        assert_eq!(b.active_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn trailers_are_capped_over_all_chunks() {
+        let b = broker();
+        let (mut ex, id) = started(&b).await;
+        let mut many = HeaderMap::new();
+        for i in 0..MAX_TRAILERS / 2 {
+            many.append(
+                http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                http::HeaderValue::from_static("v"),
+            );
+        }
+        b.respond(&id, chunk(Some(200), many.clone()))
+            .await
+            .unwrap();
+        b.respond(&id, chunk(None, many.clone())).await.unwrap();
+        assert!(matches!(
+            b.respond(&id, chunk(None, many)).await,
+            Err(BrokerError::Refused(_))
+        ));
+        assert!(ex.next_chunk().await.unwrap().is_some());
+        assert!(ex.next_chunk().await.unwrap().is_some());
+        assert!(matches!(
+            ex.next_chunk().await,
+            Err(BrokerError::BadResponse(ProtoError::TooManyTrailers))
+        ));
     }
 
     #[tokio::test]
@@ -583,15 +697,11 @@ mod tests {
             .await
             .unwrap();
         let id = poller.await.unwrap().unwrap().id.unwrap();
-        let chunk = HttpResponse {
-            id: Some(id),
-            ..Default::default()
-        };
         for _ in 0..RESPONSE_CHANNEL {
-            b.respond(chunk.clone()).await.unwrap();
+            b.respond(&id, chunk(None, HeaderMap::new())).await.unwrap();
         }
         assert!(matches!(
-            b.respond(chunk).await,
+            b.respond(&id, chunk(None, HeaderMap::new())).await,
             Err(BrokerError::UnknownRequest(_))
         ));
         assert_eq!(b.active_requests(), 0);

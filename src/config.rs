@@ -51,6 +51,29 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Every duration has an upper bound: timers add them to the clock, and
+/// an absurd value (`300000000000y`) must be refused at start, not
+/// overflow a deadline later.
+fn check_durations(bounds: &[(&'static str, Duration, Duration)]) -> Result<(), ConfigError> {
+    for &(key, d, max) in bounds {
+        if d > max {
+            return Err(invalid(
+                key,
+                format!(
+                    "{} is too long; at most {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 // === Server ===
 
 /// Configuration of the relay server (`http-relay server`).
@@ -228,7 +251,7 @@ impl Default for AuthConfig {
             backends: BTreeMap::new(),
             jwks_refresh_min: Duration::from_secs(60),
             jwks_refresh_max: Duration::from_secs(24 * 3600),
-            unknown_kid_cooldown: Duration::from_secs(60),
+            unknown_kid_cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -295,9 +318,36 @@ pub fn is_secure_or_loopback(url: &str) -> bool {
     }
 }
 
+/// The fixed text before and after the single `{backend}` of an
+/// audience template.
+fn template_parts(template: &str) -> (&str, &str) {
+    template.split_once("{backend}").unwrap_or((template, ""))
+}
+
+/// Whether two single-`{backend}` templates yield the same audience for
+/// some pair of backend names: `P1 + x + S1 == P2 + y + S2` has a solution
+/// exactly when one fixed prefix starts the other and one fixed suffix
+/// ends the other (backend names being any non-empty text).
+pub fn templates_can_collide(a: &str, b: &str) -> bool {
+    let ((pa, sa), (pb, sb)) = (template_parts(a), template_parts(b));
+    (pa.starts_with(pb) || pb.starts_with(pa)) && (sa.ends_with(sb) || sb.ends_with(sa))
+}
+
+/// Whether `template` yields `aud` for some backend name.
+pub fn template_yields(template: &str, aud: &str) -> bool {
+    let (p, s) = template_parts(template);
+    aud.len() > p.len() + s.len() && aud.starts_with(p) && aud.ends_with(s)
+}
+
 impl AuthConfig {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_durations(&[
+            ("auth.leeway", self.leeway, HOUR),
+            ("auth.jwks_refresh_min", self.jwks_refresh_min, 7 * DAY),
+            ("auth.jwks_refresh_max", self.jwks_refresh_max, 7 * DAY),
+            ("auth.unknown_kid_cooldown", self.unknown_kid_cooldown, DAY),
+        ])?;
         if self.mode == AuthMode::None {
             return Ok(());
         }
@@ -332,20 +382,58 @@ impl AuthConfig {
                 ));
             }
         }
+        for (key, template) in [
+            ("auth.user_audience", &self.user_audience),
+            ("auth.relay_audience", &self.relay_audience),
+        ] {
+            match template.matches("{backend}").count() {
+                0 => {
+                    return Err(invalid(
+                        key,
+                        "must contain {backend}, or one token would reach every backend",
+                    ));
+                }
+                1 => {}
+                _ => return Err(invalid(key, "must contain {backend} only once")),
+            }
+        }
         if self.user_audience == self.relay_audience {
             return Err(invalid(
                 "auth.relay_audience",
                 "must differ from auth.user_audience, or user tokens would work as relay tokens",
             ));
         }
-        for (key, template) in [
-            ("auth.user_audience", &self.user_audience),
-            ("auth.relay_audience", &self.relay_audience),
-        ] {
-            if !template.contains("{backend}") {
+        if templates_can_collide(&self.user_audience, &self.relay_audience) {
+            return Err(invalid(
+                "auth.relay_audience",
+                format!(
+                    "{:?} and auth.user_audience {:?} can name the same audience for two \
+                     backend names (e.g. user \"{{backend}}\" and relay \"relay-{{backend}}\": \
+                     a user token for backend relay-X would be a relay token for X); \
+                     give them fixed parts that differ at the start or at the end",
+                    self.relay_audience, self.user_audience
+                ),
+            ));
+        }
+        for (name, b) in &self.backends {
+            let user_as_relay = b.user_audiences.iter().find(|a| {
+                template_yields(&self.relay_audience, a)
+                    || self
+                        .backends
+                        .values()
+                        .any(|o| o.relay_audiences.contains(a))
+            });
+            let relay_as_user = b
+                .relay_audiences
+                .iter()
+                .find(|a| template_yields(&self.user_audience, a));
+            if let Some(aud) = user_as_relay.or(relay_as_user) {
                 return Err(invalid(
-                    key,
-                    "must contain {backend}, or one token would reach every backend",
+                    "auth.backends",
+                    format!(
+                        "audience {aud:?} of backend {name:?} would be both a user and a relay \
+                         audience; user tokens would work as relay tokens"
+                    ),
                 ));
             }
         }
@@ -369,6 +457,13 @@ impl ServerConfig {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let t = &self.timeouts;
+        check_durations(&[
+            ("timeouts.poll", t.poll, HOUR),
+            ("timeouts.inactive_request", t.inactive_request, DAY),
+            ("timeouts.inactive_backend", t.inactive_backend, 30 * DAY),
+            ("timeouts.relay", t.relay, HOUR),
+            ("timeouts.shutdown", t.shutdown, HOUR),
+        ])?;
         for (key, d) in [
             ("timeouts.poll", t.poll),
             ("timeouts.inactive_request", t.inactive_request),
@@ -407,6 +502,13 @@ pub struct ClientConfig {
     pub ca_file: Option<PathBuf>,
     /// Concurrent long polls kept open towards the server.
     pub pending_polls: usize,
+    /// Requests handled at once; beyond it a request is answered 503 at
+    /// once, so a flood cannot exhaust the robot's memory or sockets.
+    pub max_concurrent_requests: usize,
+    /// Longest wait for the backend's response head (504 after it), so a
+    /// backend that never answers does not pin a task and a socket.
+    #[serde(with = "humantime_serde")]
+    pub backend_timeout: Duration,
     /// Largest body carried in one response chunk.
     pub max_chunk_size: ByteSize,
     /// A partial chunk is sent after this much backend silence.
@@ -510,6 +612,8 @@ impl Default for ClientConfig {
             backend_http2: false,
             ca_file: None,
             pending_polls: 4,
+            max_concurrent_requests: 256,
+            backend_timeout: Duration::from_secs(60),
             max_chunk_size: ByteSize::mib(1),
             flush_interval: Duration::from_millis(100),
             keepalive_interval: Duration::from_secs(3),
@@ -524,6 +628,13 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_durations(&[
+            ("flush_interval", self.flush_interval, MINUTE),
+            ("keepalive_interval", self.keepalive_interval, HOUR),
+            ("relay_ping_interval", self.relay_ping_interval, HOUR),
+            ("relay_ping_timeout", self.relay_ping_timeout, HOUR),
+            ("backend_timeout", self.backend_timeout, DAY),
+        ])?;
         if self.backend_name.is_empty() {
             return Err(invalid("backend_name", "is required"));
         }
@@ -534,6 +645,9 @@ impl ClientConfig {
         check_http_url("backend_url", &self.backend_url)?;
         if self.pending_polls == 0 {
             return Err(invalid("pending_polls", "must be at least 1"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(invalid("max_concurrent_requests", "must be at least 1"));
         }
         if self.max_chunk_size.as_u64() == 0 {
             return Err(invalid("max_chunk_size", "must be greater than zero"));
@@ -732,6 +846,68 @@ mod tests {
         c.auth.issuers[0].jwks_file = None;
         c.auth.issuers[0].issuer = "http://idp.example.com".into();
         assert!(c.validate().unwrap_err().to_string().contains("https"));
+    }
+
+    #[test]
+    fn audience_templates_that_can_collide_are_refused() {
+        assert!(!templates_can_collide(
+            "http-relay/client/{backend}",
+            "http-relay/backend/{backend}"
+        ));
+        assert!(!templates_can_collide(
+            "{backend}.users",
+            "{backend}.relays"
+        ));
+        assert!(!templates_can_collide("u/{backend}", "r/{backend}"));
+        // user {backend}, relay relay-{backend}: user("relay-X") == relay("X").
+        assert!(templates_can_collide("{backend}", "relay-{backend}"));
+        assert!(templates_can_collide("a/{backend}/x", "a/b/{backend}/x"));
+        assert!(templates_can_collide("a/{backend}", "a/{backend}/relay"));
+        let mut c = ServerConfig::default();
+        c.auth.user_audience = "{backend}".into();
+        c.auth.relay_audience = "relay-{backend}".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.relay_audience"), "{err}");
+        assert!(err.contains("same audience"), "{err}");
+        let mut c = ServerConfig::default();
+        c.auth.relay_audience = "r/{backend}/{backend}".into();
+        assert!(c.validate().unwrap_err().to_string().contains("only once"));
+        let mut c = ServerConfig::default();
+        c.auth.backends.insert(
+            "a".into(),
+            BackendAuth {
+                user_audiences: vec!["http-relay/backend/b".into()],
+                ..Default::default()
+            },
+        );
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("both a user and a relay")
+        );
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let mut c = ServerConfig::default();
+        c.timeouts.relay = Duration::from_secs(300_000_000_000 * 31_557_600);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("timeouts.relay") && err.contains("at most"),
+            "{err}"
+        );
+        let mut c = ClientConfig {
+            backend_name: "r".into(),
+            ..ClientConfig::default()
+        };
+        c.keepalive_interval = Duration::MAX;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("keepalive_interval")
+        );
     }
 
     #[test]

@@ -58,7 +58,8 @@ impl RelayError {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 B::PollTimeout => StatusCode::REQUEST_TIMEOUT,
-                B::UnknownRequest(_) | B::MissingId => StatusCode::BAD_REQUEST,
+                B::UnknownRequest(_) | B::MissingId | B::Refused(_) => StatusCode::BAD_REQUEST,
+                B::BadResponse(_) => StatusCode::BAD_GATEWAY,
                 B::StreamClosed => StatusCode::GONE,
                 B::Inactive(_) => StatusCode::GATEWAY_TIMEOUT,
                 B::DuplicateId(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,7 +78,10 @@ impl RelayError {
             RelayError::Broker(BrokerError::UnknownRequest(_) | BrokerError::MissingId) => {
                 r::MISSING_MESSAGE
             }
-            RelayError::BadMessage(_) => r::BAD_MESSAGE,
+            RelayError::BadMessage(_) | RelayError::Broker(BrokerError::Refused(_)) => {
+                r::BAD_MESSAGE
+            }
+            RelayError::Broker(BrokerError::BadResponse(_)) => r::BAD_RESPONSE,
             RelayError::NoBackendName | RelayError::MissingParam(_) => r::MISSING_HEADER,
             RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => r::BAD_RESPONSE,
             RelayError::Auth(_) => r::UNAUTHORIZED,

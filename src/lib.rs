@@ -16,13 +16,15 @@
 //! - [`server`]: the relay server's listener, routing and handlers.
 //! - [`client`]: the relay-client.
 //! - [`error`]: the single mapping of relay errors to HTTP statuses.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging, OpenTelemetry tracing and metrics.
+//! - [`clock`]: deadlines that cannot overflow.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod broker;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod proto;

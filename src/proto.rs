@@ -18,12 +18,28 @@ pub const RESPONSE_CONTENT_TYPE: &str =
 pub const STREAM_CONTENT_TYPE: &str = "application/octet-data";
 
 /// One header value; repeated headers travel as one entry per value.
+///
+/// The .proto declares both fields `string`, but Go peers send whatever
+/// bytes a header holds (`PROTOCOL.md`, "What the Go peers actually
+/// send"). Decoded as `bytes` (the same wire type), so one odd header
+/// cannot make the whole message, and with it the request id, unreadable;
+/// [`headers_from_proto`] then validates them as HTTP.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HttpHeader {
-    #[prost(string, optional, tag = "1")]
-    pub name: Option<String>,
-    #[prost(string, optional, tag = "2")]
-    pub value: Option<String>,
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub name: Option<Bytes>,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub value: Option<Bytes>,
+}
+
+impl HttpHeader {
+    /// An entry with the given name and value.
+    pub fn new(name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        Self {
+            name: Some(Bytes::copy_from_slice(name.as_ref())),
+            value: Some(Bytes::copy_from_slice(value.as_ref())),
+        }
+    }
 }
 
 /// A user-client request handed to a relay-client by a poll.
@@ -73,10 +89,12 @@ pub struct HttpResponse {
 pub enum ProtoError {
     #[error("malformed protobuf message: {0}")]
     Decode(#[from] prost::DecodeError),
-    #[error("invalid header name {0:?}")]
+    #[error("invalid header name \"{0}\"")]
     HeaderName(String),
     #[error("invalid value for header {0:?}")]
     HeaderValue(String),
+    #[error("more than {MAX_TRAILERS} trailer entries or {MAX_TRAILER_BYTES} trailer bytes")]
+    TooManyTrailers,
     #[error("invalid status code {0}")]
     Status(i32),
     #[error("missing field {0}")]
@@ -87,25 +105,80 @@ pub enum ProtoError {
     Url(String),
 }
 
-/// Turns a header map into wire headers, one entry per value.
+/// A header name in Go's canonical form (`CanonicalMIMEHeaderKey`): the
+/// first letter and every letter after `-` upper case, the rest lower case.
 ///
-/// Values that are not valid UTF-8 cannot be carried in a proto `string`;
-/// they are passed as lossy UTF-8 rather than dropped silently.
-pub fn headers_to_proto(headers: &HeaderMap) -> Vec<HttpHeader> {
-    headers
-        .iter()
-        .map(|(name, value)| HttpHeader {
-            name: Some(name.as_str().to_owned()),
-            value: Some(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+/// Every v1 peer writes names this way, and the Go server matches some of
+/// them case-sensitively: it copies the `grpc-*` headers of a trailers-only
+/// reply into trailers only when they start with `Grpc-` (`PROTOCOL.md`,
+/// "What the Go peers actually send").
+pub fn canonical_name(name: &str) -> String {
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let out = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            out
         })
         .collect()
+}
+
+/// Turns a header map into wire headers, one entry per value, with names
+/// in Go's canonical form ([`canonical_name`]) and values as their bytes.
+pub fn headers_to_proto(headers: &HeaderMap) -> Vec<HttpHeader> {
+    let mut out = Vec::with_capacity(headers.len());
+    let mut last: Option<(&HeaderName, Bytes)> = None;
+    for (name, value) in headers {
+        // Repeated values share one canonical name.
+        let wire = match &last {
+            Some((n, w)) if *n == name => w.clone(),
+            _ => Bytes::from(canonical_name(name.as_str())),
+        };
+        last = Some((name, wire.clone()));
+        out.push(HttpHeader {
+            name: Some(wire),
+            value: Some(Bytes::copy_from_slice(value.as_bytes())),
+        });
+    }
+    out
 }
 
 /// Most header (or trailer) entries accepted in one message; far above
 /// what real responses carry, far below what would strain a `HeaderMap`.
 pub const MAX_HEADERS: usize = 1024;
 
+/// Most trailer entries one relayed response may accumulate over all its
+/// chunks.
+pub const MAX_TRAILERS: usize = MAX_HEADERS;
+
+/// Most trailer bytes (names and values) one relayed response may
+/// accumulate over all its chunks.
+pub const MAX_TRAILER_BYTES: usize = 256 * 1024;
+
+/// Shows bytes from the network in an error line: printable ASCII as is,
+/// anything else escaped, at most 64 bytes.
+fn shown(bytes: &[u8]) -> String {
+    let mut s: String = bytes
+        .iter()
+        .take(64)
+        .flat_map(|b| b.escape_ascii())
+        .map(char::from)
+        .collect();
+    if bytes.len() > 64 {
+        s.push_str("...");
+    }
+    s
+}
+
 /// Turns wire headers into a header map, appending repeated names.
+///
+/// Names must be HTTP tokens and values HTTP field values (no control
+/// characters); anything else is an error naming the header, never a
+/// header silently altered or dropped.
 pub fn headers_from_proto(headers: &[HttpHeader]) -> Result<HeaderMap, ProtoError> {
     if headers.len() > MAX_HEADERS {
         return Err(ProtoError::TooManyHeaders);
@@ -114,9 +187,8 @@ pub fn headers_from_proto(headers: &[HttpHeader]) -> Result<HeaderMap, ProtoErro
     for h in headers {
         let name = h.name.as_deref().unwrap_or_default();
         let value = h.value.as_deref().unwrap_or_default();
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| ProtoError::HeaderName(name.to_owned()))?;
-        let value = HeaderValue::from_str(value)
+        let name = HeaderName::from_bytes(name).map_err(|_| ProtoError::HeaderName(shown(name)))?;
+        let value = HeaderValue::from_bytes(value)
             .map_err(|_| ProtoError::HeaderValue(name.as_str().to_owned()))?;
         map.try_append(name, value)
             .map_err(|_| ProtoError::TooManyHeaders)?;
@@ -130,6 +202,70 @@ pub fn status_from_proto(code: i32) -> Result<StatusCode, ProtoError> {
         .ok()
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(ProtoError::Status(code))
+}
+
+/// The head of a relayed response, from the first chunk.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// A response chunk checked where it enters the server
+/// (`/server/response`): status and headers are valid HTTP, so the
+/// relay-client learns at once that its post was refused, and the
+/// user-client gets a clean error instead of waiting for a timeout.
+#[derive(Debug)]
+pub struct ResponseChunk {
+    /// Present on the first chunk (`status_code` set).
+    pub head: Option<ResponseHead>,
+    pub body: Bytes,
+    /// Trailers carried by this chunk (usually the last ones).
+    pub trailers: HeaderMap,
+    pub eof: bool,
+    pub backend_duration_ms: Option<i64>,
+}
+
+impl ResponseChunk {
+    /// Validates a decoded message. The `header` of a chunk without
+    /// `status_code` is ignored, as v1 peers do.
+    pub fn from_message(msg: HttpResponse) -> Result<Self, ProtoError> {
+        let head = match msg.status_code {
+            Some(code) => {
+                let status = status_from_proto(code)?;
+                // Only 101 may be relayed as an interim status; any other
+                // 1xx would be taken for the final answer.
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(ProtoError::Status(code));
+                }
+                Some(ResponseHead {
+                    status,
+                    headers: headers_from_proto(&msg.header)?,
+                })
+            }
+            None => None,
+        };
+        let trailers = if msg.trailer.is_empty() {
+            HeaderMap::new()
+        } else {
+            headers_from_proto(&msg.trailer)?
+        };
+        Ok(Self {
+            head,
+            body: msg.body.unwrap_or_default(),
+            trailers,
+            eof: msg.eof == Some(true),
+            backend_duration_ms: msg.backend_duration_ms,
+        })
+    }
+
+    /// Bytes of names and values of this chunk's trailers.
+    pub fn trailer_bytes(&self) -> usize {
+        self.trailers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum()
+    }
 }
 
 /// The placeholder authority of relayed URLs (`PROTOCOL.md`, "Messages").
@@ -206,29 +342,17 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
         assert!(HttpResponse::decode(&b"\xff\xff\xff"[..]).is_err());
-        let bad_name = [HttpHeader {
-            name: Some("bad name".into()),
-            value: Some("v".into()),
-        }];
+        let bad_name = [HttpHeader::new("bad name", "v")];
         assert!(matches!(
             headers_from_proto(&bad_name),
             Err(ProtoError::HeaderName(_))
         ));
-        let bad_value = [HttpHeader {
-            name: Some("x".into()),
-            value: Some("a\nb".into()),
-        }];
+        let bad_value = [HttpHeader::new("x", "a\nb")];
         assert!(matches!(
             headers_from_proto(&bad_value),
             Err(ProtoError::HeaderValue(_))
         ));
-        let many = vec![
-            HttpHeader {
-                name: Some("x".into()),
-                value: Some("v".into()),
-            };
-            MAX_HEADERS + 1
-        ];
+        let many = vec![HttpHeader::new("x", "v"); MAX_HEADERS + 1];
         assert!(matches!(
             headers_from_proto(&many),
             Err(ProtoError::TooManyHeaders)
@@ -237,6 +361,44 @@ mod tests {
         assert!(status_from_proto(99).is_err());
         assert!(status_from_proto(70000).is_err());
         assert_eq!(status_from_proto(418).unwrap(), StatusCode::IM_A_TEAPOT);
+    }
+
+    #[test]
+    fn names_are_written_in_go_canonical_form() {
+        assert_eq!(canonical_name("grpc-status"), "Grpc-Status");
+        assert_eq!(canonical_name("content-type"), "Content-Type");
+        assert_eq!(canonical_name("x-server-name"), "X-Server-Name");
+        assert_eq!(canonical_name("www-authenticate"), "Www-Authenticate");
+        assert_eq!(canonical_name("te"), "Te");
+        assert_eq!(canonical_name("x--a"), "X--A");
+        let mut map = HeaderMap::new();
+        map.append("grpc-status", HeaderValue::from_static("7"));
+        map.append("set-cookie", HeaderValue::from_static("a=1"));
+        map.append("set-cookie", HeaderValue::from_static("b=2"));
+        let names: Vec<_> = headers_to_proto(&map)
+            .into_iter()
+            .map(|h| h.name.unwrap())
+            .collect();
+        assert_eq!(names, ["Grpc-Status", "Set-Cookie", "Set-Cookie"]);
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_decode_and_are_validated() {
+        // HttpResponse{id="a:1", header=[{name=b"x-\xff", value=b"v"}]}, as a
+        // Go peer may send it.
+        let mut wire = vec![0x22, 3, b'a', b':', b'1'];
+        let header = [0x0a, 3, b'x', b'-', 0xff, 0x12, 1, b'v'];
+        wire.push(0x12);
+        wire.push(header.len() as u8);
+        wire.extend_from_slice(&header);
+        let decoded = HttpResponse::decode(wire.as_slice()).unwrap();
+        assert_eq!(decoded.id.as_deref(), Some("a:1"));
+        let err = headers_from_proto(&decoded.header).unwrap_err();
+        assert_eq!(err.to_string(), "invalid header name \"x-\\xff\"");
+        // obs-text in a value is valid HTTP and passes as its bytes.
+        let map = headers_from_proto(&[HttpHeader::new("x-v", b"caf\xe9")]).unwrap();
+        assert_eq!(map["x-v"].as_bytes(), b"caf\xe9");
+        assert!(headers_from_proto(&[HttpHeader::new("x-v", b"a\0b")]).is_err());
     }
 
     #[test]

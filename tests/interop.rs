@@ -22,10 +22,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 fn header(name: &str, value: &str) -> HttpHeader {
-    HttpHeader {
-        name: Some(name.into()),
-        value: Some(value.into()),
-    }
+    HttpHeader::new(name, value)
 }
 
 /// The v1 relay-client's poll, as the Go client sends it.
@@ -104,10 +101,11 @@ async fn v1_relay_client_gets_requests_and_streams_chunks() {
     assert_eq!(req.url.as_deref(), Some("http://invalid/some/path?x=1"));
     assert_eq!(req.host.as_deref(), Some("user.example"));
     assert_eq!(req.body.as_deref(), Some(&b"hello"[..]));
+    // Names travel in Go's canonical form, as every v1 peer writes them.
     let xa: Vec<_> = req
         .header
         .iter()
-        .filter(|h| h.name.as_deref() == Some("x-a"))
+        .filter(|h| h.name.as_deref() == Some(&b"X-A"[..]))
         .map(|h| h.value.clone().unwrap())
         .collect();
     assert_eq!(xa, ["1", "2"]);
@@ -173,9 +171,31 @@ async fn ids_are_unique() {
     }
 }
 
+/// A v1 post answered with its status and body.
+async fn v1_post_text(
+    http: &reqwest::Client,
+    relay: &Relay,
+    chunk: &HttpResponse,
+) -> (u16, String) {
+    let resp = http
+        .post(format!("{}/server/response", relay.url))
+        .body(chunk.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// A header entry with raw bytes, as a Go peer may send it.
+fn raw_header(name: &[u8], value: &[u8]) -> HttpHeader {
+    HttpHeader::new(name, value)
+}
+
 #[tokio::test]
-async fn invalid_backend_answers_become_502_not_panics() {
-    let relay = Relay::start(|_| {}).await;
+async fn invalid_backend_answers_become_502_at_once_and_the_post_400() {
+    // Far above the test timeout: a user-client left waiting for the
+    // reaper would fail the test.
+    let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(120)).await;
     let http = relay.http();
     let _ = http
         .get(format!("{}/server/request?server=bad", relay.url))
@@ -183,24 +203,41 @@ async fn invalid_backend_answers_become_502_not_panics() {
         .send()
         .await;
 
+    let first = |header: Vec<HttpHeader>| HttpResponse {
+        status_code: Some(200),
+        header,
+        eof: Some(true),
+        ..Default::default()
+    };
     let cases: Vec<(HttpResponse, &str)> = vec![
         (
-            HttpResponse {
-                status_code: Some(200),
-                header: vec![header("bad name", "x")],
-                eof: Some(true),
-                ..Default::default()
-            },
-            "invalid header name",
+            first(vec![header("X-Good", "1"), header("bad name", "x")]),
+            "invalid header name \"bad name\"",
+        ),
+        (
+            first(vec![header("X-Good", "1"), header("x-ok", "line\r\nbreak")]),
+            "invalid value for header \"x-ok\"",
+        ),
+        // Bytes that are not UTF-8 in `string` fields: Go peers send them.
+        (
+            first(vec![header("X-Good", "1"), raw_header(b"X-Caf\xe9", b"v")]),
+            "invalid header name \"X-Caf\\xe9\"",
+        ),
+        (
+            first(vec![
+                header("X-Good", "1"),
+                raw_header(b"X-Nul", b"a\0\xff"),
+            ]),
+            "invalid value for header \"x-nul\"",
         ),
         (
             HttpResponse {
                 status_code: Some(200),
-                header: vec![header("x-ok", "line\r\nbreak")],
                 eof: Some(true),
+                trailer: vec![raw_header(b"\xff\xfe", b"v")],
                 ..Default::default()
             },
-            "invalid value",
+            "invalid header name \"\\xff\\xfe\"",
         ),
         (
             HttpResponse {
@@ -208,7 +245,7 @@ async fn invalid_backend_answers_become_502_not_panics() {
                 eof: Some(true),
                 ..Default::default()
             },
-            "invalid status code",
+            "invalid status code 1000",
         ),
         (
             HttpResponse {
@@ -216,14 +253,7 @@ async fn invalid_backend_answers_become_502_not_panics() {
                 eof: Some(true),
                 ..Default::default()
             },
-            "invalid status code",
-        ),
-        (
-            HttpResponse {
-                body: Some(Bytes::from_static(b"no status")),
-                ..Default::default()
-            },
-            "status_code",
+            "invalid status code -5",
         ),
         (
             HttpResponse {
@@ -233,26 +263,130 @@ async fn invalid_backend_answers_become_502_not_panics() {
             },
             "invalid status code 103",
         ),
-        (
-            HttpResponse {
-                status_code: Some(200),
-                header: vec![header("x", "y"); 2000],
-                eof: Some(true),
-                ..Default::default()
-            },
-            "header entries",
-        ),
+        (first(vec![header("x", "y"); 2000]), "header entries"),
     ];
     for (mut chunk, expect) in cases {
         let user = user_get(&relay, "/client/bad/x");
         let req = v1_poll(&http, &relay, "bad").await;
-        chunk.id = req.id;
-        assert_eq!(v1_post(&http, &relay, &chunk).await, 200);
+        chunk.id = req.id.clone();
+        let (status, text) = v1_post_text(&http, &relay, &chunk).await;
+        assert_eq!(status, 400, "{expect}: {text}");
+        assert!(text.contains(expect), "post: {expect:?} not in {text:?}");
+        assert_eq!(text.trim().lines().count(), 1, "one line: {text:?}");
         let resp = bounded(user).await.unwrap();
         assert_eq!(resp.status(), 502);
+        // Nothing of the refused chunk reaches the user-client.
+        assert!(resp.headers().get("x-good").is_none());
         let text = resp.text().await.unwrap();
-        assert!(text.contains(expect), "{expect:?} not in {text:?}");
+        assert!(text.contains(expect), "user: {expect:?} not in {text:?}");
+        // The request is over: a later post for it is 400 too.
+        let later = HttpResponse {
+            id: req.id,
+            eof: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(v1_post(&http, &relay, &later).await, 400);
     }
+
+    // A first chunk without a status passes the post (it could be a
+    // continuation) and fails the user side.
+    let user = user_get(&relay, "/client/bad/x");
+    let req = v1_poll(&http, &relay, "bad").await;
+    let no_status = HttpResponse {
+        id: req.id,
+        body: Some(Bytes::from_static(b"no status")),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &no_status).await, 200);
+    let resp = bounded(user).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.text().await.unwrap().contains("status_code"));
+
+    assert_eq!(
+        http.get(format!("{}/healthz", relay.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn header_values_with_bytes_that_are_not_utf8_are_relayed_as_bytes() {
+    // obs-text (0x80-0xff) is a valid HTTP field value; it travels as is.
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+    let _ = http
+        .get(format!("{}/server/request?server=latin", relay.url))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    let user = user_get(&relay, "/client/latin/x");
+    let req = v1_poll(&http, &relay, "latin").await;
+    let chunk = HttpResponse {
+        id: req.id,
+        status_code: Some(200),
+        header: vec![raw_header(b"X-Name", b"Andr\xe9")],
+        body: Some(Bytes::from_static(b"ok")),
+        eof: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &chunk).await, 200);
+    let resp = bounded(user).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-name"].as_bytes(), b"Andr\xe9");
+}
+
+#[tokio::test]
+async fn trailer_floods_are_refused_cleanly() {
+    // Trailers accumulate over chunks; past the cap the post is refused,
+    // the user's stream is reset, and the server (and the user's
+    // connection) stay up.
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+    let _ = http
+        .get(format!("{}/server/request?server=flood", relay.url))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    let user = tokio::spawn({
+        let url = format!("{}/client/flood/t", relay.url);
+        async move { h2_get_result(&url).await }
+    });
+    let req = v1_poll(&http, &relay, "flood").await;
+    let id = req.id.unwrap();
+    let first = HttpResponse {
+        id: Some(id.clone()),
+        status_code: Some(200),
+        body: Some(Bytes::from_static(b"start")),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &first).await, 200);
+    let mut refused = None;
+    for i in 0..40 {
+        let chunk = HttpResponse {
+            id: Some(id.clone()),
+            trailer: (0..1000)
+                .map(|j| header(&format!("x-t-{i}-{j}"), "v"))
+                .collect(),
+            ..Default::default()
+        };
+        let (status, text) = v1_post_text(&http, &relay, &chunk).await;
+        if status != 200 {
+            refused = Some((i, status, text));
+            break;
+        }
+    }
+    let (i, status, text) = refused.expect("trailer flood was never refused");
+    assert_eq!(status, 400);
+    assert!(text.contains("trailer"), "{text}");
+    assert!(i < 32, "refused only after {i} chunks of 1000 trailers");
+    let result = bounded(user).await.unwrap();
+    assert!(
+        result.is_err(),
+        "the user's stream must fail, got {result:?}"
+    );
     assert_eq!(
         http.get(format!("{}/healthz", relay.url))
             .send()
@@ -309,27 +443,198 @@ async fn trailers_on_the_last_chunk_reach_the_user_client() {
 
 /// GET over HTTP/2 with hyper, returning the body and the trailers.
 pub async fn h2_get_with_trailers(url: &str) -> (String, http::HeaderMap) {
+    get_with_trailers(url, true).await.unwrap()
+}
+
+/// GET over HTTP/2 with hyper; an error if the body fails.
+async fn h2_get_result(url: &str) -> Result<(String, http::HeaderMap), String> {
+    get_with_trailers(url, true).await
+}
+
+/// GET with `TE: trailers` over HTTP/2 or HTTP/1.1 (hyper, TLS),
+/// returning the body and the trailers, or how the body failed.
+async fn get_with_trailers(url: &str, http2: bool) -> Result<(String, http::HeaderMap), String> {
     let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_only()
-        .enable_http2()
-        .build();
+        .https_only();
+    let https = if http2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .http2_only(true)
+            .http2_only(http2)
             .build(https);
     let req = Request::get(url)
         .header("te", "trailers")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = client.request(req).await.unwrap();
-    let collected = resp.into_body().collect().await.unwrap();
+    let collected = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
     let trailers = collected.trailers().cloned().unwrap_or_default();
-    (
+    Ok((
         String::from_utf8(collected.to_bytes().to_vec()).unwrap(),
         trailers,
-    )
+    ))
+}
+
+/// Starts a user GET (HTTP/1.1 or HTTP/2, `TE: trailers`) on a fresh
+/// backend name polled by a Go-like v1 relay-client, answers it with
+/// `chunks`, and returns what the user-client got.
+async fn relay_chunks_to(
+    relay: &Relay,
+    http2: bool,
+    name: &str,
+    chunks: Vec<HttpResponse>,
+) -> Result<(String, http::HeaderMap), String> {
+    let http = relay.http();
+    let _ = http
+        .get(format!("{}/server/request?server={name}", relay.url))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    let user = tokio::spawn({
+        let url = format!("{}/client/{name}/t", relay.url);
+        async move { get_with_trailers(&url, http2).await }
+    });
+    let id = v1_poll(&http, relay, name).await.id;
+    for mut chunk in chunks {
+        chunk.id = id.clone();
+        assert_eq!(v1_post(&http, relay, &chunk).await, 200);
+    }
+    bounded(user).await.unwrap()
+}
+
+#[tokio::test]
+async fn undeclared_trailers_of_a_go_relay_client_reach_http1_and_http2_user_clients() {
+    let relay = Relay::start(|_| {}).await;
+    // A quick answer: the Go relay-client posts one chunk with the head,
+    // the body, eof and the trailers, and never a `Trailer` header.
+    let one_chunk = || {
+        vec![HttpResponse {
+            status_code: Some(200),
+            header: vec![header("Content-Type", "text/plain")],
+            body: Some(Bytes::from_static(b"abc")),
+            eof: Some(true),
+            trailer: vec![header("X-Checksum", "sum-abc")],
+            ..Default::default()
+        }]
+    };
+    for (http2, name) in [(false, "tr-h1"), (true, "tr-h2")] {
+        let (body, trailers) = relay_chunks_to(&relay, http2, name, one_chunk())
+            .await
+            .unwrap();
+        assert_eq!(body, "abc", "http2={http2}");
+        assert_eq!(
+            trailers.get("x-checksum").map(|v| v.to_str().unwrap()),
+            Some("sum-abc"),
+            "http2={http2}: {trailers:?}"
+        );
+    }
+
+    // A gRPC reply streamed over several chunks: its trailer names are
+    // known from the content type, on HTTP/1.1 too.
+    let grpc = || {
+        vec![
+            HttpResponse {
+                status_code: Some(200),
+                header: vec![header("Content-Type", "application/grpc")],
+                body: Some(Bytes::from_static(b"\0\0\0\0\0")),
+                ..Default::default()
+            },
+            HttpResponse {
+                eof: Some(true),
+                trailer: vec![header("Grpc-Status", "0"), header("Grpc-Message", "")],
+                ..Default::default()
+            },
+        ]
+    };
+    for (http2, name) in [(false, "grpc-h1"), (true, "grpc-h2")] {
+        let (_, trailers) = relay_chunks_to(&relay, http2, name, grpc()).await.unwrap();
+        assert_eq!(trailers["grpc-status"], "0", "http2={http2}: {trailers:?}");
+    }
+
+    // A longer stream whose trailer names nobody announced at head time:
+    // HTTP/2 user-clients get the trailers; HTTP/1.1 ones get the whole
+    // body (hyper writes no undeclared trailers; docs/PROTOCOL.md).
+    let streamed = || {
+        vec![
+            HttpResponse {
+                status_code: Some(200),
+                body: Some(Bytes::from_static(b"part 1, ")),
+                ..Default::default()
+            },
+            HttpResponse {
+                body: Some(Bytes::from_static(b"part 2")),
+                eof: Some(true),
+                trailer: vec![header("X-Checksum", "late")],
+                ..Default::default()
+            },
+        ]
+    };
+    let (body, trailers) = relay_chunks_to(&relay, true, "late-h2", streamed())
+        .await
+        .unwrap();
+    assert_eq!(body, "part 1, part 2");
+    assert_eq!(trailers["x-checksum"], "late");
+    let (body, _) = relay_chunks_to(&relay, false, "late-h1", streamed())
+        .await
+        .unwrap();
+    assert_eq!(body, "part 1, part 2");
+}
+
+/// A backend that declares `Trailer: X-Checksum` and sends it after a
+/// chunked body, over HTTP/1.1.
+async fn trailer_backend() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("x-checksum", "sum-of-body".parse().unwrap());
+                    let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+                        Ok(hyper::body::Frame::data(Bytes::from_static(b"body"))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("trailer", "x-checksum")
+                            .body(body)
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn declared_trailers_of_a_backend_reach_http1_user_clients_through_our_client() {
+    let (backend, _task) = trailer_backend().await;
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::connect(&relay, "declared", &backend).await;
+    for http2 in [false, true] {
+        let url = format!("{}/client/declared/x", relay.url);
+        let (body, trailers) = get_with_trailers(&url, http2).await.unwrap();
+        assert_eq!(body, "body");
+        assert_eq!(trailers["x-checksum"], "sum-of-body", "http2={http2}");
+    }
 }
 
 #[tokio::test]
@@ -367,36 +672,52 @@ async fn posts_for_a_departed_user_client_get_400_at_once() {
     .await;
 }
 
-// === A server that implements only v1 ===
+// === A server that implements only v1, like the fleet's Go server ===
 
 type Chunks = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<HttpResponse>>>>;
 
 /// A minimal v1 server: one queue of requests, chunks by id, no upgrades.
+/// User-client requests are relayed the way the Go server does it
+/// (`PROTOCOL.md`, "What the Go peers actually send"): request headers go
+/// out with canonical names, the response head is flushed on the first
+/// chunk, trailers of the chunks follow the body, and `grpc-*` headers of
+/// the first chunk are copied into trailers only when their name starts
+/// with `Grpc-`, case-sensitively.
 struct V1Server {
     url: String,
-    queue: mpsc::Sender<HttpRequest>,
-    chunks: Chunks,
+    shared: Arc<V1Shared>,
     _task: tokio::task::JoinHandle<()>,
 }
+
+struct V1Shared {
+    queue: mpsc::Sender<HttpRequest>,
+    pending: tokio::sync::Mutex<mpsc::Receiver<HttpRequest>>,
+    chunks: Chunks,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+type V1Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 impl V1Server {
     async fn start() -> V1Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (queue, rx) = mpsc::channel::<HttpRequest>(16);
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        let chunks: Chunks = Arc::default();
-        let shared = chunks.clone();
+        let shared = Arc::new(V1Shared {
+            queue,
+            pending: tokio::sync::Mutex::new(rx),
+            chunks: Arc::default(),
+            next_id: Default::default(),
+        });
+        let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (rx, chunks) = (rx.clone(), shared.clone());
+                let s = s.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        v1_handle(req, rx.clone(), chunks.clone())
-                    });
+                    let svc = hyper::service::service_fn(move |req| v1_handle(req, s.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -405,8 +726,7 @@ impl V1Server {
         });
         V1Server {
             url,
-            queue,
-            chunks,
+            shared,
             _task: task,
         }
     }
@@ -414,33 +734,37 @@ impl V1Server {
     /// Queues a request and returns the receiver of its chunks.
     async fn send(&self, req: HttpRequest) -> mpsc::UnboundedReceiver<HttpResponse> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.chunks
+        self.shared
+            .chunks
             .lock()
             .unwrap()
             .insert(req.id.clone().unwrap(), tx);
-        self.queue.send(req).await.unwrap();
+        self.shared.queue.send(req).await.unwrap();
         rx
     }
 }
 
+fn v1_body(bytes: impl Into<Bytes>) -> V1Body {
+    Full::new(bytes.into()).boxed()
+}
+
 async fn v1_handle(
     req: Request<Incoming>,
-    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<HttpRequest>>>,
-    chunks: Chunks,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let status_only = |s: StatusCode| {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = s;
+    s: Arc<V1Shared>,
+) -> Result<Response<V1Body>, Infallible> {
+    let status_only = |st: StatusCode| {
+        let mut r = Response::new(v1_body(Bytes::new()));
+        *r.status_mut() = st;
         r
     };
     Ok(match req.uri().path() {
         "/server/request" => {
             let next = tokio::time::timeout(Duration::from_secs(1), async {
-                queue.lock().await.recv().await
+                s.pending.lock().await.recv().await
             })
             .await;
             match next {
-                Ok(Some(r)) => Response::new(Full::new(Bytes::from(r.encode_to_vec()))),
+                Ok(Some(r)) => Response::new(v1_body(r.encode_to_vec())),
                 _ => status_only(StatusCode::REQUEST_TIMEOUT),
             }
         }
@@ -448,16 +772,100 @@ async fn v1_handle(
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let chunk = HttpResponse::decode(body).unwrap();
             let id = chunk.id.clone().unwrap_or_default();
-            let sender = chunks.lock().unwrap().get(&id).cloned();
+            let sender = s.chunks.lock().unwrap().get(&id).cloned();
             match sender {
-                Some(tx) if tx.send(chunk).is_ok() => {
-                    Response::new(Full::new(Bytes::from_static(b"ok")))
-                }
+                Some(tx) if tx.send(chunk).is_ok() => Response::new(v1_body("ok")),
                 _ => status_only(StatusCode::BAD_REQUEST),
             }
         }
-        _ => status_only(StatusCode::GONE),
+        p if p.starts_with("/server/") => status_only(StatusCode::GONE),
+        _ => go_user_request(req, &s).await,
     })
+}
+
+/// Go's `CanonicalMIMEHeaderKey`, as the Go server's `r.Header` holds it.
+fn go_canonical(name: &str) -> String {
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let c2 = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            c2
+        })
+        .collect()
+}
+
+/// The Go server's user-client path (routing by `X-Server-Name`).
+async fn go_user_request(req: Request<Incoming>, s: &V1Shared) -> Response<V1Body> {
+    let (parts, body) = req.into_parts();
+    let backend = parts.headers["x-server-name"].to_str().unwrap().to_owned();
+    let body = body.collect().await.unwrap().to_bytes();
+    let n = s.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let id = format!("{backend}:{n:032x}");
+    let header = parts
+        .headers
+        .iter()
+        .map(|(k, v)| HttpHeader::new(go_canonical(k.as_str()), v.as_bytes()))
+        .collect();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.chunks.lock().unwrap().insert(id.clone(), tx);
+    s.queue
+        .send(HttpRequest {
+            id: Some(id),
+            method: Some(parts.method.to_string()),
+            host: Some("relay.example".into()),
+            url: Some(format!("http://invalid{}", parts.uri.path())),
+            header,
+            body: Some(body),
+        })
+        .await
+        .unwrap();
+    let first = bounded(rx.recv()).await.unwrap();
+    let mut resp = Response::builder().status(first.status_code.unwrap() as u16);
+    for h in &first.header {
+        resp = resp.header(h.name.as_deref().unwrap(), h.value.as_deref().unwrap());
+    }
+    // The head goes out now (Go flushes after the first chunk's body);
+    // body and trailers follow as chunks arrive.
+    let (frames, frames_rx) = mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(16);
+    tokio::spawn(async move {
+        let mut trailers = http::HeaderMap::new();
+        let mut chunk = Some(first.clone());
+        while let Some(c) = chunk.take() {
+            if let Some(b) = c.body.clone().filter(|b| !b.is_empty()) {
+                let _ = frames.send(Ok(hyper::body::Frame::data(b))).await;
+            }
+            for t in &c.trailer {
+                trailers.append(
+                    http::HeaderName::from_bytes(t.name.as_deref().unwrap()).unwrap(),
+                    http::HeaderValue::from_bytes(t.value.as_deref().unwrap()).unwrap(),
+                );
+            }
+            if c.eof != Some(true) {
+                chunk = rx.recv().await;
+            }
+        }
+        for h in &first.header {
+            if h.name.as_deref().unwrap().starts_with(b"Grpc-") {
+                trailers.append(
+                    http::HeaderName::from_bytes(h.name.as_deref().unwrap()).unwrap(),
+                    http::HeaderValue::from_bytes(h.value.as_deref().unwrap()).unwrap(),
+                );
+            }
+        }
+        if !trailers.is_empty() {
+            let _ = frames
+                .send(Ok(hyper::body::Frame::trailers(trailers)))
+                .await;
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(frames_rx);
+    resp.body(http_body_util::StreamBody::new(stream).boxed())
+        .unwrap()
 }
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpResponse> {
@@ -547,4 +955,80 @@ async fn our_relay_client_works_against_a_v1_only_server() {
         .await;
     let chunks = collect(rx).await;
     assert_eq!(chunks[0].status_code, Some(302));
+}
+
+/// A unary gRPC call over h2c with hyper, as a strict gRPC client sees
+/// it: the response headers and the HTTP/2 trailers, separately.
+async fn h2c_grpc_unary(
+    url: &str,
+    backend: &str,
+    req: &common::grpc::pb::EchoRequest,
+) -> (http::HeaderMap, Option<http::HeaderMap>) {
+    let msg = req.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = Request::post(format!("{url}/relaytest.echo.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-server-name", backend)
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap();
+    let resp = bounded(client.request(req)).await.unwrap();
+    let headers = resp.headers().clone();
+    let collected = bounded(resp.into_body().collect()).await.unwrap();
+    (headers, collected.trailers().cloned())
+}
+
+#[tokio::test]
+async fn grpc_error_statuses_survive_the_go_server_with_our_relay_client() {
+    let (addr, _svc) = common::grpc::start().await;
+    let server = V1Server::start().await;
+    let cfg = http_relay::config::ClientConfig {
+        relay_url: server.url.clone(),
+        backend_name: "grpc-robot".into(),
+        backend_url: format!("http://{addr}"),
+        backend_http2: true,
+        ..Default::default()
+    };
+    let _client = RelayClient::start(cfg);
+
+    // A trailers-only error: the Go server turns the status into trailers
+    // only if our relay-client wrote `Grpc-Status` in canonical case.
+    let failing = common::grpc::pb::EchoRequest {
+        message: "no".into(),
+        fail_with: tonic::Code::PermissionDenied as i32,
+        ..Default::default()
+    };
+    let (_, trailers) = h2c_grpc_unary(&server.url, "grpc-robot", &failing).await;
+    let trailers = trailers.expect("no HTTP/2 trailers: a gRPC client reports UNKNOWN");
+    assert_eq!(trailers["grpc-status"], "7", "{trailers:?}");
+
+    // And through a real gRPC client, with a success for contrast.
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = common::grpc::pb::echo_client::EchoClient::with_interceptor(
+        channel,
+        |mut r: tonic::Request<()>| {
+            r.metadata_mut()
+                .insert("x-server-name", "grpc-robot".parse().unwrap());
+            Ok(r)
+        },
+    );
+    let err = bounded(grpc.unary(failing)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("failed as asked"), "{err:?}");
+    let ok = common::grpc::pb::EchoRequest {
+        message: "yes".into(),
+        ..Default::default()
+    };
+    let reply = bounded(grpc.unary(ok)).await.unwrap().into_inner();
+    assert_eq!(reply.message, "yes");
 }

@@ -3,7 +3,8 @@
 //! client-credentials grant, refreshed before expiry.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -27,6 +28,20 @@ pub enum TokenError {
     Refused { status: u16, body: String },
     #[error("discovery of {0} failed: {1}")]
     Discovery(String, String),
+    #[error("token endpoint failed ({last}); next attempt in {retry_in:?}")]
+    Backoff { last: String, retry_in: Duration },
+}
+
+/// Longest token lifetime believed: an IdP's `expires_in` is clamped to
+/// it, so an absurd value can neither overflow a deadline nor keep a
+/// token cached for years.
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+/// Backoff after a failed token fetch, doubling up to the maximum.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The relay-client's token source.
@@ -34,7 +49,7 @@ pub enum TokenSource {
     /// No token: for servers with `auth.mode = "none"`.
     None,
     File(FileToken),
-    ClientCredentials(Box<ClientCredentials>),
+    ClientCredentials(Arc<ClientCredentials>),
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -59,7 +74,7 @@ impl TokenSource {
             }));
         }
         if cfg.issuer.is_some() {
-            return Ok(TokenSource::ClientCredentials(Box::new(
+            return Ok(TokenSource::ClientCredentials(Arc::new(
                 ClientCredentials::new(cfg)?,
             )));
         }
@@ -80,8 +95,8 @@ impl TokenSource {
     /// refusals cost one fetch).
     pub async fn invalidate(&self, sent: &str) {
         if let TokenSource::ClientCredentials(c) = self {
-            let mut current = c.current.lock().await;
-            if current.as_ref().is_some_and(|(t, _)| t == sent) {
+            let mut current = lock(&c.current);
+            if current.as_ref().is_some_and(|t| t.token == sent) {
                 *current = None;
             }
         }
@@ -99,7 +114,7 @@ impl FileToken {
         let err = |e| TokenError::File(self.path.clone(), e);
         let meta = std::fs::metadata(&self.path).map_err(err)?;
         let stamp = (meta.modified().map_err(err)?, meta.len());
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.cache);
         if let Some((mtime, len, token)) = cache.as_ref()
             && (*mtime, *len) == stamp
         {
@@ -127,7 +142,30 @@ pub struct ClientCredentials {
     method: ClientAuthMethod,
     http: reqwest::Client,
     token_endpoint: tokio::sync::Mutex<Option<String>>,
-    current: tokio::sync::Mutex<Option<(String, Instant)>>,
+    /// The cached token; read without waiting for any fetch.
+    current: Mutex<Option<Cached>>,
+    /// Single flight: one fetch at a time, shared by its waiters.
+    fetching: tokio::sync::Mutex<()>,
+    /// Whether a background refresh task is running.
+    refreshing: AtomicBool,
+    /// After a failed fetch: no new attempt before `retry_at`.
+    failure: Mutex<Option<Failure>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: String,
+    /// From here on a refresh runs in the background.
+    refresh_at: Instant,
+    /// From here on the token is not presented any more.
+    expires_at: Instant,
+}
+
+struct Failure {
+    last: String,
+    retry_at: Instant,
+    /// The wait after the next failure.
+    next_wait: Duration,
 }
 
 #[derive(serde::Deserialize)]
@@ -150,23 +188,86 @@ impl ClientCredentials {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             token_endpoint: tokio::sync::Mutex::new(None),
-            current: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            refreshing: AtomicBool::new(false),
+            failure: Mutex::new(None),
         })
     }
 
-    /// A token valid for a while yet; refreshed when 80% of its life has
-    /// passed (or within 10 s of expiry).
-    async fn token(&self) -> Result<String, TokenError> {
-        let mut current = self.current.lock().await;
-        if let Some((token, refresh_at)) = current.as_ref()
-            && Instant::now() < *refresh_at
+    /// The cached token while it is valid: polls and chunk posts never
+    /// wait for the token endpoint then. Once 80% of its life has passed
+    /// (or 10 s before expiry) a refresh starts in the background and the
+    /// old token stays in use until the new one arrives. Only without a
+    /// valid token does a caller wait, for one fetch shared by all.
+    async fn token(self: &Arc<Self>) -> Result<String, TokenError> {
+        let cached = lock(&self.current).clone();
+        if let Some(c) = cached
+            && Instant::now() < c.expires_at
         {
-            return Ok(token.clone());
+            if Instant::now() >= c.refresh_at {
+                self.refresh_in_background();
+            }
+            return Ok(c.token);
         }
-        let (token, lifetime) = self.fetch().await?;
-        let margin = (lifetime / 5).max(Duration::from_secs(10)).min(lifetime);
-        *current = Some((token.clone(), Instant::now() + (lifetime - margin)));
-        Ok(token)
+        self.fetch_shared().await
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.fetch_shared().await {
+                tracing::warn!(error = %e, "refreshing the relay token failed; the current one stays in use");
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// One fetch at a time; a caller that waited for another's fetch
+    /// takes its result. After a failure, no new attempt is made before
+    /// the backoff has passed.
+    async fn fetch_shared(&self) -> Result<String, TokenError> {
+        let _single = self.fetching.lock().await;
+        let now = Instant::now();
+        if let Some(c) = lock(&self.current).as_ref()
+            && now < c.refresh_at
+        {
+            return Ok(c.token.clone());
+        }
+        if let Some(f) = lock(&self.failure).as_ref()
+            && now < f.retry_at
+        {
+            return Err(TokenError::Backoff {
+                last: f.last.clone(),
+                retry_in: f.retry_at - now,
+            });
+        }
+        match self.fetch().await {
+            Ok((token, lifetime)) => {
+                let fetched = Instant::now();
+                let margin = (lifetime / 5).max(Duration::from_secs(10)).min(lifetime);
+                *lock(&self.current) = Some(Cached {
+                    token: token.clone(),
+                    refresh_at: crate::clock::after(fetched, lifetime - margin),
+                    expires_at: crate::clock::after(fetched, lifetime),
+                });
+                *lock(&self.failure) = None;
+                Ok(token)
+            }
+            Err(e) => {
+                let mut failure = lock(&self.failure);
+                let wait = failure.as_ref().map_or(RETRY_MIN, |f| f.next_wait);
+                *failure = Some(Failure {
+                    last: e.to_string(),
+                    retry_at: crate::clock::from_now(wait),
+                    next_wait: (wait * 2).min(RETRY_MAX),
+                });
+                Err(e)
+            }
+        }
     }
 
     async fn endpoint(&self) -> Result<String, TokenError> {
@@ -239,7 +340,7 @@ impl ClientCredentials {
             });
         }
         let tok: TokenResponse = resp.json().await?;
-        let lifetime = Duration::from_secs(tok.expires_in.unwrap_or(300).max(1));
+        let lifetime = Duration::from_secs(tok.expires_in.unwrap_or(300).max(1)).min(MAX_LIFETIME);
         tracing::debug!(lifetime = ?lifetime, "fetched relay token");
         Ok((tok.access_token, lifetime))
     }

@@ -36,8 +36,11 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 #[derive(Default)]
 struct State {
     keys: Option<Arc<JwkSet>>,
-    /// When the last fetch attempt (successful or not) started.
-    last_attempt: Option<Instant>,
+    /// When the last fetch for an unknown kid started. Scheduled refreshes
+    /// do not count: an IdP that publishes a new key and signs with it at
+    /// once, just after a refresh, must not see its tokens refused for a
+    /// whole cooldown.
+    last_on_demand: Option<Instant>,
     jwks_uri: Option<String>,
 }
 
@@ -113,7 +116,8 @@ impl KeySource {
     }
 
     /// The key with id `kid`. An unknown kid refetches the keys, at most
-    /// once per cooldown window.
+    /// once per cooldown window (counted from the last such refetch), and
+    /// concurrent requests share that one fetch.
     pub async fn key(&self, kid: &str) -> Result<Jwk, AuthError> {
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
@@ -123,11 +127,15 @@ impl KeySource {
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
         }
-        let recent = lock(&self.state)
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < self.cooldown);
-        if recent {
-            return Err(AuthError::UnknownKid);
+        {
+            let mut state = lock(&self.state);
+            if state
+                .last_on_demand
+                .is_some_and(|t| t.elapsed() < self.cooldown)
+            {
+                return Err(AuthError::UnknownKid);
+            }
+            state.last_on_demand = Some(Instant::now());
         }
         if let Err(e) = self.fetch().await {
             tracing::warn!(issuer = self.cfg.issuer, error = %e, "refetching signing keys failed");
@@ -143,11 +151,7 @@ impl KeySource {
 
     /// Fetches and stores the keys; returns the IdP's `max-age`.
     async fn fetch(&self) -> Result<Option<Duration>, FetchError> {
-        let known_uri = {
-            let mut state = lock(&self.state);
-            state.last_attempt = Some(Instant::now());
-            state.jwks_uri.clone()
-        };
+        let known_uri = lock(&self.state).jwks_uri.clone();
         let (set, max_age) = if let Some(path) = &self.cfg.jwks_file {
             let text = tokio::fs::read_to_string(path)
                 .await

@@ -292,12 +292,7 @@ impl Authenticator {
             Role::User => &self.cfg.user_audience,
             Role::Relay => &self.cfg.relay_audience,
         };
-        let (prefix, suffix) = template.split_once("{backend}").unwrap_or((template, ""));
-        let fits = |aud: &str| {
-            aud.len() > prefix.len() + suffix.len()
-                && aud.starts_with(prefix)
-                && aud.ends_with(suffix)
-        };
+        let fits = |aud: &str| crate::config::template_yields(template, aud);
         let extra = self.cfg.backends.values().flat_map(|b| match role {
             Role::User => &b.user_audiences,
             Role::Relay => &b.relay_audiences,

@@ -65,15 +65,25 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
     }
 }
 
+/// Answers a request 503 because `max_concurrent_requests` are in flight.
+pub async fn refuse_busy(ctx: &Ctx, req: HttpRequest) {
+    let Some(id) = req.id else { return };
+    let max = ctx.cfg.max_concurrent_requests;
+    let msg = format!("relay-client busy: {max} requests in flight (max_concurrent_requests)");
+    if let Err(e) = post_error(ctx, &id, StatusCode::SERVICE_UNAVAILABLE, &msg).await {
+        tracing::debug!(id, error = %e, "could not refuse request");
+    }
+}
+
 /// The W3C trace-context headers of a relayed request.
 fn trace_headers(req: &HttpRequest) -> HeaderMap {
     let mut out = HeaderMap::new();
     for h in &req.header {
         let name = h.name.as_deref().unwrap_or_default();
-        if (name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate"))
+        if (name.eq_ignore_ascii_case(b"traceparent") || name.eq_ignore_ascii_case(b"tracestate"))
             && let (Ok(n), Ok(v)) = (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(h.value.as_deref().unwrap_or_default()),
+                http::HeaderName::from_bytes(name),
+                HeaderValue::from_bytes(h.value.as_deref().unwrap_or_default()),
             )
         {
             out.append(n, v);
@@ -115,18 +125,25 @@ async fn forward_inner(
         &backend_span
     };
     telemetry::inject(carrier, backend_req.headers_mut());
-    let called = ctx
-        .backend
-        .request(backend_req)
+    // Bounded: a backend that never answers must not keep a task and a
+    // socket here long after the user-client got its 504.
+    let limit = ctx.cfg.backend_timeout;
+    let called = tokio::time::timeout(limit, ctx.backend.request(backend_req))
         .instrument(backend_span.clone())
         .await;
     let resp = match called {
-        Ok(r) => r,
-        Err(e) => {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             backend_span.record("otel.status_code", "ERROR");
             drop(backend_span);
             let msg = format!("backend unreachable: {e}");
             return post_error(ctx, &id, StatusCode::BAD_GATEWAY, &msg).await;
+        }
+        Err(_) => {
+            backend_span.record("otel.status_code", "ERROR");
+            drop(backend_span);
+            let msg = format!("backend did not answer within {limit:?}");
+            return post_error(ctx, &id, StatusCode::GATEWAY_TIMEOUT, &msg).await;
         }
     };
     backend_span.record(
@@ -182,7 +199,7 @@ fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, 
 }
 
 /// Answers the user-client with an error of the relay-client's own.
-async fn post_error(
+pub(super) async fn post_error(
     ctx: &Ctx,
     id: &str,
     status: StatusCode,
@@ -253,10 +270,10 @@ impl<'a> Chunker<'a> {
         let mut body = body;
         // The first chunk waits one flush interval, so a small answer
         // travels as one post: headers, body and eof together.
-        let mut deadline = Some(Instant::now() + flush);
+        let mut deadline = Some(crate::clock::from_now(flush));
         let mut idle_since = Instant::now();
         loop {
-            let wake = deadline.unwrap_or(idle_since + keepalive);
+            let wake = deadline.unwrap_or_else(|| crate::clock::after(idle_since, keepalive));
             let frame = if body.is_end_stream() {
                 None
             } else {
@@ -283,7 +300,7 @@ impl<'a> Chunker<'a> {
                 Some(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         self.buf.extend_from_slice(&data);
-                        deadline.get_or_insert_with(|| Instant::now() + flush);
+                        deadline.get_or_insert_with(|| crate::clock::from_now(flush));
                         while self.buf.len() >= max {
                             let rest = self.buf.split_off(max);
                             self.send(false).await?;

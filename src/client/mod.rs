@@ -40,6 +40,8 @@ pub struct Ctx {
     backend: HttpsClient,
     /// `backend_url` without a trailing slash; request paths are appended.
     backend_base: String,
+    /// One permit per request in flight (`max_concurrent_requests`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Exponential backoff between failed polls, so a down server is not
@@ -72,11 +74,13 @@ impl Ctx {
         let backend_tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
         let backend = transport::https_client(backend_tls, |_| {}, cfg.backend_http2);
         let backend_base = cfg.backend_url.trim_end_matches('/').to_owned();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests));
         Ok(Self {
             cfg,
             transport,
             backend,
             backend_base,
+            in_flight,
         })
     }
 }
@@ -122,7 +126,19 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             Ok(Some(req)) => {
                 backoff.reset();
                 let ctx = ctx.clone();
-                tasks.spawn(async move { forward::forward(&ctx, req).await });
+                match ctx.in_flight.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tasks.spawn(async move {
+                            forward::forward(&ctx, req).await;
+                            drop(permit);
+                        });
+                    }
+                    // Over the cap: answer at once rather than pile up
+                    // tasks and sockets on the robot.
+                    Err(_) => {
+                        tasks.spawn(async move { forward::refuse_busy(&ctx, req).await });
+                    }
+                }
             }
             Ok(None) => backoff.reset(),
             Err(e) => {

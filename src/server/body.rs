@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::broker::Exchange;
 use crate::error::RelayError;
-use crate::proto::{HttpResponse, ProtoError, headers_from_proto};
+use crate::proto::{ProtoError, ResponseChunk};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::Direction;
 
@@ -62,8 +62,8 @@ pub enum RelayBodyError {
     Inactive(Duration),
     #[error("relay request aborted before the backend finished")]
     Aborted,
-    #[error("invalid trailer from backend: {0}")]
-    Trailer(ProtoError),
+    #[error("invalid response from backend: {0}")]
+    Invalid(ProtoError),
 }
 
 /// The body of a relayed response: the data of the relay-client's chunks,
@@ -87,7 +87,7 @@ impl RelayBody {
     /// the `grpc-*` headers of a trailers-only reply) and maybe `eof`.
     pub fn new(
         exchange: Exchange,
-        first: HttpResponse,
+        first: ResponseChunk,
         trailers: HeaderMap,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ProtoError> {
@@ -105,25 +105,27 @@ impl RelayBody {
         Ok(body)
     }
 
-    fn absorb(&mut self, chunk: HttpResponse) -> Result<(), ProtoError> {
-        if !chunk.trailer.is_empty() {
-            let more = headers_from_proto(&chunk.trailer)?;
+    fn absorb(&mut self, chunk: ResponseChunk) -> Result<(), ProtoError> {
+        if !chunk.trailers.is_empty() {
             let t = self.trailers.get_or_insert_with(HeaderMap::new);
             // A later chunk's trailer replaces an earlier one of the same
             // name (e.g. `grpc-status` copied from a trailers-only header);
-            // repeated values within one chunk are all kept.
-            for name in more.keys() {
+            // repeated values within one chunk are all kept. The broker
+            // caps the total; `try_append` keeps even a miscount from
+            // panicking.
+            for name in chunk.trailers.keys() {
                 t.remove(name);
             }
-            for (name, value) in &more {
-                t.append(name.clone(), value.clone());
+            for (name, value) in &chunk.trailers {
+                t.try_append(name.clone(), value.clone())
+                    .map_err(|_| ProtoError::TooManyTrailers)?;
             }
         }
-        if chunk.eof == Some(true) {
+        if chunk.eof {
             self.done = true;
         }
-        if let Some(b) = chunk.body.filter(|b| !b.is_empty()) {
-            self.data = Some(b);
+        if !chunk.body.is_empty() {
+            self.data = Some(chunk.body);
         }
         Ok(())
     }
@@ -156,13 +158,16 @@ impl http_body::Body for RelayBody {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             match this.exchange.poll_chunk(cx) {
-                Poll::Ready(Some(chunk)) => {
-                    let deadline = tokio::time::Instant::now() + this.exchange.inactive_timeout();
+                Poll::Ready(Some(delivery)) => {
+                    let deadline = crate::clock::from_now(this.exchange.inactive_timeout());
                     this.idle.as_mut().reset(deadline);
-                    if let Err(e) = this.absorb(chunk) {
+                    if let Err(e) = delivery.and_then(|chunk| this.absorb(chunk)) {
+                        // Aborts the user's stream (HTTP/2 reset, HTTP/1.1
+                        // connection closed): a short body is never
+                        // presented as complete.
                         this.done = true;
                         this.trailers = None;
-                        return Poll::Ready(Some(Err(RelayBodyError::Trailer(e).into())));
+                        return Poll::Ready(Some(Err(RelayBodyError::Invalid(e).into())));
                     }
                 }
                 Poll::Ready(None) => {

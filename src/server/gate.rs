@@ -6,17 +6,32 @@ use http::HeaderMap;
 use super::State;
 use crate::auth::{AuthError, Claims, Role};
 use crate::error::RelayError;
+use crate::telemetry::limit::Verdict;
 
 fn refuse(state: &State, e: AuthError, sub: Option<&str>, backend: &str) -> RelayError {
     state.metrics.auth_failure(e.reason());
-    tracing::info!(
-        reason = e.reason(),
-        sub = sub.unwrap_or("-"),
-        backend,
-        error = %e,
-        "authentication failed"
-    );
+    // Anyone can send bad tokens: the lines are rate-limited per reason,
+    // the metric counts every refusal.
+    let verdict = state.refusal_log.check(e.reason(), log_suppressed);
+    if verdict == Verdict::Log {
+        tracing::info!(
+            reason = e.reason(),
+            sub = sub.unwrap_or("-"),
+            backend,
+            error = %e,
+            "authentication failed"
+        );
+    }
     RelayError::Auth(e)
+}
+
+/// The summary line of refusals whose lines were held back.
+pub fn log_suppressed(reason: &'static str, suppressed: u64) {
+    tracing::info!(
+        reason,
+        suppressed,
+        "authentication failed {suppressed} more times; those lines were not logged"
+    );
 }
 
 /// A user-client request for `backend`: verifies and checks its token,

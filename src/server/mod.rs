@@ -30,6 +30,7 @@ use crate::broker::{Broker, BrokerConfig};
 use crate::config::{AuthMode, DEV_CERT_DIR, DEV_ISSUER, ServerConfig};
 use crate::error::RelayError;
 use crate::telemetry::Metrics;
+use crate::telemetry::limit::LogLimiter;
 use crate::tls::{self, DevCerts, TlsError};
 use body::{Body, full};
 
@@ -59,7 +60,12 @@ pub struct State {
     /// `None` with `auth.mode = "none"`.
     pub auth: Option<Arc<Authenticator>>,
     pub metrics: Arc<Metrics>,
+    /// Rate limit of the refusal log lines.
+    pub refusal_log: Arc<LogLimiter>,
 }
+
+/// Refusal lines logged per reason and second, before they are summed up.
+const REFUSAL_LINES_PER_SECOND: u32 = 5;
 
 /// Builds the TLS acceptor, creating the development certificates on the
 /// embedded default (`certs/`) when they are absent.
@@ -115,6 +121,10 @@ pub async fn run_with_admin(
         broker: broker.clone(),
         auth,
         metrics: Arc::new(Metrics::new()),
+        refusal_log: Arc::new(LogLimiter::new(
+            REFUSAL_LINES_PER_SECOND,
+            Duration::from_secs(1),
+        )),
     };
     let stop_accepting = CancellationToken::new();
     if let Some(admin) = admin {
@@ -127,6 +137,8 @@ pub async fn run_with_admin(
         state.metrics.clone(),
         state.cfg.timeouts.inactive_backend,
     ));
+    let log_flush = tokio::spawn(flush_refusal_log(state.refusal_log.clone()));
+    let _log_flush = AbortOnDrop(log_flush);
 
     let mut accept = Box::pin(accept_loop(
         listener,
@@ -195,6 +207,25 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
         }
     }
     Ok(Authenticator::new(&cfg.auth)?)
+}
+
+/// Aborts a background task when the server returns, however it returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sums up held-back refusal lines once their window is over, so a flood
+/// that stops is still reported.
+async fn flush_refusal_log(limiter: Arc<LogLimiter>) {
+    let mut tick = tokio::time::interval(limiter.window());
+    loop {
+        tick.tick().await;
+        limiter.flush(gate::log_suppressed);
+    }
 }
 
 async fn reap_backends(broker: Broker, metrics: Arc<Metrics>, inactive: Duration) {

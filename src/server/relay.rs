@@ -10,7 +10,7 @@ use super::body::{Body, full, read_limited};
 use super::{State, gate};
 use crate::broker::BrokerError;
 use crate::error::RelayError;
-use crate::proto::{self, HttpResponse};
+use crate::proto::{self, HttpResponse, ResponseChunk};
 use crate::telemetry::metrics::{method, result};
 
 /// Dispatches `/server/<what>`.
@@ -83,17 +83,20 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     gate::relay_role(state, claims.as_ref())?;
     let limit = state.cfg.limits.max_response_chunk.as_u64();
     let body = read_limited(req.into_body(), limit).await?;
-    let chunk = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
-    let id = chunk.id.as_deref().ok_or(BrokerError::MissingId)?;
+    let mut msg = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
+    let id = msg.id.take().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.
     let owner = state
         .broker
-        .owner(id)
-        .ok_or_else(|| BrokerError::UnknownRequest(id.to_owned()))?;
+        .owner(&id)
+        .ok_or_else(|| BrokerError::UnknownRequest(id.clone()))?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     let m = &state.metrics;
     m.request(method::SERVER_RESPONSE, &owner);
-    if let Err(e) = state.broker.respond(chunk).await {
+    // Checked here, where the relay-client can still be told (400) and
+    // the user-client answered at once (502), instead of after the head.
+    let chunk = ResponseChunk::from_message(msg);
+    if let Err(e) = state.broker.respond(&id, chunk).await {
         let e = RelayError::from(e);
         m.response(method::SERVER_RESPONSE, e.metric_result(), &owner);
         return Err(e);

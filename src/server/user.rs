@@ -18,7 +18,7 @@ use super::State;
 use super::body::{Body, RelayBody, empty, read_limited};
 use crate::broker::{BrokerError, Exchange};
 use crate::error::RelayError;
-use crate::proto::{self, HttpRequest, HttpResponse};
+use crate::proto::{self, HttpRequest, ProtoError, ResponseChunk, ResponseHead};
 use crate::telemetry::metrics::{self, Direction, method};
 use crate::telemetry::{self, Metrics};
 
@@ -182,6 +182,7 @@ async fn relay_request(
         return Err(BrokerError::UnknownBackend(route.backend).into());
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    let version = req.version();
     let (parts, body) = req.into_parts();
 
     let limit = state.cfg.limits.max_request_body.as_u64();
@@ -212,8 +213,13 @@ async fn relay_request(
     let mut headers = parts.headers;
     headers.remove(header::HOST);
     strip_hop_by_hop(&mut headers, on_upgrade.is_some());
-    // The relay-client continues the trace from here.
-    telemetry::inject(&span, &mut headers);
+    // The relay-client continues the trace from here; an unsampled
+    // request tells it so.
+    if span.is_disabled() {
+        telemetry::propagate_unsampled(&mut headers);
+    } else {
+        telemetry::inject(&span, &mut headers);
+    }
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
@@ -243,7 +249,7 @@ async fn relay_request(
             backend_secs,
         );
     }
-    respond(exchange, first, on_upgrade, state.metrics.clone())
+    respond(exchange, first, on_upgrade, version, state.metrics.clone())
 }
 
 /// A child span, or none when the request is not traced.
@@ -258,34 +264,28 @@ fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
 /// Builds the user-client's response from the first chunk.
 fn respond(
     exchange: Exchange,
-    first: HttpResponse,
+    mut first: ResponseChunk,
     on_upgrade: Option<OnUpgrade>,
+    version: http::Version,
     metrics: Arc<Metrics>,
 ) -> Result<Response<Body>, RelayError> {
-    let code =
-        first
-            .status_code
-            .ok_or(RelayError::BadBackendResponse(proto::ProtoError::Missing(
-                "status_code",
-            )))?;
-    let status = proto::status_from_proto(code).map_err(RelayError::BadBackendResponse)?;
-    // Only 101 may be relayed as an interim status; any other 1xx would
-    // be taken for the final answer.
-    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        return Err(RelayError::BadBackendResponse(proto::ProtoError::Status(
-            code,
-        )));
-    }
-    let mut headers =
-        proto::headers_from_proto(&first.header).map_err(RelayError::BadBackendResponse)?;
+    let ResponseHead {
+        status,
+        mut headers,
+    } = first
+        .head
+        .take()
+        .ok_or(RelayError::BadBackendResponse(ProtoError::Missing(
+            "status_code",
+        )))?;
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let on_upgrade = on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
-        let ended = first.eof == Some(true);
-        let first_body = first.body.unwrap_or_default();
+        let ended = first.eof;
+        let first_body = std::mem::take(&mut first.body);
         tokio::spawn(pipe(on_upgrade, exchange, first_body, ended, metrics));
         return Ok(resp);
     }
@@ -302,12 +302,67 @@ fn respond(
             }
         }
     }
+    if version <= http::Version::HTTP_11 {
+        announce_trailers(&mut headers, trailers.keys().chain(first.trailers.keys()));
+    }
     let body = RelayBody::new(exchange, first, trailers, metrics)
         .map_err(RelayError::BadBackendResponse)?;
     let mut resp = Response::new(http_body_util::BodyExt::boxed(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
+}
+
+/// Trailers that gRPC replies end with.
+const GRPC_TRAILERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+
+/// Declares, in the `Trailer` header of an HTTP/1.1 response, the trailer
+/// names known when the head is written: those the backend declared
+/// (our relay-client forwards its `Trailer` header), those already on the
+/// first chunk (a Go relay-client sends a quick answer as one chunk), and
+/// gRPC's for a gRPC reply.
+///
+/// hyper's HTTP/1.1 encoder writes only trailers the head declared, and a
+/// Go relay-client never forwards `Trailer` (`PROTOCOL.md`, "What the Go
+/// peers actually send"). Undeclared trailers of a longer stream reach
+/// HTTP/2 user-clients only; `PROTOCOL.md` says why.
+fn announce_trailers<'a>(headers: &mut HeaderMap, known: impl Iterator<Item = &'a HeaderName>) {
+    // A body with a length is not chunked: HTTP/1.1 has no trailers then.
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    let mut names: Vec<HeaderName> = headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let declared = names.len();
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let implied = GRPC_TRAILERS
+        .iter()
+        .filter(|_| grpc)
+        .map(|n| HeaderName::from_static(n));
+    for name in known.cloned().chain(implied) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.len() == declared {
+        return;
+    }
+    let list = names
+        .iter()
+        .map(HeaderName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = http::HeaderValue::from_str(&list) {
+        headers.insert(header::TRAILER, v);
+    }
 }
 
 /// Read size for user-to-backend bytes of an upgraded connection.
@@ -376,14 +431,14 @@ async fn pipe(
         if !ended {
             // Ends on the backend's eof, on reaping, or on inactivity.
             while let Ok(Some(chunk)) = exchange.next_chunk().await {
-                if let Some(body) = chunk.body.filter(|b| !b.is_empty()) {
-                    sent += body.len();
-                    down_metrics.bytes(Direction::ToUser, body.len());
-                    if wr.write_all(&body).await.is_err() {
+                if !chunk.body.is_empty() {
+                    sent += chunk.body.len();
+                    down_metrics.bytes(Direction::ToUser, chunk.body.len());
+                    if wr.write_all(&chunk.body).await.is_err() {
                         return;
                     }
                 }
-                if chunk.eof == Some(true) {
+                if chunk.eof {
                     break;
                 }
             }

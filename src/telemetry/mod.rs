@@ -7,6 +7,7 @@
 //! relayed request; the relay-client continues that and injects into the
 //! backend call and into its posts to the server.
 
+pub mod limit;
 pub mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,12 +222,49 @@ pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
 /// under a sampled parent, so unsampled traffic pays nothing for tracing.
 static ROOT_SPANS: AtomicBool = AtomicBool::new(true);
 
-/// Whether a request with these headers gets a span at all: always,
-/// unless sampling is 0 and no sampled parent asks for one (parent-based
-/// sampling keeps honouring sampled parents).
+/// Whether a request with these headers gets a span at all.
+///
+/// Sampling is parent-based: with a valid incoming context, its sampled
+/// flag decides, so an unsampled request builds no span objects on any
+/// hop. Without one, a root span is made unless `sample_ratio = 0`.
 pub fn wants_span(headers: &HeaderMap) -> bool {
     use opentelemetry::trace::TraceContextExt as _;
-    ROOT_SPANS.load(Ordering::Relaxed) || extract(headers).span().span_context().is_sampled()
+    let parent = extract(headers);
+    let span = parent.span();
+    let sc = span.span_context();
+    if sc.is_valid() {
+        return sc.is_sampled();
+    }
+    ROOT_SPANS.load(Ordering::Relaxed)
+}
+
+/// Writes the trace context of a request that has no span of its own.
+///
+/// The head sampling decision must travel (W3C Trace Context): an
+/// unsampled request still carries a valid `traceparent` with the sampled
+/// flag off, so the next hops (relay-client, backend) record nothing for
+/// it instead of starting sampled traces of their own. An incoming valid
+/// context is kept as it is; otherwise a fresh unsampled one is made,
+/// which costs two random ids and no span.
+pub fn propagate_unsampled(headers: &mut HeaderMap) {
+    use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+    use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
+    if extract(headers).span().span_context().is_valid() {
+        return;
+    }
+    let ids = RandomIdGenerator::default();
+    let sc = SpanContext::new(
+        ids.new_trace_id(),
+        ids.new_span_id(),
+        TraceFlags::default(),
+        false,
+        TraceState::default(),
+    );
+    let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+    headers.remove("tracestate");
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers))
+    });
 }
 
 /// Whether `span` is recorded (exported). Children of an unrecorded span
