@@ -229,6 +229,9 @@ pub struct AuthConfig {
     pub jwks_refresh_max: Duration,
     /// A token with an unknown `kid` refetches the JWKS at most once per
     /// this window, so random kids cannot make the relay hammer the IdP.
+    /// Counted from the last such refetch only (scheduled refreshes do
+    /// not count), so it is also the longest a key the IdP has just
+    /// published can be refused.
     #[serde(with = "humantime_serde")]
     pub unknown_kid_cooldown: Duration,
 }
