@@ -1,254 +1,506 @@
-//! Relay throughput and latency, end to end over loopback TLS:
-//! user-client (reqwest, HTTP/2) -> relay server -> relay-client -> hyper
-//! backend, everything in one process, and what tracing costs.
+//! The relay measured side by side with the direct connection, in one
+//! run: the real `http-relay` binaries (server and relay-client, each its
+//! own process) between a bench client and a hyper backend on 127.0.0.1.
 //!
-//! `cargo bench --bench relay` runs three modes, each in a fresh process
-//! (the tracing subscriber is global):
-//! - `off`: no OpenTelemetry export;
-//! - `sampled-0`: OTLP export on, `sample_ratio = 0`;
-//! - `sampled-100`: OTLP export on, every request traced (to an in-process
-//!   OTLP/gRPC receiver).
+//! `cargo bench --bench relay` prints one table per configuration
+//! (transport v1 or v2, user side cleartext or TLS) with, for each
+//! scenario, the direct figure, the relayed one and their ratio:
 //!
-//! Each mode measures: download of a 100 MiB response (median of 5),
-//! upload of a 50 MiB body (median of 3), small-GET latency (p50/p99 of
-//! 300 sequential requests) and small-GET throughput (2000 requests, 32
-//! concurrent). `RELAY_BENCH_MODE=<mode>` runs one mode only.
+//! - S1 download of `RELAY_BENCH_MIB` MiB (default 100): MiB/s;
+//! - S2 1 KiB GETs one at a time (`RELAY_BENCH_SERIAL`, default 1000):
+//!   p50 and p99, and the latency the relay adds;
+//! - S3 1 KiB GETs, 64 concurrent (`RELAY_BENCH_CONCURRENT`, default
+//!   5000 requests): requests per second;
+//! - S4 upload of `RELAY_BENCH_MIB` MiB: MiB/s and the peak RSS growth of
+//!   the server and relay-client processes during it;
+//! - S7 WebSocket echo round trip (`RELAY_BENCH_SERIAL` messages): p50;
+//! - S8 S3 with tracing exported at 0 % and 100 % (to an in-bench OTLP
+//!   receiver), against tracing off.
+//!
+//! `RELAY_BENCH_QUICK=1` shrinks every size so that a run takes well
+//! under a minute; `RELAY_BENCH_CONFIGS=v1-clear,v2-tls,...` picks
+//! configurations (default all four).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
 use common::otlp::Receiver;
-use common::{Relay, RelayClient};
-use http_relay::telemetry::{self, LogFormat, TelemetryConfig};
+use common::ws::WsBackend;
+use futures::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
 
 const MIB: usize = 1024 * 1024;
-const MODES: [&str; 3] = ["off", "sampled-0", "sampled-100"];
-/// Rounds over all modes.
-const ROUNDS: usize = 3;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+struct Params {
+    mib: usize,
+    serial: usize,
+    concurrent: usize,
+}
+
+impl Params {
+    fn from_env() -> Params {
+        let quick = std::env::var("RELAY_BENCH_QUICK").is_ok_and(|v| v == "1");
+        let num = |key: &str, full: usize, small: usize| {
+            std::env::var(key)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if quick { small } else { full })
+        };
+        Params {
+            mib: num("RELAY_BENCH_MIB", 100, 16),
+            serial: num("RELAY_BENCH_SERIAL", 1000, 200),
+            concurrent: num("RELAY_BENCH_CONCURRENT", 5000, 1000),
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Resident set of the process and its peak since the last reset, KiB.
+    fn rss(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Resets the peak RSS (VmHWM) to the current RSS.
+    fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.0.id()), "5");
+    }
+}
+
+/// The server and relay-client processes of one configuration.
+struct Stack {
+    url: String,
+    server: Proc,
+    /// The relay-client of `bench`.
+    client: Proc,
+    /// The relay-client of `bench-ws`, if any.
+    _ws_client: Option<Proc>,
+}
+
+fn start_stack(
+    tls: bool,
+    transport: &str,
+    backend: &str,
+    ws_backend: Option<&str>,
+    env: &[(&str, &str)],
+    dir: &std::path::Path,
+) -> Stack {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_http-relay"));
+    cmd.args(["server", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("HTTP_RELAY_AUTH__MODE", "none")
+        .env("HTTP_RELAY_LIMITS__MAX_REQUEST_BODY", "2GiB")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if !tls {
+        cmd.arg("--no-tls");
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut server = Proc(cmd.spawn().expect("server starts"));
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if let Some(at) = line.find("listening on ") {
+                let _ = tx.send(line[at + "listening on ".len()..].trim().to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server listening");
+    let client = |name: &str, backend: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_http-relay"));
+        cmd.args([
+            "client",
+            "--relay-url",
+            &url,
+            "--backend-name",
+            name,
+            "--backend-url",
+            backend,
+        ])
+        .current_dir(dir)
+        .env("HTTP_RELAY_TRANSPORT", transport)
+        .env("HTTP_RELAY_MAX_CONCURRENT_REQUESTS", "1024")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if tls {
+            cmd.args(["--ca-file", "certs/ca.pem"]);
+        }
+        for (k, v) in env {
+            if k.contains("TELEMETRY") {
+                cmd.env(k, v);
+            }
+        }
+        Proc(cmd.spawn().expect("client starts"))
+    };
+    Stack {
+        client: client("bench", backend),
+        _ws_client: ws_backend.map(|ws| client("bench-ws", ws)),
+        url,
+        server,
+    }
+}
+
+fn http_client(tls_ca: Option<&std::path::Path>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(600));
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca).expect("ca");
+        b = b.tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("pem")]);
+    }
+    b.build().expect("client")
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{base}/bytes/1")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} not ready");
+}
+
+async fn download(http: &reqwest::Client, base: &str, mib: usize) -> f64 {
+    let started = Instant::now();
+    let resp = http
+        .get(format!("{base}/bytes/{}", mib * MIB))
+        .send()
+        .await
+        .expect("download");
+    let mut body = resp.bytes_stream();
+    let mut n = 0;
+    while let Some(chunk) = body.next().await {
+        n += chunk.expect("body").len();
+    }
+    assert_eq!(n, mib * MIB);
+    mib as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn upload(http: &reqwest::Client, base: &str, data: &bytes::Bytes) -> f64 {
+    let started = Instant::now();
+    let resp = http
+        .post(format!("{base}/hash"))
+        .body(data.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200, "upload answered {}", resp.status());
+    let _ = resp.bytes().await;
+    (data.len() / MIB) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// One mode's results.
-struct Results {
-    download: f64,
-    upload: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    rps: f64,
-}
-
-impl Results {
-    fn line(&self, mode: &str) -> String {
-        format!(
-            "RESULT {mode} {:.1} {:.1} {:.3} {:.3} {:.0}",
-            self.download, self.upload, self.p50_ms, self.p99_ms, self.rps
-        )
-    }
-
-    fn parse(line: &str) -> Option<(String, Results)> {
-        let mut it = line.strip_prefix("RESULT ")?.split(' ');
-        let mode = it.next()?.to_owned();
-        let mut num = || it.next()?.parse::<f64>().ok();
-        Some((
-            mode,
-            Results {
-                download: num()?,
-                upload: num()?,
-                p50_ms: num()?,
-                p99_ms: num()?,
-                rps: num()?,
-            },
-        ))
-    }
-}
-
-async fn measure() -> Results {
-    let backend = Backend::start().await;
-    let relay = Relay::start(|_| {}).await;
-    let _client = RelayClient::connect(&relay, "bench", &backend.url).await;
-    let http = relay.http();
-
-    let n = 100 * MIB;
-    let url = format!("{}/client/bench/bytes/{n}", relay.url);
-    let mut runs = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let body = http
-            .get(&url)
+async fn serial(http: &reqwest::Client, base: &str, n: usize) -> (Duration, Duration) {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let r = http
+            .get(format!("{base}/bytes/1024"))
             .send()
             .await
-            .expect("send")
-            .bytes()
-            .await
-            .expect("body");
-        assert_eq!(body.len(), n);
-        runs.push(n as f64 / MIB as f64 / t.elapsed().as_secs_f64());
-    }
-    let download = median(runs);
-
-    let data = bytes::Bytes::from(common::pattern(50 * MIB, 1));
-    let url = format!("{}/client/bench/hash", relay.url);
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        let resp = http
-            .post(&url)
-            .body(data.clone())
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 200);
-        resp.bytes().await.expect("body");
-        runs.push(50.0 / t.elapsed().as_secs_f64());
-    }
-    let upload = median(runs);
-
-    let url = format!("{}/client/bench/small", relay.url);
-    for _ in 0..20 {
-        http.get(&url)
-            .send()
-            .await
-            .expect("warm-up")
-            .bytes()
-            .await
-            .expect("body");
-    }
-    let mut lat = Vec::new();
-    for _ in 0..300 {
-        let t = Instant::now();
-        let resp = http.get(&url).send().await.expect("send");
-        resp.bytes().await.expect("body");
-        lat.push(t.elapsed());
+            .expect("get");
+        let _ = r.bytes().await.expect("body");
+        lat.push(started.elapsed());
     }
     lat.sort();
+    (percentile(&lat, 0.5), percentile(&lat, 0.99))
+}
 
-    let t = Instant::now();
-    let total = 2000;
-    let mut tasks = Vec::new();
-    for w in 0..32 {
-        let http = http.clone();
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in (w..total).step_by(32) {
-                http.get(&url)
-                    .send()
-                    .await
-                    .expect("send")
-                    .bytes()
-                    .await
-                    .expect("body");
+async fn concurrent(http: &reqwest::Client, base: &str, n: usize) -> f64 {
+    let started = Instant::now();
+    let url = format!("{base}/bytes/1024");
+    let results = futures::stream::iter(0..n)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let r = http.get(url).send().await?;
+                r.bytes().await
             }
-        }));
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, n, "failed requests");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// WebSocket echo round trips (cleartext or TLS to `addr`); p50.
+async fn ws_echo(addr: &str, path: &str, tls: Option<&std::path::Path>, n: usize) -> Duration {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let _ = tcp.set_nodelay(true);
+    let mut lat = Vec::with_capacity(n);
+    macro_rules! rounds {
+        ($ws:expr) => {{
+            let mut ws = $ws;
+            for i in 0..n {
+                let msg = Message::text(format!("ping {i}"));
+                let started = Instant::now();
+                ws.send(msg.clone()).await.expect("send");
+                let got = ws.next().await.expect("echo").expect("echo");
+                lat.push(started.elapsed());
+                assert_eq!(got, msg);
+            }
+            let _ = ws.close(None).await;
+        }};
     }
-    for task in tasks {
-        task.await.expect("worker");
+    match tls {
+        None => {
+            let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), tcp)
+                .await
+                .expect("ws");
+            rounds!(ws);
+        }
+        Some(ca) => {
+            let mut cfg = http_relay::tls::client_config(Some(ca)).expect("tls");
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let stream = connector.connect(name, tcp).await.expect("tls");
+            let port = addr.rsplit(':').next().unwrap_or_default();
+            let (ws, _) =
+                tokio_tungstenite::client_async(format!("wss://localhost:{port}{path}"), stream)
+                    .await
+                    .expect("ws");
+            rounds!(ws);
+        }
     }
-    Results {
-        download,
-        upload,
-        p50_ms: percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        p99_ms: percentile(&lat, 0.99).as_secs_f64() * 1e3,
-        rps: total as f64 / t.elapsed().as_secs_f64(),
+    lat.sort();
+    percentile(&lat, 0.5)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// What the direct path measured, once per run.
+struct Direct {
+    s1: f64,
+    s2: (Duration, Duration),
+    s3: f64,
+    s4: f64,
+    s7: Duration,
+}
+
+async fn measure_direct(
+    p: &Params,
+    backend: &Backend,
+    ws: &WsBackend,
+    data: &bytes::Bytes,
+) -> Direct {
+    let http = http_client(None);
+    let base = backend.url.clone();
+    wait_ready(&http, &base).await;
+    let _ = serial(&http, &base, 50).await; // warm-up
+    Direct {
+        s1: download(&http, &base, p.mib).await,
+        s2: serial(&http, &base, p.serial).await,
+        s3: concurrent(&http, &base, p.concurrent).await,
+        s4: upload(&http, &base, data).await,
+        s7: ws_echo(
+            ws.url.trim_start_matches("http://"),
+            "/echo",
+            None,
+            p.serial,
+        )
+        .await,
     }
 }
 
-fn run_mode(mode: &str) {
+async fn measure_relayed(
+    p: &Params,
+    direct: &Direct,
+    backend: &Backend,
+    ws: &WsBackend,
+    data: &bytes::Bytes,
+    transport: &str,
+    tls: bool,
+) {
+    let dir = tempfile::tempdir().expect("dir");
+    let stack = start_stack(tls, transport, &backend.url, Some(&ws.url), &[], dir.path());
+    let ca = dir.path().join("certs/ca.pem");
+    let ca = tls.then_some(ca.as_path());
+    let http = http_client(ca);
+    let base = format!("{}/client/bench", stack.url);
+    wait_ready(&http, &base).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http
+        .get(format!("{}/client/bench-ws/", stack.url))
+        .send()
+        .await
+        .map_or(true, |r| r.status() == 503)
+    {
+        assert!(Instant::now() < deadline, "bench-ws not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = serial(&http, &base, 50).await; // warm-up
+    let s1 = download(&http, &base, p.mib).await;
+    let s2 = serial(&http, &base, p.serial).await;
+    let s3 = concurrent(&http, &base, p.concurrent).await;
+    let (server_before, _) = stack.server.rss();
+    let (client_before, _) = stack.client.rss();
+    stack.server.reset_peak();
+    stack.client.reset_peak();
+    let s4 = upload(&http, &base, data).await;
+    let server_peak = stack.server.rss().1.saturating_sub(server_before);
+    let client_peak = stack.client.rss().1.saturating_sub(client_before);
+    let ws_addr = stack
+        .url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_owned();
+    let s7 = ws_echo(&ws_addr, "/client/bench-ws/echo", ca, p.serial.min(500)).await;
+    drop(stack);
+
+    let name = format!(
+        "{transport}, user side {}",
+        if tls { "TLS" } else { "cleartext" }
+    );
+    println!("\n### {name}\n");
+    println!("| scenario | direct | relayed | relayed/direct |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| S1 download {} MiB | {:.0} MiB/s | {:.0} MiB/s | {:.2} |",
+        p.mib,
+        direct.s1,
+        s1,
+        s1 / direct.s1
+    );
+    println!(
+        "| S2 1 KiB serial p50 / p99 | {:.3} / {:.3} ms | {:.3} / {:.3} ms | added +{:.0} / +{:.0} µs |",
+        ms(direct.s2.0),
+        ms(direct.s2.1),
+        ms(s2.0),
+        ms(s2.1),
+        (ms(s2.0) - ms(direct.s2.0)) * 1000.0,
+        (ms(s2.1) - ms(direct.s2.1)) * 1000.0
+    );
+    println!(
+        "| S3 1 KiB, 64 concurrent | {:.0} req/s | {:.0} req/s | {:.2} |",
+        direct.s3,
+        s3,
+        s3 / direct.s3
+    );
+    println!(
+        "| S4 upload {} MiB | {:.0} MiB/s | {:.0} MiB/s | {:.2} (peak RSS growth: server +{:.1} MiB, relay-client +{:.1} MiB) |",
+        data.len() / MIB,
+        direct.s4,
+        s4,
+        s4 / direct.s4,
+        server_peak as f64 / 1024.0,
+        client_peak as f64 / 1024.0
+    );
+    println!(
+        "| S7 WebSocket echo p50 | {:.3} ms | {:.3} ms | added +{:.0} µs |",
+        ms(direct.s7),
+        ms(s7),
+        (ms(s7) - ms(direct.s7)) * 1000.0
+    );
+}
+
+/// S8: S3 with the server and relay-client exporting spans.
+async fn measure_tracing(p: &Params, backend: &Backend) {
+    let otlp = Receiver::start().await;
+    let endpoint = otlp.endpoint();
+    let mut rows = Vec::new();
+    for (label, ratio) in [("off", None), ("0 %", Some("0")), ("100 %", Some("1"))] {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut env = Vec::new();
+        if let Some(r) = ratio {
+            env.push(("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()));
+            env.push(("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", r));
+        }
+        let stack = start_stack(false, "v2", &backend.url, None, &env, dir.path());
+        let http = http_client(None);
+        let base = format!("{}/client/bench", stack.url);
+        wait_ready(&http, &base).await;
+        let _ = concurrent(&http, &base, 200).await;
+        let rps = concurrent(&http, &base, p.concurrent).await;
+        let (p50, _) = serial(&http, &base, p.serial).await;
+        rows.push((label, rps, p50));
+    }
+    println!("\n### S8 tracing (v2, cleartext)\n");
+    println!("| tracing | S3 req/s | cost | S2 p50 |");
+    println!("| --- | --- | --- | --- |");
+    let base = rows[0].1;
+    for (label, rps, p50) in rows {
+        println!(
+            "| {label} | {rps:.0} | {:+.0} % | {:.3} ms |",
+            (rps / base - 1.0) * 100.0,
+            ms(p50)
+        );
+    }
+}
+
+fn main() {
+    let p = Params::from_env();
+    let configs = std::env::var("RELAY_BENCH_CONFIGS")
+        .unwrap_or_else(|_| "v1-clear,v1-tls,v2-clear,v2-tls,tracing".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let receiver = Receiver::start().await;
-        let telemetry = match mode {
-            "off" => None,
-            _ => {
-                let cfg = TelemetryConfig {
-                    otlp_endpoint: receiver.endpoint(),
-                    sample_ratio: Some(if mode == "sampled-0" { 0.0 } else { 1.0 }),
-                    ..TelemetryConfig::default()
-                };
-                Some(
-                    telemetry::init(&cfg, "http-relay-bench", LogFormat::Human).expect("telemetry"),
-                )
-            }
-        };
-        let results = measure().await;
-        if let Some(t) = telemetry {
-            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
-        }
-        println!("{}", results.line(mode));
-        eprintln!("{mode}: {} spans received", receiver.spans().len());
-    });
-}
-
-fn main() {
-    if let Ok(mode) = std::env::var("RELAY_BENCH_MODE") {
-        run_mode(&mode);
-        return;
-    }
-    let exe = std::env::current_exe().expect("own path");
-    // Rounds alternate the modes, so drift of the machine hits all alike;
-    // each figure is the median over the rounds.
-    let mut rounds: Vec<Vec<Results>> = MODES.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for (i, mode) in MODES.iter().enumerate() {
-            let out = std::process::Command::new(&exe)
-                .env("RELAY_BENCH_MODE", mode)
-                .env("RUST_LOG", "error")
-                .output()
-                .expect("run mode");
-            eprint!("{}", String::from_utf8_lossy(&out.stderr));
-            let text = String::from_utf8_lossy(&out.stdout);
-            let (_, r) = text
-                .lines()
-                .find_map(Results::parse)
-                .expect("mode printed results");
-            rounds[i].push(r);
-        }
-    }
-    let all: Vec<(String, Results)> = MODES
-        .iter()
-        .zip(rounds)
-        .map(|(mode, rs)| {
-            let pick = |f: fn(&Results) -> f64| median(rs.iter().map(f).collect());
-            let r = Results {
-                download: pick(|r| r.download),
-                upload: pick(|r| r.upload),
-                p50_ms: pick(|r| r.p50_ms),
-                p99_ms: pick(|r| r.p99_ms),
-                rps: pick(|r| r.rps),
-            };
-            (mode.to_string(), r)
-        })
-        .collect();
-    let base = &all[0].1;
-    println!(
-        "mode         download MiB/s   upload MiB/s   small GET p50 / p99 ms   small GET req/s"
-    );
-    for (mode, r) in &all {
+        let backend = Backend::start().await;
+        let ws = WsBackend::start().await;
+        let data = bytes::Bytes::from(common::pattern(p.mib * MIB, 1));
+        let direct = measure_direct(&p, &backend, &ws, &data).await;
         println!(
-            "{mode:<12} {:>8.0} ({:+5.1}%) {:>7.0} ({:+5.1}%)   {:>6.2} / {:>6.2} ({:+5.1}%)   {:>7.0} ({:+5.1}%)",
-            r.download,
-            (r.download / base.download - 1.0) * 100.0,
-            r.upload,
-            (r.upload / base.upload - 1.0) * 100.0,
-            r.p50_ms,
-            r.p99_ms,
-            (r.p50_ms / base.p50_ms - 1.0) * 100.0,
-            r.rps,
-            (r.rps / base.rps - 1.0) * 100.0,
+            "relay benchmark: {} MiB bodies, {} serial requests, {} concurrent requests; \
+             direct = the same client straight to the backend",
+            p.mib, p.serial, p.concurrent
         );
-    }
+        for config in configs.split(',') {
+            match config.trim() {
+                "tracing" => measure_tracing(&p, &backend).await,
+                c => {
+                    let Some((transport, side)) = c.split_once('-') else {
+                        continue;
+                    };
+                    measure_relayed(&p, &direct, &backend, &ws, &data, transport, side == "tls")
+                        .await;
+                }
+            }
+        }
+    });
 }

@@ -11,7 +11,7 @@
 //! sharded maps, and each backend has its own small queue.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -77,6 +77,81 @@ pub enum BrokerError {
 /// chunk, or why the relay-client's answer cannot be relayed.
 pub type Delivery = Result<ResponseChunk, ProtoError>;
 
+/// Body of a request sent on a v2 tunnel.
+pub type TunnelBody =
+    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A connected v2 relay-client (`docs/transport-v2.md`): the server's
+/// HTTP/2 client handle on the relay-client's connection. Requests are
+/// sent on it by the user side; the broker only hands it out.
+pub struct Tunnel {
+    sender: hyper::client::conn::http2::SendRequest<TunnelBody>,
+    in_flight: AtomicUsize,
+    closed: CancellationToken,
+}
+
+impl Tunnel {
+    pub fn new(sender: hyper::client::conn::http2::SendRequest<TunnelBody>) -> Arc<Self> {
+        Arc::new(Self {
+            sender,
+            in_flight: AtomicUsize::new(0),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    /// A handle to send one request on.
+    pub fn sender(&self) -> hyper::client::conn::http2::SendRequest<TunnelBody> {
+        self.sender.clone()
+    }
+
+    /// Takes no new requests from now on (expiry, shutdown).
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Resolves once [`Tunnel::close`] was called.
+    pub async fn closing(&self) {
+        self.closed.cancelled().await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.sender.is_closed()
+    }
+
+    /// Requests in flight on this tunnel.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight on a tunnel; counted while alive (active
+/// requests, shutdown drain, the tunnel's load).
+pub struct TunnelRequest {
+    broker: Broker,
+    tunnel: Arc<Tunnel>,
+}
+
+impl TunnelRequest {
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.tunnel
+    }
+}
+
+impl Drop for TunnelRequest {
+    fn drop(&mut self) {
+        self.tunnel.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self
+            .broker
+            .inner
+            .tunnel_requests
+            .fetch_sub(1, Ordering::AcqRel)
+            == 1
+        {
+            self.broker.inner.request_ended.notify_waiters();
+        }
+    }
+}
+
 /// Timing rules of the broker (`PROTOCOL.md`, "Server-side timing rules").
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -100,6 +175,8 @@ struct Inner {
     draining: CancellationToken,
     /// Woken whenever a request ends, so a drain can wait for zero.
     request_ended: Notify,
+    /// Requests in flight on v2 tunnels.
+    tunnel_requests: AtomicUsize,
 }
 
 /// One backend name and the polls waiting for its requests.
@@ -107,6 +184,8 @@ struct Backend {
     waiting: Mutex<VecDeque<oneshot::Sender<HttpRequest>>>,
     poll_arrived: Notify,
     last_seen: Mutex<Instant>,
+    /// Connected v2 relay-clients of this name.
+    tunnels: Mutex<Vec<Arc<Tunnel>>>,
 }
 
 /// What the relay-client side needs to reach a live request.
@@ -159,6 +238,7 @@ impl Backend {
             waiting: Mutex::new(VecDeque::new()),
             poll_arrived: Notify::new(),
             last_seen: Mutex::new(Instant::now()),
+            tunnels: Mutex::new(Vec::new()),
         }
     }
 
@@ -168,6 +248,10 @@ impl Backend {
 
     fn has_waiting_poll(&self) -> bool {
         lock(&self.waiting).iter().any(|tx| !tx.is_closed())
+    }
+
+    fn has_tunnel(&self) -> bool {
+        lock(&self.tunnels).iter().any(|t| !t.is_closed())
     }
 }
 
@@ -180,6 +264,7 @@ impl Broker {
                 requests: DashMap::new(),
                 draining: CancellationToken::new(),
                 request_ended: Notify::new(),
+                tunnel_requests: AtomicUsize::new(0),
             }),
         }
     }
@@ -229,6 +314,62 @@ impl Broker {
                 rx.try_recv().map_err(|_| e)
             }
         }
+    }
+
+    /// Registers a v2 relay-client connection for `backend` (which becomes
+    /// known, as with a first poll).
+    pub fn register_tunnel(&self, backend: &str, tunnel: Arc<Tunnel>) {
+        let entry = self
+            .inner
+            .backends
+            .entry(backend.to_owned())
+            .or_insert_with(|| Arc::new(Backend::new()));
+        entry.touch();
+        let mut tunnels = lock(&entry.tunnels);
+        tunnels.retain(|t| !t.is_closed());
+        tunnels.push(tunnel);
+    }
+
+    /// Forgets a tunnel that closed; the name stays known for the
+    /// inactive-backend timeout, as after a last poll.
+    pub fn unregister_tunnel(&self, backend: &str, tunnel: &Arc<Tunnel>) {
+        if let Some(b) = self.inner.backends.get(backend) {
+            b.touch();
+            lock(&b.tunnels).retain(|t| !Arc::ptr_eq(t, tunnel) && !t.is_closed());
+        }
+    }
+
+    /// The least busy open tunnel of `backend`, if it has one, counted as
+    /// carrying one more request while the returned guard lives.
+    pub fn tunnel(&self, backend: &str) -> Result<Option<TunnelRequest>, BrokerError> {
+        if self.inner.draining.is_cancelled() {
+            return Err(BrokerError::Draining);
+        }
+        let Some(b) = self.inner.backends.get(backend).map(|b| b.clone()) else {
+            return Ok(None);
+        };
+        let tunnel = lock(&b.tunnels)
+            .iter()
+            .filter(|t| !t.is_closed())
+            .min_by_key(|t| t.in_flight())
+            .cloned();
+        Ok(tunnel.map(|tunnel| {
+            tunnel.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.inner.tunnel_requests.fetch_add(1, Ordering::AcqRel);
+            TunnelRequest {
+                broker: self.clone(),
+                tunnel,
+            }
+        }))
+    }
+
+    /// Number of open v2 tunnels.
+    pub fn tunnel_count(&self) -> usize {
+        self.inner
+            .backends
+            .iter()
+            .map(|b| lock(&b.tunnels).iter().filter(|t| !t.is_closed()).count())
+            .sum()
     }
 
     /// Starts relaying `req` to `backend`: assigns the id, registers the
@@ -437,7 +578,8 @@ impl Broker {
         let limit = self.inner.cfg.inactive_backend;
         let mut reaped = Vec::new();
         self.inner.backends.retain(|name, b| {
-            let keep = b.has_waiting_poll() || lock(&b.last_seen).elapsed() < limit;
+            let keep =
+                b.has_waiting_poll() || b.has_tunnel() || lock(&b.last_seen).elapsed() < limit;
             if !keep {
                 reaped.push(name.clone());
             }
@@ -458,11 +600,26 @@ impl Broker {
 
     /// Number of requests in flight (including upgraded connections).
     pub fn active_requests(&self) -> usize {
-        self.inner.requests.len()
+        self.inner.requests.len() + self.inner.tunnel_requests.load(Ordering::Acquire)
     }
 
     /// Stops taking new requests and answers waiting polls; requests in
     /// flight go on.
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.is_cancelled()
+    }
+
+    /// Closes every tunnel (the end of a shutdown): their connections
+    /// are dropped by their tasks.
+    pub fn close_tunnels(&self) {
+        for b in self.inner.backends.iter() {
+            for t in lock(&b.tunnels).iter() {
+                t.close();
+            }
+        }
+    }
+
     pub fn begin_drain(&self) {
         self.inner.draining.cancel();
     }
@@ -473,7 +630,7 @@ impl Broker {
             let ended = self.inner.request_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if self.inner.requests.is_empty() {
+            if self.active_requests() == 0 {
                 return;
             }
             ended.await;

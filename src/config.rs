@@ -501,6 +501,9 @@ pub struct ClientConfig {
     pub backend_url: String,
     /// Talk HTTP/2 with prior knowledge (h2c) to the backend, for gRPC.
     pub backend_http2: bool,
+    /// How to reach the server: `auto` (v2 when offered, else v1),
+    /// `v1` (long polls only) or `v2` (v2, or fail clearly).
+    pub transport: Transport,
     /// Extra PEM trust root(s) for the relay server and https backends.
     pub ca_file: Option<PathBuf>,
     /// Concurrent long polls kept open towards the server.
@@ -530,6 +533,19 @@ pub struct ClientConfig {
     /// The token presented to the relay server.
     pub auth: ClientAuth,
     pub telemetry: TelemetryConfig,
+}
+
+/// The relay-client's transport (`docs/transport-v2.md`, "Negotiation").
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// v2 when the server offers it, else v1 (re-probed periodically).
+    #[default]
+    Auto,
+    /// v1 long polls only: the fleet's protocol.
+    V1,
+    /// v2 only; fails clearly against a server that does not offer it.
+    V2,
 }
 
 /// Where the relay-client's token comes from: a file (re-read when it
@@ -613,6 +629,7 @@ impl Default for ClientConfig {
             backend_name: String::new(),
             backend_url: "http://127.0.0.1:8080".into(),
             backend_http2: false,
+            transport: Transport::Auto,
             ca_file: None,
             pending_polls: 4,
             max_concurrent_requests: 256,

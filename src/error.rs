@@ -35,6 +35,10 @@ pub enum RelayError {
     Auth(AuthError),
     #[error("not found")]
     NotFound,
+    #[error("this endpoint needs an HTTP/1.1 upgrade to http-relay-v2")]
+    UpgradeRequired,
+    #[error("relay-client connection failed: {0}")]
+    Tunnel(String),
     #[error("method not allowed")]
     MethodNotAllowed,
 }
@@ -51,6 +55,8 @@ impl RelayError {
                 StatusCode::BAD_GATEWAY
             }
             RelayError::NotFound => StatusCode::NOT_FOUND,
+            RelayError::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            RelayError::Tunnel(_) => StatusCode::BAD_GATEWAY,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::Auth(e) => e.status(),
             RelayError::Broker(e) => match e {
@@ -83,7 +89,9 @@ impl RelayError {
             }
             RelayError::Broker(BrokerError::BadResponse(_)) => r::BAD_RESPONSE,
             RelayError::NoBackendName | RelayError::MissingParam(_) => r::MISSING_HEADER,
-            RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => r::BAD_RESPONSE,
+            RelayError::BadBackendResponse(_)
+            | RelayError::UnexpectedUpgrade
+            | RelayError::Tunnel(_) => r::BAD_RESPONSE,
             RelayError::Auth(_) => r::UNAUTHORIZED,
             _ => r::ERROR,
         }

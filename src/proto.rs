@@ -291,6 +291,38 @@ pub fn path_and_query(url: &str) -> Result<http::uri::PathAndQuery, ProtoError> 
     }
 }
 
+/// The v2 transport (`docs/transport-v2.md`): one upgraded connection per
+/// relay-client, on which the server is the HTTP/2 client and the
+/// relay-client the HTTP/2 server in front of its backend.
+pub mod v2 {
+    use std::time::Duration;
+
+    /// Path of the upgrade request, next to the v1 endpoints.
+    pub const CONNECT_PATH: &str = "/server/connect";
+    /// The `Upgrade` token of the opening request.
+    pub const UPGRADE_TOKEN: &str = "http-relay-v2";
+    /// The relayed request's id (logs; the same id space as v1).
+    pub const REQUEST_ID: &str = "x-relay-request-id";
+    /// On a relayed upgrade: the user's `Upgrade` token (request) and
+    /// the backend's status, 101 (response). The stream's two bodies are
+    /// then the two directions of the upgraded connection.
+    pub const UPGRADE: &str = "x-relay-upgrade";
+    pub const STATUS: &str = "x-relay-status";
+
+    /// HTTP/2 settings of the tunnel, the same on both ends: fixed
+    /// windows (the stream window bounds memory per request, the
+    /// connection window is far larger so one unread stream cannot pin
+    /// the others), large frames and a header list as large as v1 allows.
+    pub const STREAM_WINDOW: u32 = 2 << 20;
+    pub const CONNECTION_WINDOW: u32 = 32 << 20;
+    pub const MAX_FRAME: u32 = 64 << 10;
+    pub const MAX_HEADER_LIST: u32 = 1 << 20;
+    /// Server-side ping of a tunnel (the relay-client pings on its own
+    /// `relay_ping_interval`).
+    pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+    pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,21 +1,27 @@
 //! Authentication against a real in-test OIDC issuer (discovery and JWKS
 //! over HTTP, RSA and EC keys): valid tokens, every attack case, key
-//! rotation, the unknown-kid flood, an IdP that is down at start, and the
-//! relay-client's token sources.
+//! rotation, the unknown-kid flood, JWKS refresh on the IdP's schedule, a
+//! configured `jwks_uri`, `leeway`, per-backend policy for both roles, the
+//! token cookie on WebSockets, an IdP that is down at start, and the
+//! relay-client's token sources (client-credentials reuse, refresh before
+//! expiry without holding up requests, backoff while the IdP fails).
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::backend::Backend;
 use common::idp::{Idp, Key};
 use common::{Relay, RelayClient, bounded, client_config, eventually};
+use futures::{SinkExt as _, StreamExt as _};
 use http_relay::config::{AuthMode, BackendAuth, ClientAuthMethod, IssuerConfig, ServerConfig};
 use http_relay::proto::{HttpRequest, HttpResponse};
 use jsonwebtoken::Algorithm;
 use prost::Message as _;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 const USER_AUD: &str = "https://relay.test/client/{backend}";
 const RELAY_AUD: &str = "https://relay.test/backend/{backend}";
@@ -401,38 +407,122 @@ async fn key_rotation_works_without_restart() {
     assert_eq!(status, 401, "key no longer published");
 }
 
+/// `n` tokens for robot-1's users, each signed by a fresh key under a kid
+/// the IdP never published.
+fn random_kid_tokens(idp: &Idp, prefix: &str, n: usize) -> Vec<String> {
+    let aud = user_aud("robot-1");
+    (0..n)
+        .map(|i| {
+            let key = Key::generate(&format!("{prefix}-{i}"), Algorithm::ES256);
+            Idp::sign_with(&key, &idp.claims(&aud, "x"))
+        })
+        .collect()
+}
+
+/// Sends a user request for robot-1 with each token at once; the statuses.
+async fn send_all(relay: &Relay, http: &reqwest::Client, tokens: Vec<String>) -> Vec<u16> {
+    let tasks: Vec<_> = tokens
+        .into_iter()
+        .map(|token| {
+            let req = http
+                .get(format!("{}/client/robot-1/x", relay.url))
+                .bearer_auth(token);
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(bounded(t).await.unwrap());
+    }
+    statuses
+}
+
 #[tokio::test]
 async fn random_kid_flood_fetches_jwks_at_most_once_per_window() {
+    // Longer than the slow fetch below, so all of the flood falls into
+    // the window its one fetch opens.
+    const COOLDOWN: Duration = Duration::from_secs(3);
     let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| c.auth.unknown_kid_cooldown = COOLDOWN).await;
+    // Past any window the initial load might have opened: the flood is
+    // entitled to exactly one fetch.
+    tokio::time::sleep(COOLDOWN + Duration::from_millis(200)).await;
+    let mut tokens = random_kid_tokens(&idp, "random", 200);
+    // One connection, already up, so the flood is not held up by handshakes.
+    let http = relay.http();
+    let known = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "x"));
+    send_all(&relay, &http, vec![known]).await;
+
+    // A slow JWKS answer: the rest of the flood arrives while the fetch
+    // the first unknown kid started is still in flight, and must share
+    // that fetch rather than start its own.
+    idp.set_jwks_delay(Duration::from_secs(1));
+    let before = idp.jwks_fetches();
+    let first = tokens.pop().unwrap();
+    let (first, rest) = tokio::join!(send_all(&relay, &http, vec![first]), async {
+        eventually(|| async { (idp.jwks_in_flight() > 0).then_some(()) }).await;
+        send_all(&relay, &http, tokens).await
+    });
+    for status in first.into_iter().chain(rest) {
+        assert_eq!(status, 401);
+    }
+    assert_eq!(
+        idp.jwks_fetches() - before,
+        1,
+        "JWKS fetches for 200 random kids in one window"
+    );
+    assert_eq!(idp.jwks_max_in_flight(), 1, "concurrent JWKS fetches");
+}
+
+#[tokio::test]
+async fn rotation_right_after_a_scheduled_refresh_is_picked_up_at_once() {
+    // Longer than the wait for the new key below: if the scheduled
+    // refresh opened the unknown-kid window, the new key would stay out
+    // for all of that wait.
+    const COOLDOWN: Duration = Duration::from_secs(30);
+    let idp = Idp::start().await;
+    // The first answer asks for a refresh in a second, every later one in
+    // an hour: exactly one scheduled refresh happens during the test.
+    idp.set_max_age(Some(1));
     let relay = relay_with(&idp, |c| {
-        c.auth.unknown_kid_cooldown = Duration::from_secs(60)
+        c.auth.jwks_refresh_min = Duration::from_secs(1);
+        c.auth.unknown_kid_cooldown = COOLDOWN;
     })
     .await;
+    idp.set_max_age(Some(3600));
+    let loaded = idp.jwks_fetches();
+    // The scheduled refresh has been answered (so it cannot carry the key
+    // published below).
+    eventually(|| async {
+        (idp.jwks_fetches() > loaded && idp.jwks_in_flight() == 0).then_some(())
+    })
+    .await;
+
     let before = idp.jwks_fetches();
-    let aud = user_aud("robot-1");
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let token = Idp::sign_with(
-            &Key::generate(&format!("random-{i}"), Algorithm::ES256),
-            &idp.claims(&aud, "x"),
-        );
-        let http = relay.http();
-        let url = format!("{}/client/robot-1/x", relay.url);
-        tasks.push(tokio::spawn(async move {
-            http.get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(bounded(t).await.unwrap(), 401);
-    }
-    let fetched = idp.jwks_fetches() - before;
-    assert!(fetched <= 1, "{fetched} JWKS fetches for 200 random kids");
+    idp.add_key(Key::generate("rsa-2", Algorithm::RS256));
+    let rotated = idp.sign("rsa-2", &idp.claims(&user_aud("robot-1"), "alice"));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            // Authenticated, then refused for want of a relay-client.
+            let (_, body, _) = user_status(&relay, "robot-1", &rotated).await;
+            if body.contains("unknown client") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a token signed with the new key was still refused 10 s after the rotation");
+
+    // The fetch for the new key opened the window: a flood of random kids
+    // now costs no further fetch.
+    let statuses = send_all(&relay, &relay.http(), random_kid_tokens(&idp, "flood", 50)).await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(
+        idp.jwks_fetches() - before,
+        1,
+        "JWKS fetches for the rotation plus 50 random kids in one window"
+    );
 }
 
 #[tokio::test]
@@ -606,13 +696,13 @@ async fn client_credentials(method: ClientAuthMethod) {
             );
         }
     }
-    // Tokens are reused until close to expiry, not fetched per call.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        idp.token_calls().len() <= 2,
-        "{} token calls",
-        idp.token_calls().len()
-    );
+    // An hour-long token is reused: twenty relayed requests (each a poll
+    // and a response post of the relay-client) cost no further call.
+    let http = relay.http();
+    for _ in 0..20 {
+        assert_eq!(relayed(&http, &relay, &user).await, 200);
+    }
+    assert_eq!(idp.token_calls().len(), 1, "token endpoint calls");
 }
 
 #[tokio::test]
@@ -625,24 +715,468 @@ async fn client_credentials_post() {
     client_credentials(ClientAuthMethod::ClientSecretPost).await;
 }
 
+/// One user request for robot-1 through the relay; its status.
+async fn relayed(http: &reqwest::Client, relay: &Relay, user: &str) -> u16 {
+    let req = http
+        .get(format!("{}/client/robot-1/t", relay.url))
+        .bearer_auth(user);
+    let resp = bounded(req.send()).await;
+    let timed_out = |e: &reqwest::Error| if e.is_timeout() { " (timed out)" } else { "" };
+    resp.unwrap_or_else(|e| panic!("relayed request failed{}: {e}", timed_out(&e)))
+        .status()
+        .as_u16()
+}
+
+/// Authentication failures the relay counted, all reasons together.
+async fn auth_failures(relay: &Relay) -> f64 {
+    relay
+        .get_text("/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with("relay_auth_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A relay and a client-credentials relay-client for robot-1 whose tokens
+/// live `ttl_secs`, serving requests with its first token.
+struct CredentialsRun {
+    idp: Idp,
+    relay: Relay,
+    /// A user token for robot-1.
+    user: String,
+    /// When the first token was asked for.
+    first_call: Instant,
+    _backend: Backend,
+    _secret: tempfile::NamedTempFile,
+    _client: RelayClient,
+}
+
+impl CredentialsRun {
+    async fn start(ttl_secs: u64, edit: impl FnOnce(&mut ServerConfig)) -> Self {
+        let idp = Idp::start().await;
+        idp.add_client("robot-1", "pw");
+        idp.set_token_ttl(ttl_secs);
+        let backend = Backend::start().await;
+        let relay = relay_with(&idp, edit).await;
+        let secret = token_file("pw");
+        let client = RelayClient::start(credentials_client(&relay, &idp, &backend, &secret));
+        let user = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
+        wait_served(&relay, "robot-1", &user).await;
+        Self {
+            first_call: idp.token_calls()[0].at,
+            idp,
+            relay,
+            user,
+            _backend: backend,
+            _secret: secret,
+            _client: client,
+        }
+    }
+
+    /// Relays user requests one after another until `until` has passed
+    /// since the first token call, asserting each is served.
+    async fn traffic(&self, until: Duration) {
+        let http = self.relay.http();
+        let mut served = 0;
+        while self.first_call.elapsed() < until {
+            let status = relayed(&http, &self.relay, &self.user).await;
+            assert_eq!(
+                status,
+                200,
+                "request {served} at {:?}",
+                self.first_call.elapsed()
+            );
+            served += 1;
+            // Paced: steady traffic, not a busy loop.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn client_credentials_refresh_before_expiry() {
-    let idp = Idp::start().await;
-    idp.add_client("robot-1", "pw");
-    idp.set_token_ttl(12); // refreshed 10 s before expiry, i.e. after ~2 s
-    let backend = Backend::start().await;
-    let relay = relay_with(&idp, |_| {}).await;
-    let secret = token_file("pw");
-    let cfg = credentials_client(&relay, &idp, &backend, &secret);
-    let _client = RelayClient::start(cfg);
-    let user = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
-    wait_served(&relay, "robot-1", &user).await;
+    const TTL: Duration = Duration::from_secs(6);
+    // No leeway: a relay token used past its expiry is refused at once.
+    let run = CredentialsRun::start(TTL.as_secs(), |c| c.auth.leeway = Duration::ZERO).await;
+    let failures = auth_failures(&run.relay).await;
+    // Across the refresh and past the first token's expiry.
+    run.traffic(TTL + Duration::from_secs(2)).await;
+
+    let calls = run.idp.token_calls();
+    assert!(calls.len() >= 2, "not refreshed within {TTL:?}");
+    let refreshed_after = calls[1].at - calls[0].at;
+    // The window: once most of the lifetime (80%) has passed, before expiry.
+    assert!(
+        refreshed_after >= TTL * 7 / 10 && refreshed_after < TTL,
+        "refreshed {refreshed_after:?} into a {TTL:?} token"
+    );
+    // The second token is good for the rest of the run.
+    assert_eq!(calls.len(), 2, "token calls");
+    assert_eq!(
+        auth_failures(&run.relay).await,
+        failures,
+        "the relay refused the relay-client's token"
+    );
+}
+
+#[tokio::test]
+async fn client_credentials_refresh_does_not_hold_up_requests() {
+    // Long enough that the refresh starts well before expiry (at 80% of
+    // the life, or earlier with a margin of seconds) and its slow answer
+    // still arrives while the old token is valid.
+    const TTL: u64 = 12;
+    let run = CredentialsRun::start(TTL, |_| {}).await;
+    // The refresh takes a second.
+    run.idp.set_token_delay(Duration::from_secs(1));
+    assert_eq!(run.idp.token_calls().len(), 1, "token calls to start with");
+    // (calls in flight, calls made, tokens issued): equal and busy at a
+    // request's start and end means the request was served entirely while
+    // one refresh call was in flight, not waiting for it.
+    let snapshot = |idp: &Idp| {
+        (
+            idp.token_in_flight(),
+            idp.token_calls().len(),
+            idp.tokens_issued(),
+        )
+    };
+    let http = run.relay.http();
+    let mut during = 0;
     bounded(async {
-        while idp.token_calls().len() < 2 {
-            // Each request makes the client post with a (fresh) token.
-            wait_served(&relay, "robot-1", &user).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        while run.idp.tokens_issued() < 2 {
+            let at_start = snapshot(&run.idp);
+            assert_eq!(relayed(&http, &run.relay, &run.user).await, 200);
+            let at_end = snapshot(&run.idp);
+            if at_start.0 > 0 && at_end == at_start {
+                during += 1;
+            }
+            // Started before the refresh call arrived, ended after it was
+            // answered: this request waited for the token endpoint.
+            assert!(
+                !(at_start.0 == 0 && at_start.1 == 1 && at_end.2 == 2),
+                "a request was held up by the whole refresh"
+            );
+            // Paced: steady traffic, not a busy loop.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
+    assert!(
+        during >= 3,
+        "{during} requests served while the token endpoint was busy"
+    );
+    assert_eq!(run.idp.token_calls().len(), 2, "token calls");
+    assert_eq!(run.idp.token_max_in_flight(), 1, "concurrent token calls");
+}
+
+#[tokio::test]
+async fn client_credentials_failing_refresh_backs_off_and_keeps_the_valid_token() {
+    const TTL: Duration = Duration::from_secs(15);
+    let run = CredentialsRun::start(TTL.as_secs(), |c| c.auth.leeway = Duration::ZERO).await;
+    run.idp.set_token_failing(true);
+    let failures = auth_failures(&run.relay).await;
+    // Until shortly before the first token expires, every refresh fails.
+    run.traffic(TTL - Duration::from_secs(1)).await;
+    let attempts = run.idp.token_calls().len() - 1;
+    assert!(attempts >= 1, "no refresh attempted before expiry");
+    assert!(
+        attempts <= 5,
+        "{attempts} failing token calls in the last seconds of the token's life"
+    );
+    assert_eq!(
+        auth_failures(&run.relay).await,
+        failures,
+        "the relay refused the relay-client's token"
+    );
+    // Backing off is not giving up.
+    run.idp.set_token_failing(false);
+    eventually(|| async { (run.idp.tokens_issued() >= 2).then_some(()) }).await;
+    wait_served(&run.relay, "robot-1", &run.user).await;
+}
+
+#[tokio::test]
+async fn jwks_refresh_follows_cache_control_max_age() {
+    let with_max_age = Idp::start().await;
+    with_max_age.set_max_age(Some(1));
+    let without = Idp::start().await;
+    // Bounds that leave the IdP's max-age in charge: without one, the
+    // period is an hour.
+    let bounds = |c: &mut ServerConfig| {
+        c.auth.jwks_refresh_min = Duration::from_secs(1);
+        c.auth.jwks_refresh_max = Duration::from_secs(3600);
+    };
+    let _relay_a = relay_with(&with_max_age, bounds).await;
+    let _relay_b = relay_with(&without, bounds).await;
+    let (a, b) = (with_max_age.jwks_fetches(), without.jwks_fetches());
+
+    // Two scheduled refreshes a second apart, with no unknown kid asking.
+    eventually(|| async { (with_max_age.jwks_fetches() >= a + 2).then_some(()) }).await;
+    // Meanwhile (well over refresh_min) the other relay kept its keys.
+    assert_eq!(without.jwks_fetches(), b, "refreshed without max-age");
+}
+
+#[tokio::test]
+async fn leeway_tolerates_clock_skew_on_exp_and_nbf() {
+    let idp = Idp::start().await;
+    let lenient = relay_with(&idp, |c| c.auth.leeway = Duration::from_secs(30)).await;
+    let strict = relay_with(&idp, |c| c.auth.leeway = Duration::ZERO).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut expired = idp.claims(&user_aud("robot-1"), "alice");
+    expired["iat"] = json!(now - 70);
+    expired["nbf"] = json!(now - 70);
+    expired["exp"] = json!(now - 10);
+    let mut early = idp.claims(&user_aud("robot-1"), "alice");
+    early["nbf"] = json!(now + 10);
+    for (name, claims, refusal) in [
+        ("expired 10 s ago", expired, "expired"),
+        ("valid in 10 s", early, "not valid yet"),
+    ] {
+        let token = idp.sign("rsa-1", &claims);
+        // Authenticated, then refused for want of a relay-client.
+        let (status, body, _) = user_status(&lenient, "robot-1", &token).await;
+        assert!(
+            body.contains("unknown client"),
+            "{name}, leeway 30 s: {status} {body}"
+        );
+        let (status, body, _) = user_status(&strict, "robot-1", &token).await;
+        assert_eq!(status, 401, "{name}, no leeway: {body}");
+        assert!(body.contains(refusal), "{name}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn configured_jwks_uri_skips_discovery() {
+    let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.issuers[0].jwks_uri = Some(format!("{}/jwks", idp.url));
+    })
+    .await;
+    let aud = user_aud("robot-1");
+    let (_, body, _) =
+        user_status(&relay, "robot-1", &idp.sign("ec-1", &idp.claims(&aud, "a"))).await;
+    assert!(body.contains("unknown client"), "{body}");
+    // A refetch for a new key uses the same address.
+    idp.add_key(Key::generate("rsa-2", Algorithm::RS256));
+    let rotated = idp.sign("rsa-2", &idp.claims(&aud, "a"));
+    eventually(|| async {
+        let (_, body, _) = user_status(&relay, "robot-1", &rotated).await;
+        body.contains("unknown client").then_some(())
+    })
+    .await;
+    assert!(idp.jwks_fetches() >= 2);
+    assert_eq!(idp.discovery_calls(), 0, "discovery documents fetched");
+}
+
+/// Status and body of one long poll for `backend` with `token` (`None`
+/// if the server kept it open).
+async fn poll_status(relay: &Relay, backend: &str, token: &str) -> Option<(u16, String)> {
+    let resp = relay
+        .http()
+        .get(format!("{}/server/request?server={backend}", relay.url))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    Some((resp.status().as_u16(), resp.text().await.unwrap()))
+}
+
+#[tokio::test]
+async fn per_backend_relay_audiences_and_required_claims() {
+    const FLEET_RELAYS: &str = "https://fleet.test/relays";
+    let idp = Idp::start().await;
+    let backend = Backend::start().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.backends.insert(
+            "robot-1".into(),
+            BackendAuth {
+                user_audiences: Vec::new(),
+                relay_audiences: vec![FLEET_RELAYS.into()],
+                required_claims: [("groups".to_owned(), "fleet-ops".to_owned())].into(),
+            },
+        );
+    })
+    .await;
+    let with_groups = |aud: &str, groups: &[&str]| {
+        let mut claims = idp.claims(aud, "robot-1");
+        claims["groups"] = json!(groups);
+        idp.sign("ec-1", &claims)
+    };
+
+    // Only the extra audience, not robot-1's relay audience: it may poll.
+    let file = token_file(&with_groups(FLEET_RELAYS, &["fleet-ops"]));
+    let _client = client_with_token(&relay, "robot-1", &backend.url, &file);
+    let user = with_groups(&user_aud("robot-1"), &["fleet-ops"]);
+    wait_served(&relay, "robot-1", &user).await;
+
+    let robot_2 = relay_aud("robot-2");
+    for (name, backend_name, token, reason) in [
+        (
+            "relay audience, required claim missing",
+            "robot-1",
+            idp.sign("ec-1", &idp.claims(&relay_aud("robot-1"), "robot-1")),
+            "groups=fleet-ops",
+        ),
+        (
+            "extra audience, wrong group",
+            "robot-1",
+            with_groups(FLEET_RELAYS, &["visitors"]),
+            "groups=fleet-ops",
+        ),
+        (
+            "robot-1's extra audience polling for robot-2",
+            "robot-2",
+            with_groups(FLEET_RELAYS, &["fleet-ops"]),
+            robot_2.as_str(),
+        ),
+    ] {
+        let answer = poll_status(&relay, backend_name, &token).await;
+        let (status, body) = answer.unwrap_or_else(|| panic!("{name}: poll accepted"));
+        assert_eq!(status, 403, "{name}: {body}");
+        assert!(body.contains(reason), "{name}: {reason:?} not in {body:?}");
+    }
+}
+
+#[tokio::test]
+async fn ec_key_curve_must_fit_the_algorithm() {
+    let idp = Idp::start().await;
+    // Published without `alg`, as many IdPs do: only the curve tells which
+    // algorithm the key is for.
+    let mut p384 = Key::generate("p384", Algorithm::ES384);
+    p384.jwk.common.key_algorithm = None;
+    // A P-384 key whose JWK claims to be on P-256.
+    let mut mislabeled = Key::generate("p384-as-p256", Algorithm::ES384);
+    mislabeled.jwk.common.key_algorithm = None;
+    match &mut mislabeled.jwk.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec) => {
+            ec.curve = jsonwebtoken::jwk::EllipticCurve::P256;
+        }
+        other => panic!("not an EC key: {other:?}"),
+    }
+    idp.add_key(p384.clone());
+    idp.add_key(mislabeled.clone());
+    let relay = relay_with(&idp, |_| {}).await;
+    let claims = idp.claims(&user_aud("robot-1"), "eve");
+
+    // The P-384 key does verify ES384 tokens.
+    let (status, body, _) = user_status(&relay, "robot-1", &Idp::sign_with(&p384, &claims)).await;
+    assert!(
+        body.contains("unknown client"),
+        "ES384 on P-384: {status} {body}"
+    );
+
+    // An ES256 header on the P-384 key's kid.
+    use base64::Engine as _;
+    let es384 = Idp::sign_with(&p384, &claims);
+    let (_, rest) = es384.split_once('.').unwrap();
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": "p384"});
+    let es256_on_p384 = format!(
+        "{}.{rest}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string())
+    );
+    // A correct ES384 signature by a key published as P-256.
+    let on_mislabeled = Idp::sign_with(&mislabeled, &claims);
+    for (name, token) in [
+        ("ES256 header on a P-384 key", es256_on_p384),
+        ("ES384 on a key published as P-256", on_mislabeled),
+    ] {
+        let (status, body, _) = user_status(&relay, "robot-1", &token).await;
+        assert_eq!(status, 401, "{name}: {body}");
+        assert!(body.contains("does not match"), "{name}: {body}");
+    }
+}
+
+type Wss =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `path` through the relay over TLS, with `cookie`
+/// as the `Cookie` header; on refusal, the handshake's HTTP status.
+async fn ws_connect(relay: &Relay, path: &str, cookie: Option<&str>) -> Result<Wss, Option<u16>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}{path}", relay.addr.port());
+    let mut req = url.into_client_request().unwrap();
+    if let Some(cookie) = cookie {
+        req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    }
+    match tokio_tungstenite::client_async(req, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Some(resp.status().as_u16())),
+        Err(_) => Err(None),
+    }
+}
+
+/// A WebSocket echo backend that reports the headers of every upgrade
+/// request it accepts.
+async fn ws_header_backend() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<http::HeaderMap>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // tungstenite fixes the callback's (large) error type.
+                #[allow(clippy::result_large_err)]
+                let report = move |req: &http::Request<()>, resp| {
+                    let _ = tx.send(req.headers().clone());
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, report).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn token_cookie_authenticates_websocket_upgrades_and_is_not_forwarded() {
+    let idp = Idp::start().await;
+    let (backend_url, mut upgrades) = ws_header_backend().await;
+    let relay = relay_with(&idp, |c| c.auth.token_cookie = Some("relay_token".into())).await;
+    let file = token_file(&idp.sign("ec-1", &idp.claims(&relay_aud("ws"), "ws")));
+    let _client = client_with_token(&relay, "ws", &backend_url, &file);
+    let token = idp.sign("rsa-1", &idp.claims(&user_aud("ws"), "alice"));
+    let cookie = format!("theme=dark; relay_token={token}");
+
+    // Retried until the relay-client polls (503 before).
+    let mut ws = eventually(|| async {
+        ws_connect(&relay, "/client/ws/echo", Some(&cookie))
+            .await
+            .ok()
+    })
+    .await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(
+        bounded(ws.next()).await.unwrap().unwrap(),
+        Message::text("hello")
+    );
+    let headers = bounded(upgrades.recv()).await.unwrap();
+    assert_eq!(
+        headers.get("cookie").map(|v| v.to_str().unwrap()),
+        Some("theme=dark"),
+        "cookies the backend saw"
+    );
+    for (name, value) in &headers {
+        let value = value.to_str().unwrap_or_default();
+        assert!(!value.contains(&token), "token relayed in {name}");
+    }
+
+    // Without the cookie the upgrade is refused before it reaches the backend.
+    let refused = ws_connect(&relay, "/client/ws/echo", Some("theme=dark")).await;
+    assert_eq!(refused.err(), Some(Some(401)));
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::observe::within;
 use common::{Relay, RelayClient, bounded, client_config};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -82,7 +83,9 @@ async fn pump(
 #[tokio::test]
 async fn relay_client_notices_a_dead_connection_within_seconds() {
     let backend = common::backend::Backend::start().await;
-    let relay = Relay::start(|_| {}).await;
+    // A request handed to a poll on the frozen connection is never
+    // answered; it is reaped with 504 after this.
+    let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(2)).await;
     let proxy = FreezingProxy::start(relay.addr).await;
     let mut cfg = client_config(&relay, "robot-1", &backend.url);
     cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
@@ -102,6 +105,31 @@ async fn relay_client_notices_a_dead_connection_within_seconds() {
     })
     .await
     .expect("no new connection within 10 s of the path dying");
+
+    // A new connection alone serves nobody: requests must be relayed over
+    // it. Polls still parked on the frozen connection may take a request
+    // first (504), so ask until one is answered by the backend.
+    let http = relay.http();
+    let hits = backend.hits.load(Ordering::SeqCst);
+    let text = within(
+        Duration::from_secs(20),
+        "a request served after the redial",
+        || async {
+            let resp = http
+                .get(format!("{}/client/robot-1/after-redial", relay.url))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            if resp.status() != 200 {
+                return None;
+            }
+            resp.text().await.ok()
+        },
+    )
+    .await;
+    assert!(text.contains("uri: /after-redial"), "{text}");
+    assert!(backend.hits.load(Ordering::SeqCst) > hits);
 }
 
 #[tokio::test]

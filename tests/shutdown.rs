@@ -1,15 +1,19 @@
-//! Graceful shutdown, in-process and of the real binary on SIGTERM, and
-//! the embedded default start (development certificates created on the
-//! fly).
+//! Graceful shutdown (new work refused with 503, requests in flight
+//! finish, and are cut off at the deadline), in-process and of the real
+//! binary on SIGTERM, and the embedded default start (development
+//! certificates created on the fly).
 
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use common::backend::Backend;
+use common::observe::within;
 use common::process::{Proc, sigterm, wait_exit, wait_for_line};
 use common::{Relay, RelayClient, bounded, eventually};
+use futures::StreamExt as _;
 
 #[tokio::test]
 async fn in_flight_requests_finish_and_new_ones_are_refused() {
@@ -17,26 +21,118 @@ async fn in_flight_requests_finish_and_new_ones_are_refused() {
     let mut relay = Relay::start(|_| {}).await;
     let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
     let http = relay.http();
+    let before = backend.hits.load(SeqCst);
     let slow = tokio::spawn({
         let http = http.clone();
         let url = format!("{}/client/robot-1/slow?ms=1500", relay.url);
         async move { http.get(url).send().await.unwrap() }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight: the backend is working on it.
+    eventually(|| async { (backend.hits.load(SeqCst) > before).then_some(()) }).await;
     let stopped = relay.signal_stop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let refused = http
-        .get(format!("{}/client/robot-1/x", relay.url))
+    // Shutdown has begun once new user requests are refused.
+    let refused = eventually(|| async {
+        let r = http
+            .get(format!("{}/client/robot-1/x", relay.url))
+            .send()
+            .await
+            .unwrap();
+        (r.status() == 503).then_some(r)
+    })
+    .await;
+    let text = refused.text().await.unwrap();
+    assert!(
+        text.contains("shutting down"),
+        "no new work while draining: {text}"
+    );
+    let poll = http
+        .get(format!("{}/server/request?server=robot-1", relay.url))
         .send()
         .await
         .unwrap();
-    assert_eq!(refused.status(), 503, "no new work while draining");
+    assert_eq!(poll.status(), 503, "no new polls while draining");
 
     let resp = bounded(slow).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "slow");
     bounded(stopped).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn run_returns_at_the_shutdown_deadline_despite_an_endless_stream() {
+    let backend = Backend::start().await;
+    let mut relay = Relay::start(|c| c.timeouts.shutdown = Duration::from_secs(1)).await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let resp = relay
+        .http()
+        .get(format!("{}/client/robot-1/forever", relay.url))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    bounded(body.next()).await.unwrap().unwrap();
+    assert_eq!(backend.open_streams.load(SeqCst), 1);
+
+    let stopped = relay.signal_stop();
+    // The 1 s drain deadline, plus the server's short grace for closing
+    // connections, plus slack: an endless stream must not hold `run`.
+    let returned = tokio::time::timeout(Duration::from_secs(8), stopped).await;
+    returned
+        .expect("server still running 8 s after shutdown with a 1 s deadline")
+        .unwrap()
+        .unwrap();
+    // The relay-client can no longer deliver, so it ends the backend call.
+    within(Duration::from_secs(5), "backend call dropped", || async {
+        (backend.open_streams.load(SeqCst) == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_cuts_off_an_endless_stream_at_the_shutdown_deadline() {
+    let backend = Backend::start().await;
+    let mut server = Proc(
+        Command::new(common::binary())
+            .args(["server", "--listen", "127.0.0.1:0", "--no-tls"])
+            .env("HTTP_RELAY_AUTH__MODE", "none")
+            .env("HTTP_RELAY_TIMEOUTS__SHUTDOWN", "1s")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = wait_for_line(&mut server.0, "listening on http://");
+    let url = line[line.find("http://").unwrap()..].trim().to_owned();
+    let _client = RelayClient::start(http_relay::config::ClientConfig {
+        relay_url: url.clone(),
+        backend_name: "robot-1".into(),
+        backend_url: backend.url.clone(),
+        ..Default::default()
+    });
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = eventually(|| async {
+        let r = http
+            .get(format!("{url}/client/robot-1/forever"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    let mut body = resp.bytes_stream();
+    bounded(body.next()).await.unwrap().unwrap();
+
+    sigterm(&server.0);
+    // Drained for 1 s, then the connections are closed: the stream ends
+    // (with an error, as the body is incomplete) and the process exits 0.
+    let cut = tokio::time::timeout(Duration::from_secs(8), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(cut.is_ok(), "stream still open 8 s after SIGTERM");
+    assert_eq!(wait_exit(&mut server.0), Some(0));
 }
 
 #[tokio::test]

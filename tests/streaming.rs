@@ -1,6 +1,7 @@
 //! Streamed and large bodies: server-sent events arrive while the backend
-//! is still sending, large bodies arrive byte-exact, and a user-client that
-//! goes away frees its request at once.
+//! is still sending, large bodies arrive byte-exact, a user-client that
+//! goes away frees its request at once, and keep-alive chunks carry a
+//! quiet stream past the inactive-request timeout.
 
 mod common;
 
@@ -8,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
-use common::{Relay, RelayClient, bounded, pattern, sha256_hex};
+use common::observe::{gauge, wait_gauge, within};
+use common::{Relay, RelayClient, bounded, client_config, pattern, sha256_hex};
 use futures::StreamExt as _;
 
 #[tokio::test]
@@ -84,27 +86,88 @@ async fn user_client_that_goes_away_frees_the_backend_call() {
     let backend = Backend::start().await;
     let relay = Relay::start(|_| {}).await;
     let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let http = relay.http();
 
-    // A long stream: 600 events 50 ms apart (30 s).
-    let resp = relay
-        .http()
-        .get(format!(
-            "{}/client/robot-1/sse?n=600&delay_ms=50",
-            relay.url
-        ))
+    // A stream that never ends by itself: only the relay can end it.
+    let resp = http
+        .get(format!("{}/client/robot-1/forever?delay_ms=200", relay.url))
         .send()
         .await
         .unwrap();
     let mut body = resp.bytes_stream();
     bounded(body.next()).await.unwrap().unwrap();
     assert_eq!(backend.open_streams.load(Ordering::SeqCst), 1);
+    let in_flight = gauge(&http, &relay.url, "relay_active_requests").await;
+    assert!(in_flight >= Some(1.0), "stream not counted: {in_flight:?}");
     drop(body);
 
-    // The relay-client's next post gets 400 and it drops the backend call.
-    bounded(async {
-        while backend.open_streams.load(Ordering::SeqCst) != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    // The relay-client's next post (at most 200 ms later) gets 400 and it
+    // drops the backend call; nothing of the request stays on the server.
+    within(
+        FREED,
+        "backend stream dropped after the user left",
+        || async { (backend.open_streams.load(Ordering::SeqCst) == 0).then_some(()) },
+    )
     .await;
+    wait_gauge(&http, &relay.url, "relay_active_requests", 0.0, FREED).await;
+}
+
+/// How long freeing a departed user-client's request may take: a few of
+/// the backend's 200 ms event intervals, far below any reaping timeout.
+const FREED: Duration = Duration::from_secs(5);
+
+/// A backend that sends one event, stays silent for 3 s, then sends the
+/// last one, relayed by a server that reaps after 1 s without a chunk and
+/// a relay-client with `keepalive`. Returns the user's body, or the error
+/// that cut it.
+async fn quiet_stream(keepalive: Duration) -> Result<String, String> {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(1)).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.keepalive_interval = keepalive;
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+
+    let resp = relay
+        .http()
+        .get(format!(
+            "{}/client/robot-1/sse?n=2&delay_ms=3000",
+            relay.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = Vec::new();
+    while let Some(chunk) = bounded(body.next()).await {
+        match chunk {
+            Ok(c) => text.extend_from_slice(&c),
+            Err(e) => {
+                return Err(format!("{e:?} after {:?}", String::from_utf8_lossy(&text)));
+            }
+        }
+    }
+    Ok(String::from_utf8(text).unwrap())
+}
+
+#[tokio::test]
+async fn keepalive_chunks_keep_a_quiet_stream_past_inactive_request() {
+    let body = quiet_stream(Duration::from_millis(300)).await;
+    assert_eq!(
+        body.as_deref(),
+        Ok("data: event 0\n\ndata: event 1\n\n"),
+        "the 3 s of silence are bridged by keep-alive chunks"
+    );
+}
+
+#[tokio::test]
+async fn quiet_stream_without_keepalive_is_cut_at_inactive_request() {
+    // The control of the test above: the same silence with keep-alives
+    // rarer than the server's inactive-request timeout.
+    let body = quiet_stream(Duration::from_secs(10)).await;
+    assert!(
+        !body.as_deref().is_ok_and(|b| b.contains("event 1")),
+        "stream survived 3 s of silence without keep-alives: {body:?}"
+    );
 }

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::backend::Backend;
+use common::observe::wait_gauge;
 use common::otlp::{Received, Receiver};
 use common::process::{Proc, sigterm, wait_exit, wait_for_line};
 use common::ws::WsBackend;
@@ -75,10 +76,21 @@ impl Stack {
         env: &[(&str, &str)],
         backends: &[(&str, &str)],
     ) -> (Stack, reqwest::Client) {
-        let (server, url) = start_server(otlp, env);
+        Self::start_with(otlp, env, env, backends).await
+    }
+
+    /// [`Stack::start`] with separate environments for the server and
+    /// the relay-clients.
+    async fn start_with(
+        otlp: &Receiver,
+        server_env: &[(&str, &str)],
+        client_env: &[(&str, &str)],
+        backends: &[(&str, &str)],
+    ) -> (Stack, reqwest::Client) {
+        let (server, url) = start_server(otlp, server_env);
         let clients = backends
             .iter()
-            .map(|(name, backend)| start_client(otlp, &url, name, backend, env))
+            .map(|(name, backend)| start_client(otlp, &url, name, backend, client_env))
             .collect();
         let stack = Stack {
             url,
@@ -147,12 +159,28 @@ fn one<'a>(spans: &'a [Received], name: &str) -> &'a Received {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn one_trace_from_user_client_to_backend_with_chunk_spans() {
+async fn one_trace_from_user_client_to_backend_with_chunk_spans_over_v1() {
+    one_trace_with_chunk_spans("v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_trace_from_user_client_to_backend_with_chunk_spans_over_v2() {
+    one_trace_with_chunk_spans("v2").await;
+}
+
+/// The same trace shape whatever the transport: chunk spans stand for
+/// posted chunks on v1 and for DATA frames on v2.
+async fn one_trace_with_chunk_spans(transport: &str) {
     let otlp = Receiver::start().await;
     let backend = Backend::start().await;
     let ws = WsBackend::start().await;
-    let (stack, http) =
-        Stack::start(&otlp, &[], &[("robot-1", &backend.url), ("ws", &ws.url)]).await;
+    let (stack, http) = Stack::start_with(
+        &otlp,
+        &[],
+        &[("HTTP_RELAY_TRANSPORT", transport)],
+        &[("robot-1", &backend.url), ("ws", &ws.url)],
+    )
+    .await;
 
     // 1. A streamed response of several chunks (4 events 300 ms apart,
     // each flushed on its own), under a user-supplied traceparent.
@@ -212,7 +240,11 @@ async fn one_trace_from_user_client_to_backend_with_chunk_spans() {
     sock.close(None).await.unwrap();
     let _ = bounded(sock.next()).await;
     drop(sock);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The upgraded connection is over on the server (its spans closed)
+    // once no stream and no request is in flight any more.
+    for gauge in ["relay_active_streams", "relay_active_requests"] {
+        wait_gauge(&http, &stack.url, gauge, 0.0, Duration::from_secs(10)).await;
+    }
 
     stack.stop();
     let spans = otlp.spans();
@@ -371,6 +403,81 @@ async fn sample_ratio_zero_exports_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    stack.stop();
+    let spans = otlp.spans();
+    assert!(
+        spans.iter().any(|s| s.trace_id() == sampled),
+        "control trace exported"
+    );
+    let others: Vec<_> = spans.iter().filter(|s| s.trace_id() != sampled).collect();
+    assert!(
+        others.is_empty(),
+        "unsampled requests exported spans: {others:#?}"
+    );
+}
+
+/// The `traceparent` the backend saw, from its description of the request.
+fn backend_traceparent(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("backend saw no traceparent: {text}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unsampled_decision_travels_to_the_backend() {
+    let otlp = Receiver::start().await;
+    let backend = Backend::start().await;
+    // The server samples nothing; the relay-client runs on its defaults.
+    let (server, url) = start_server(&otlp, &[("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", "0")]);
+    let client = start_client(&otlp, &url, "robot-1", &backend.url, &[]);
+    let stack = Stack {
+        url,
+        server,
+        clients: vec![client],
+    };
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_backend(&http, &stack.url, "robot-1").await;
+    let get = |traceparent: Option<String>| {
+        let mut req = http.get(format!("{}/client/robot-1/x", stack.url));
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            backend_traceparent(&r.text().await.unwrap())
+        }
+    };
+
+    // No incoming context: a valid one with the sampled flag off, a new
+    // trace per request.
+    let (a, b) = (get(None).await, get(None).await);
+    for tp in [&a, &b] {
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[3]), ("00", "00"), "unsampled: {tp}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{tp}");
+        assert!(
+            parts[1] != "0".repeat(32) && parts[2] != "0".repeat(16),
+            "{tp}"
+        );
+    }
+    assert_ne!(a.split('-').nth(1), b.split('-').nth(1));
+
+    // An incoming unsampled context is the trace that reaches the backend.
+    let unsampled = "33333333333333333333333333333333";
+    let seen = get(Some(format!("00-{unsampled}-4444444444444444-00"))).await;
+    assert!(seen.starts_with(&format!("00-{unsampled}-")), "{seen}");
+    assert!(seen.ends_with("-00"), "{seen}");
+
+    // Control: a sampled parent is recorded, so export works in this run.
+    let sampled = "55555555555555555555555555555555";
+    let seen = get(Some(format!("00-{sampled}-6666666666666666-01"))).await;
+    assert!(
+        seen.starts_with(&format!("00-{sampled}-")) && seen.ends_with("-01"),
+        "{seen}"
+    );
     stack.stop();
     let spans = otlp.spans();
     assert!(

@@ -11,6 +11,8 @@ use common::{Relay, RelayClient, bounded};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -49,13 +51,21 @@ async fn websocket_echo_text_binary_and_close() {
         Message::binary(blob)
     );
 
-    ws.close(None).await.unwrap();
-    // The backend's close reply comes back through the relay.
-    let reply = bounded(ws.next()).await;
-    assert!(
-        matches!(reply, Some(Ok(Message::Close(_))) | None),
-        "{reply:?}"
-    );
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Library(4321),
+        reason: "done here".into(),
+    }))
+    .await
+    .unwrap();
+    // The backend answers the close with the same code and reason; that
+    // frame crosses the relay before the connection ends.
+    match bounded(ws.next()).await {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Library(4321));
+            assert_eq!(frame.reason.as_str(), "done here");
+        }
+        other => panic!("expected the backend's close frame, got {other:?}"),
+    }
     assert_eq!(bounded(backend.ended.recv()).await.unwrap(), "/echo");
 }
 
@@ -101,4 +111,26 @@ async fn user_going_away_ends_the_backend_connection() {
         Some("/echo"),
         "backend still connected 10 s after the user left"
     );
+}
+
+#[tokio::test]
+async fn upgraded_bytes_do_not_wait_for_the_flush_interval() {
+    // A flush interval far beyond the wait below: an echo that waited for
+    // it would not arrive in time. Every read of an upgraded connection
+    // is sent at once.
+    let backend = WsBackend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = common::client_config(&relay, "ws", &backend.url);
+    cfg.flush_interval = Duration::from_secs(50);
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("ws").await;
+    let mut ws = bounded(connect_ws(&relay, "/client/ws/echo")).await;
+    for i in 0..3 {
+        let text = format!("typed {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo held back by the flush interval");
+        assert_eq!(echo.unwrap().unwrap(), Message::text(text));
+    }
 }

@@ -1,13 +1,25 @@
 //! The v1 protocol as a user-client and a relay-client see it
 //! (`PROTOCOL.md`): routing, status codes, preservation of the request and
-//! response, reaping, and the relay-client endpoints' error answers.
+//! response, reaping, the relay-client endpoints' error answers and size
+//! limit, and a relay reached under a path prefix.
 
 mod common;
 
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::backend::Backend;
-use common::{Relay, RelayClient, bounded};
+use common::observe::{wait_gauge, within};
+use common::{Relay, RelayClient, bounded, client_config};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use http_relay::proto::{HttpRequest, HttpResponse};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message as _;
 use reqwest::StatusCode;
 
 fn line<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
@@ -263,10 +275,15 @@ async fn inactive_backends_are_forgotten() {
     let user = format!("{}/client/gone/x", relay.url);
     let text = http.get(&user).send().await.unwrap().text().await.unwrap();
     assert!(!text.contains("unknown client"), "still known: {text}");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let resp = http.get(&user).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    assert!(resp.text().await.unwrap().contains("unknown client"));
+    // Forgotten once no poll came for 300 ms (the reaper looks every
+    // 75 ms): well within a few seconds.
+    within(Duration::from_secs(5), "backend forgotten", || async {
+        let resp = http.get(&user).send().await.ok()?;
+        let status = resp.status();
+        let text = resp.text().await.ok()?;
+        (status == 503 && text.contains("unknown client")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -290,7 +307,6 @@ async fn relay_endpoints_reject_bad_input() {
     assert_eq!(resp.status(), 400, "malformed protobuf");
     assert!(resp.text().await.unwrap().contains("malformed"));
 
-    use prost::Message as _;
     let chunk = http_relay::proto::HttpResponse {
         id: Some("robot-1:00000000000000000000000000000000".into()),
         status_code: Some(200),
@@ -331,16 +347,18 @@ async fn relay_endpoints_reject_bad_input() {
 
 #[tokio::test]
 async fn many_concurrent_requests_to_several_backends_never_mix() {
+    // Each backend labels its answers, so an answer shows who gave it.
     let backends = [
-        Backend::start().await,
-        Backend::start().await,
-        Backend::start().await,
+        Backend::start_labeled("backend-0").await,
+        Backend::start_labeled("backend-1").await,
+        Backend::start_labeled("backend-2").await,
     ];
     let relay = Relay::start(|_| {}).await;
     let mut clients = Vec::new();
     for (i, b) in backends.iter().enumerate() {
         clients.push(RelayClient::connect(&relay, &format!("robot-{i}"), &b.url).await);
     }
+    let before: Vec<usize> = backends.iter().map(|b| b.hits.load(SeqCst)).collect();
     let http = relay.http();
     let mut tasks = Vec::new();
     for n in 0..150usize {
@@ -348,28 +366,24 @@ async fn many_concurrent_requests_to_several_backends_never_mix() {
         let url = format!("{}/client/robot-{}/req/{n}?n={n}", relay.url, n % 3);
         tasks.push(tokio::spawn(async move {
             let body = format!("body-{n}");
-            let text = http
-                .post(&url)
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            (n, text, body)
+            let resp = http.post(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{n}");
+            let label = resp.headers()["x-backend"].to_str().unwrap().to_owned();
+            (n, label, resp.text().await.unwrap(), body)
         }));
     }
     for t in tasks {
-        let (n, text, body) = bounded(t).await.unwrap();
+        let (n, label, text, body) = bounded(t).await.unwrap();
+        assert_eq!(label, format!("backend-{}", n % 3), "request {n}");
         assert_eq!(line(&text, "uri"), [format!("/req/{n}?n={n}").as_str()]);
         assert!(text.ends_with(&format!("\n\n{body}")), "{n}: {text}");
     }
-    let hits: usize = backends
+    let served: Vec<usize> = backends
         .iter()
-        .map(|b| b.hits.load(std::sync::atomic::Ordering::SeqCst))
-        .sum();
-    assert!(hits >= 150);
+        .zip(&before)
+        .map(|(b, before)| b.hits.load(SeqCst) - before)
+        .collect();
+    assert_eq!(served, [50, 50, 50], "requests that reached each backend");
 }
 
 #[tokio::test]
@@ -402,5 +416,207 @@ async fn several_relay_clients_share_one_name() {
     assert!(
         after.0 > before.0 && after.1 > before.1,
         "both clients served: {before:?} -> {after:?}"
+    );
+}
+
+/// Registers `name` with a raw poll that gives up at once, so that user
+/// requests for it wait for the next poll instead of failing with 503.
+async fn register(http: &reqwest::Client, relay: &Relay, name: &str) {
+    let _ = http
+        .get(format!("{}/server/request?server={name}", relay.url))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+}
+
+/// A raw v1 poll for `name`: the next relayed request.
+async fn raw_poll(http: &reqwest::Client, relay: &Relay, name: &str) -> HttpRequest {
+    let url = format!("{}/server/request?server={name}", relay.url);
+    bounded(async {
+        loop {
+            let resp = http.get(&url).send().await.unwrap();
+            match resp.status().as_u16() {
+                200 => return HttpRequest::decode(resp.bytes().await.unwrap()).unwrap(),
+                408 => continue,
+                s => panic!("poll answered {s}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn raw_post(http: &reqwest::Client, relay: &Relay, chunk: &HttpResponse) -> StatusCode {
+    http.post(format!("{}/server/response", relay.url))
+        .body(chunk.encode_to_vec())
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn oversize_response_chunk_gets_413_and_the_user_request_still_ends() {
+    let relay = Relay::start(|c| {
+        c.limits.max_response_chunk = bytesize::ByteSize::kib(64);
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let http = relay.http();
+    register(&http, &relay, "v1bot").await;
+    let user = |path: &'static str| {
+        let (http, url) = (relay.http(), format!("{}/client/v1bot{path}", relay.url));
+        tokio::spawn(async move { http.get(url).send().await.unwrap() })
+    };
+    let chunk = |id: Option<String>, len: usize| HttpResponse {
+        id,
+        status_code: Some(200),
+        body: Some(vec![b'x'; len].into()),
+        eof: Some(true),
+        ..Default::default()
+    };
+
+    // Control: a chunk just under the limit is taken.
+    let small = user("/small");
+    let id = raw_poll(&http, &relay, "v1bot").await.id;
+    assert_eq!(
+        raw_post(&http, &relay, &chunk(id, 63 * 1024)).await,
+        StatusCode::OK
+    );
+    let resp = bounded(small).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().len(), 63 * 1024);
+
+    let big = user("/big");
+    let id = raw_poll(&http, &relay, "v1bot").await.id;
+    assert_eq!(
+        raw_post(&http, &relay, &chunk(id, 65 * 1024)).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // Nothing more comes from the relay-client: the user-client gets an
+    // error status once the request is reaped (1 s), not a hang.
+    let resp = tokio::time::timeout(Duration::from_secs(10), big)
+        .await
+        .expect("user request still open 10 s after the refused chunk")
+        .unwrap();
+    assert!(
+        [502, 504].contains(&resp.status().as_u16()),
+        "{}",
+        resp.status()
+    );
+    wait_gauge(
+        &http,
+        &relay.url,
+        "relay_active_requests",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// A reverse proxy that serves the relay under `/prefix` only, as an
+/// ingress with a path rule does, and records every path asked for.
+struct PrefixProxy {
+    url: String,
+    paths: Arc<Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+impl PrefixProxy {
+    async fn start(target: &str) -> PrefixProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let paths: Arc<Mutex<Vec<String>>> = Arc::default();
+        let upstream = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+        let (seen, target) = (paths.clone(), target.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (seen, upstream, target) = (seen.clone(), upstream.clone(), target.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        forward(req, seen.clone(), upstream.clone(), target.clone())
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        PrefixProxy {
+            url,
+            paths,
+            _task: task,
+        }
+    }
+}
+
+async fn forward(
+    req: http::Request<Incoming>,
+    seen: Arc<Mutex<Vec<String>>>,
+    upstream: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    target: String,
+) -> Result<http::Response<ProxyBody>, hyper::Error> {
+    let path = req.uri().path().to_owned();
+    seen.lock().unwrap().push(path.clone());
+    let Some(rest) = path.strip_prefix("/prefix").filter(|r| r.starts_with('/')) else {
+        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"no route")));
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed()));
+    };
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let (mut parts, body) = req.into_parts();
+    parts.uri = format!("{target}{rest}{query}").parse().unwrap();
+    parts.headers.remove(http::header::HOST);
+    let body = Full::new(body.collect().await?.to_bytes());
+    match upstream
+        .request(http::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => Ok(resp.map(BodyExt::boxed)),
+        Err(e) => {
+            let mut resp = http::Response::new(Full::new(Bytes::from(e.to_string())));
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            Ok(resp.map(|b| b.map_err(|never| match never {}).boxed()))
+        }
+    }
+}
+
+#[tokio::test]
+async fn relay_url_with_a_path_prefix() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    let proxy = PrefixProxy::start(&relay.url).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.relay_url = format!("{}/prefix", proxy.url);
+    let _client = RelayClient::start(cfg);
+
+    // Served only if the relay-client polls and posts under the prefix.
+    let text = within(Duration::from_secs(10), "a request served", || async {
+        let resp = relay
+            .http()
+            .get(format!("{}/client/robot-1/through?x=1", relay.url))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(resp.text().await.ok()?)
+    })
+    .await;
+    assert_eq!(line(&text, "uri"), ["/through?x=1"]);
+    let paths = proxy.paths.lock().unwrap().clone();
+    for expected in ["/prefix/server/request", "/prefix/server/response"] {
+        assert!(paths.iter().any(|p| p == expected), "{expected}: {paths:?}");
+    }
+    assert!(
+        paths.iter().all(|p| p.starts_with("/prefix/server/")),
+        "{paths:?}"
     );
 }

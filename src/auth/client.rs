@@ -197,7 +197,8 @@ impl ClientCredentials {
 
     /// The cached token while it is valid: polls and chunk posts never
     /// wait for the token endpoint then. Once 80% of its life has passed
-    /// (or 10 s before expiry) a refresh starts in the background and the
+    /// (and at least 10 s before expiry for tokens that live over 50 s) a
+    /// refresh starts in the background and the
     /// old token stays in use until the new one arrives. Only without a
     /// valid token does a caller wait, for one fetch shared by all.
     async fn token(self: &Arc<Self>) -> Result<String, TokenError> {
@@ -248,7 +249,14 @@ impl ClientCredentials {
         match self.fetch().await {
             Ok((token, lifetime)) => {
                 let fetched = Instant::now();
-                let margin = (lifetime / 5).max(Duration::from_secs(10)).min(lifetime);
+                // At 80% of the life; at least 10 s before expiry for
+                // tokens that live long enough (a short-lived token must
+                // not be due for refresh the moment it arrives).
+                let margin = if lifetime > Duration::from_secs(50) {
+                    (lifetime / 5).max(Duration::from_secs(10))
+                } else {
+                    lifetime / 5
+                };
                 *lock(&self.current) = Some(Cached {
                     token: token.clone(),
                     refresh_at: crate::clock::after(fetched, lifetime - margin),

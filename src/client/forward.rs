@@ -166,7 +166,7 @@ async fn forward_inner(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS && wants_upgrade {
         return pipe(ctx, id, first, resp).await;
     }
-    let chunker = Chunker::new(ctx, first);
+    let chunker = Chunker::new(ctx, first, false);
     chunker.run(resp.into_body()).await
 }
 
@@ -231,8 +231,9 @@ async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
 
 /// Cuts a body into response chunks (`PROTOCOL.md`, step 3): at
 /// `max_chunk_size`, when the oldest unsent byte is `flush_interval` old,
-/// and an empty keep-alive chunk after `keepalive_interval` of silence.
-/// Posts are sequential: chunk order is the byte order.
+/// and an empty keep-alive chunk after `keepalive_interval` of silence
+/// (for upgraded connections: at every read). Posts are sequential: chunk
+/// order is the byte order.
 struct Chunker<'a> {
     ctx: &'a Ctx,
     id: String,
@@ -243,10 +244,12 @@ struct Chunker<'a> {
     first: Option<HttpResponse>,
     buf: BytesMut,
     trailers: HeaderMap,
+    /// Send every read at once (upgraded connections): no flush delay.
+    immediate: bool,
 }
 
 impl<'a> Chunker<'a> {
-    fn new(ctx: &'a Ctx, first: HttpResponse) -> Self {
+    fn new(ctx: &'a Ctx, first: HttpResponse, immediate: bool) -> Self {
         Self {
             ctx,
             id: first.id.clone().unwrap_or_default(),
@@ -256,6 +259,7 @@ impl<'a> Chunker<'a> {
             first: Some(first),
             buf: BytesMut::new(),
             trailers: HeaderMap::new(),
+            immediate,
         }
     }
 
@@ -265,7 +269,11 @@ impl<'a> Chunker<'a> {
         B::Error: std::fmt::Display,
     {
         let max = usize::try_from(self.ctx.cfg.max_chunk_size.as_u64()).unwrap_or(usize::MAX);
-        let flush = self.ctx.cfg.flush_interval;
+        let flush = if self.immediate {
+            std::time::Duration::ZERO
+        } else {
+            self.ctx.cfg.flush_interval
+        };
         let keepalive = self.ctx.cfg.keepalive_interval;
         let mut body = body;
         // The first chunk waits one flush interval, so a small answer
@@ -383,7 +391,9 @@ async fn pipe(
         let body = StreamBody::new(futures_util::StreamExt::map(stream, |r| {
             r.map(http_body::Frame::data)
         }));
-        Chunker::new(ctx, first).run(body).await
+        // Bytes of an upgraded connection go out as soon as they are read:
+        // an interactive session must not wait for a flush timer.
+        Chunker::new(ctx, first, true).run(body).await
     };
     let to_backend = async {
         // A brief failure (e.g. a reconnect) is retried; the stream ends

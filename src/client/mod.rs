@@ -5,6 +5,7 @@
 
 mod forward;
 pub mod transport;
+mod tunnel;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::client::TokenSource;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Transport};
 use crate::tls::TlsError;
 use transport::{HttpsClient, RelayTransport, TransportError};
+use tunnel::TunnelError;
 
 /// Least wait after the server refused our token.
 const AUTH_BACKOFF: Duration = Duration::from_secs(2);
@@ -31,6 +33,10 @@ pub enum ClientError {
     Tls(#[from] TlsError),
     #[error("cannot build the token client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error("transport = \"v2\", but the relay server does not offer v2 (it answered {0})")]
+    V2NotOffered(http::StatusCode),
 }
 
 /// What every request task shares.
@@ -38,6 +44,8 @@ pub struct Ctx {
     cfg: ClientConfig,
     transport: RelayTransport,
     backend: HttpsClient,
+    /// The backend client of v2 streams (bodies piped, not buffered).
+    backend_stream: HttpsClient<tunnel::Body>,
     /// `backend_url` without a trailing slash; request paths are appended.
     backend_base: String,
     /// One permit per request in flight (`max_concurrent_requests`).
@@ -72,35 +80,51 @@ impl Ctx {
         let tokens = Arc::new(TokenSource::new(&cfg.auth)?);
         let transport = RelayTransport::new(&cfg, tokens)?;
         let backend_tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
-        let backend = transport::https_client(backend_tls, |_| {}, cfg.backend_http2);
+        let backend = transport::https_client(backend_tls.clone(), |_| {}, cfg.backend_http2);
+        let backend_stream = transport::https_client(backend_tls, |_| {}, cfg.backend_http2);
         let backend_base = cfg.backend_url.trim_end_matches('/').to_owned();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests));
         Ok(Self {
             cfg,
             transport,
             backend,
+            backend_stream,
             backend_base,
             in_flight,
         })
     }
 }
 
-/// Runs the relay-client until `shutdown` resolves; then stops polling and
-/// lets requests in flight finish for a short grace period.
+/// Runs the relay-client until `shutdown` resolves; then stops taking
+/// requests and lets those in flight finish for a short grace period.
+///
+/// With `transport = "auto"` it connects over v2 when the server offers
+/// it and falls back to v1 polls otherwise, re-probing v2 every
+/// [`REPROBE`] (`docs/transport-v2.md`, "Negotiation").
 pub async fn run(cfg: ClientConfig, shutdown: impl Future<Output = ()>) -> Result<(), ClientError> {
     let ctx = Arc::new(Ctx::new(cfg)?);
+    let dialer = match ctx.cfg.transport {
+        Transport::V1 => None,
+        Transport::Auto | Transport::V2 => Some(tunnel::Dialer::new(&ctx)?),
+    };
     tracing::info!(
         relay = ctx.cfg.relay_url,
         backend = ctx.cfg.backend_name,
         target = ctx.cfg.backend_url,
+        transport = ?ctx.cfg.transport,
         "relay-client started"
     );
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    for _ in 0..ctx.cfg.pending_polls {
-        tasks.spawn(poll_loop(ctx.clone(), stop.clone(), tasks.clone()));
-    }
-    shutdown.await;
+    let driver = drive(ctx.clone(), dialer, stop.clone(), tasks.clone());
+    tokio::pin!(driver);
+    let result = tokio::select! {
+        r = &mut driver => r,
+        () = shutdown => {
+            stop.cancel();
+            driver.await
+        }
+    };
     stop.cancel();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
@@ -110,7 +134,83 @@ pub async fn run(cfg: ClientConfig, shutdown: impl Future<Output = ()>) -> Resul
         tracing::warn!("requests still in flight at shutdown were abandoned");
     }
     tracing::info!("relay-client stopped");
-    Ok(())
+    result
+}
+
+/// How often a relay-client on v1 polls asks again whether the server
+/// offers v2.
+pub const REPROBE: Duration = Duration::from_secs(300);
+
+/// Picks and keeps the transport until `stop`.
+async fn drive(
+    ctx: Arc<Ctx>,
+    dialer: Option<tunnel::Dialer>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) -> Result<(), ClientError> {
+    let Some(dialer) = dialer else {
+        start_polls(&ctx, &stop, &tasks);
+        stop.cancelled().await;
+        return Ok(());
+    };
+    // Polls running while the server does not offer v2.
+    let mut v1: Option<CancellationToken> = None;
+    let mut backoff = Backoff::new();
+    loop {
+        let opened = tokio::select! {
+            r = dialer.open(&ctx) => r,
+            () = stop.cancelled() => return Ok(()),
+        };
+        let err = match opened {
+            Ok(conn) => {
+                if let Some(polls) = v1.take() {
+                    tracing::info!("the server offers v2 now: v1 polls stop");
+                    polls.cancel();
+                }
+                backoff.reset();
+                match tunnel::run(ctx.clone(), &dialer, conn, stop.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let wait = match err {
+            TunnelError::NotOffered(status) if ctx.cfg.transport == Transport::V2 => {
+                return Err(ClientError::V2NotOffered(status));
+            }
+            TunnelError::NotOffered(status) => {
+                if v1.is_none() {
+                    tracing::info!(%status, reprobe = ?REPROBE, "the server does not offer v2: using v1 polls");
+                    let polls = stop.child_token();
+                    start_polls(&ctx, &polls, &tasks);
+                    v1 = Some(polls);
+                }
+                REPROBE
+            }
+            other => {
+                let wait = if v1.is_some() {
+                    REPROBE
+                } else if matches!(other, TunnelError::Refused { .. } | TunnelError::Token(_)) {
+                    backoff.step().max(AUTH_BACKOFF)
+                } else {
+                    backoff.step()
+                };
+                tracing::warn!(error = %other, retry_in = ?wait, "v2 connection failed");
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+fn start_polls(ctx: &Arc<Ctx>, stop: &CancellationToken, tasks: &TaskTracker) {
+    for _ in 0..ctx.cfg.pending_polls {
+        tasks.spawn(poll_loop(ctx.clone(), stop.clone(), tasks.clone()));
+    }
 }
 
 /// One long poll after another; each request runs in its own task so the

@@ -27,7 +27,8 @@ const MAX_STREAM_ANSWER: usize = 64 << 20;
 /// silently dead HTTP/1.1 connection does not hang a poll forever.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpsClient<B = Full<Bytes>> =
+    Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
 
 /// Why a call to the relay server failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +90,16 @@ pub struct RelayTransport {
     backend_query: String,
 }
 
-pub(crate) fn https_client(
+pub(crate) fn https_client<B>(
     tls: rustls::ClientConfig,
     configure: impl FnOnce(&mut hyper_util::client::legacy::Builder),
     http2_only: bool,
-) -> HttpsClient {
+) -> HttpsClient<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -136,6 +142,11 @@ impl RelayTransport {
             base: cfg.relay_url.trim_end_matches('/').to_owned(),
             backend_query: form_urlencoded::byte_serialize(cfg.backend_name.as_bytes()).collect(),
         })
+    }
+
+    /// Where the relay token comes from (shared with the v2 transport).
+    pub fn tokens(&self) -> &Arc<TokenSource> {
+        &self.tokens
     }
 
     async fn call(

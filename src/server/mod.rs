@@ -7,6 +7,7 @@
 pub mod body;
 mod gate;
 mod relay;
+mod tunnel;
 mod user;
 
 use std::convert::Infallible;
@@ -140,12 +141,17 @@ pub async fn run_with_admin(
     let log_flush = tokio::spawn(flush_refusal_log(state.refusal_log.clone()));
     let _log_flush = AbortOnDrop(log_flush);
 
+    // Cancelled after the close grace: connections still open then are
+    // dropped, so nothing of the server outlives `run`.
+    let force_close = CancellationToken::new();
+    let _force_close = force_close.clone().drop_guard();
     let mut accept = Box::pin(accept_loop(
         listener,
         acceptor,
         state.clone(),
         &graceful,
         stop_accepting.clone(),
+        force_close.clone(),
     ));
     tokio::select! {
         r = &mut accept => {
@@ -176,12 +182,16 @@ pub async fn run_with_admin(
     stop_accepting.cancel();
     let _ = accept.await;
     reaper.abort();
+    // v2 connections are not watched by the graceful shutdown (they left
+    // hyper's server at the upgrade): close them here.
+    broker.close_tunnels();
     if tokio::time::timeout(CLOSE_GRACE, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::debug!("connections still open after the close grace; dropping them");
     }
+    force_close.cancel();
     tracing::info!("server stopped");
     Ok(())
 }
@@ -264,6 +274,7 @@ async fn accept_loop(
     state: State,
     graceful: &GracefulShutdown,
     stop: CancellationToken,
+    force_close: CancellationToken,
 ) -> Result<(), ServerError> {
     let builder = connection_builder();
     loop {
@@ -284,6 +295,7 @@ async fn accept_loop(
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let state = state.clone();
+        let force_close = force_close.clone();
         tokio::spawn(async move {
             let metrics = state.metrics.clone();
             let service = hyper::service::service_fn(move |req| {
@@ -307,14 +319,20 @@ async fn accept_loop(
                             }
                         };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    tokio::select! {
+                        r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with error");
+                        },
+                        () = force_close.cancelled() => {}
                     }
                 }
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    tokio::select! {
+                        r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with error");
+                        },
+                        () = force_close.cancelled() => {}
                     }
                 }
             }

@@ -19,9 +19,11 @@ pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::GET, "/server/request") => poll(state, &req).await,
         (&Method::POST, "/server/response") => response(state, req).await,
         (&Method::POST, "/server/requeststream") => request_stream(state, &req).await,
-        (_, "/server/request" | "/server/response" | "/server/requeststream") => {
-            Err(RelayError::MethodNotAllowed)
-        }
+        (&Method::GET, proto::v2::CONNECT_PATH) => super::tunnel::connect(state, req).await,
+        (
+            _,
+            "/server/request" | "/server/response" | "/server/requeststream" | "/server/connect",
+        ) => Err(RelayError::MethodNotAllowed),
         _ => Err(RelayError::NotFound),
     }
 }

@@ -71,7 +71,7 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// Removes hop-by-hop headers and the ones `Connection` names. On an
 /// upgrade, `Connection` and `Upgrade` are what the backend must see.
 /// `TE: trailers` stays: gRPC backends require it.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -103,6 +103,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 fn is_upgrade_request(req: &Request<Incoming>) -> bool {
     req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// The `Upgrade` token of an HTTP/1.1 upgrade request.
+pub(super) fn upgrade_token(req: &Request<Incoming>) -> Option<http::HeaderValue> {
+    if !is_upgrade_request(req) {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
 }
 
 /// Relays one user-client request.
@@ -180,6 +188,11 @@ async fn relay_request(
     // Fast refusal before reading (up to 64 MiB of) body for nobody.
     if !state.broker.knows_backend(&route.backend) {
         return Err(BrokerError::UnknownBackend(route.backend).into());
+    }
+    // A relay-client connected over v2 takes the request as a stream; v1
+    // polls are the fallback (`docs/transport-v2.md`).
+    if let Some(treq) = state.broker.tunnel(&route.backend)? {
+        return super::tunnel::relay(state, req, route, treq, &span).await;
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let version = req.version();
@@ -326,7 +339,10 @@ const GRPC_TRAILERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-de
 /// Go relay-client never forwards `Trailer` (`PROTOCOL.md`, "What the Go
 /// peers actually send"). Undeclared trailers of a longer stream reach
 /// HTTP/2 user-clients only; `PROTOCOL.md` says why.
-fn announce_trailers<'a>(headers: &mut HeaderMap, known: impl Iterator<Item = &'a HeaderName>) {
+pub(super) fn announce_trailers<'a>(
+    headers: &mut HeaderMap,
+    known: impl Iterator<Item = &'a HeaderName>,
+) {
     // A body with a length is not chunked: HTTP/1.1 has no trailers then.
     if headers.contains_key(header::CONTENT_LENGTH) {
         return;

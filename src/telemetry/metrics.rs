@@ -62,6 +62,8 @@ pub struct Metrics {
     pub connected_backends: IntGauge,
     pub active_requests: IntGauge,
     pub active_streams: IntGauge,
+    /// Connected v2 relay-clients (`docs/transport-v2.md`).
+    pub tunnels: IntGauge,
     bytes: IntCounterVec,
     auth_failures: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
@@ -147,6 +149,10 @@ impl Metrics {
         let connected_backends = gauge("relay_connected_backends", "Backends known to the broker");
         let active_requests = gauge("relay_active_requests", "Relayed requests in flight");
         let active_streams = gauge("relay_active_streams", "Upgraded connections in flight");
+        let tunnels = gauge(
+            "relay_tunnels",
+            "Relay-clients connected over the v2 transport",
+        );
         let bytes = counter(
             "relay_bytes_total",
             "Body bytes relayed by direction",
@@ -175,6 +181,7 @@ impl Metrics {
             connected_backends,
             active_requests,
             active_streams,
+            tunnels,
             bytes,
             auth_failures,
             tls_handshake_failures,

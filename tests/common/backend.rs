@@ -7,10 +7,16 @@
 //! - `/bytes/<n>`: `n` bytes of [`super::pattern`] with seed `n`, streamed.
 //! - `/hash`: SHA-256 of the request body.
 //! - `/sse?n=N&delay_ms=D`: N server-sent events, D ms apart.
+//! - `/forever?delay_ms=D`: server-sent events, D ms apart (default 200),
+//!   until the body is dropped.
 //! - `/slow?ms=M`: answers after M ms.
-//! - `/hang`: never answers.
+//! - `/hang`: never answers (counted in [`Backend::hanging`]).
 //! - anything else: a description of the request as text lines
 //!   (`method`, `uri`, `host`, each header, `body-len`), then the body.
+//!
+//! Every answer of the last kind carries `x-backend: <label>` (`test`
+//! unless started with [`Backend::start_labeled`]), so tests with several
+//! backends can tell which one answered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,8 +45,11 @@ pub struct Backend {
     pub url: String,
     /// Requests that reached the backend.
     pub hits: Arc<AtomicUsize>,
-    /// `/sse` bodies currently being sent (a dropped body decrements it).
+    /// `/sse` and `/forever` bodies currently being sent (a dropped body
+    /// decrements it).
     pub open_streams: Arc<AtomicUsize>,
+    /// `/hang` handlers currently waiting (a dropped handler decrements it).
+    pub hanging: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -50,23 +59,42 @@ impl Drop for Backend {
     }
 }
 
+/// What the handlers of one backend share.
+#[derive(Clone)]
+struct Shared {
+    label: Arc<str>,
+    open: Arc<AtomicUsize>,
+    hanging: Arc<AtomicUsize>,
+}
+
 impl Backend {
     pub async fn start() -> Backend {
+        Self::start_labeled("test").await
+    }
+
+    /// A backend whose described requests carry `x-backend: <label>`.
+    pub async fn start_labeled(label: &str) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let open_streams = Arc::new(AtomicUsize::new(0));
-        let (counter, open) = (hits.clone(), open_streams.clone());
+        let hanging = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let shared = Shared {
+            label: Arc::from(label),
+            open: open_streams.clone(),
+            hanging: hanging.clone(),
+        };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (counter, open) = (counter.clone(), open.clone());
+                let (counter, shared) = (counter.clone(), shared.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        handle(req, open.clone())
+                        handle(req, shared.clone())
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -79,6 +107,7 @@ impl Backend {
             url: format!("http://127.0.0.1:{}", addr.port()),
             hits,
             open_streams,
+            hanging,
             task,
         }
     }
@@ -91,7 +120,7 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-/// Counts an open stream while alive.
+/// Counts an open stream (or a waiting handler) while alive.
 struct OpenGuard(Arc<AtomicUsize>);
 
 impl OpenGuard {
@@ -107,10 +136,30 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    open: Arc<AtomicUsize>,
-) -> Result<Response<Body>, Infallible> {
+/// `n` server-sent events (`None`: endless), `delay` apart, counted in
+/// `open` until the body ends or is dropped.
+fn events(n: Option<u64>, delay: Duration, open: Arc<AtomicUsize>) -> Response<Body> {
+    let guard = Arc::new(OpenGuard::new(open));
+    let stream = futures::stream::unfold(0u64, move |i| {
+        let _alive = guard.clone();
+        async move {
+            if n.is_some_and(|n| i >= n) {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
+            Some((Ok::<_, Infallible>(frame), i + 1))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
+async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let resp = if let Some(code) = path.strip_prefix("/status/") {
         let code = code.parse().unwrap_or(500);
@@ -145,42 +194,27 @@ async fn handle(
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         Response::new(full(super::sha256_hex(&body)))
-    } else if path == "/sse" {
-        let n = query(&req, "n").unwrap_or(3);
+    } else if path == "/sse" || path == "/forever" {
+        let n = (path == "/sse").then(|| query(&req, "n").unwrap_or(3));
         let delay = Duration::from_millis(query(&req, "delay_ms").unwrap_or(200));
-        let guard = Arc::new(OpenGuard::new(open));
-        let stream = futures::stream::unfold(0u64, move |i| {
-            let _alive = guard.clone();
-            async move {
-                if i >= n {
-                    return None;
-                }
-                if i > 0 {
-                    tokio::time::sleep(delay).await;
-                }
-                let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
-                Some((Ok::<_, Infallible>(frame), i + 1))
-            }
-        });
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(StreamBody::new(stream).boxed())
-            .unwrap()
+        events(n, delay, shared.open)
     } else if path == "/slow" {
         let ms = query(&req, "ms").unwrap_or(500);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Response::new(full("slow"))
     } else if path == "/hang" {
+        // Dropped with the handler future when the caller goes away.
+        let _waiting = OpenGuard::new(shared.hanging);
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Response::new(full("late"))
     } else {
-        describe(req).await
+        describe(req, &shared.label).await
     };
     Ok(resp)
 }
 
 /// The request as text: one `key: value` line each, a blank line, the body.
-async fn describe(req: Request<Incoming>) -> Response<Body> {
+async fn describe(req: Request<Incoming>, label: &str) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -198,7 +232,7 @@ async fn describe(req: Request<Incoming>) -> Response<Body> {
     let mut out = text.into_bytes();
     out.extend_from_slice(&body);
     Response::builder()
-        .header("x-backend", "test")
+        .header("x-backend", label)
         .body(full(out))
         .unwrap()
 }

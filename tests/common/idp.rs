@@ -1,10 +1,14 @@
 //! An in-test OIDC identity provider on 127.0.0.1: discovery, JWKS (RSA
 //! and EC keys, rotatable), and a client-credentials token endpoint.
+//! Every endpoint counts its calls; the JWKS and token endpoints can be
+//! made slow (to overlap concurrent callers with one answer) and the token
+//! endpoint can fail, and both report how many calls are in flight.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -33,11 +37,16 @@ impl Key {
                 rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap()
             }
             Algorithm::ES256 => rcgen::KeyPair::generate().unwrap(),
+            Algorithm::ES384 => {
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap()
+            }
             other => panic!("no test key for {other:?}"),
         };
         let pem = pair.serialize_pem();
         let encoding = match alg {
-            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            Algorithm::ES256 | Algorithm::ES384 => {
+                EncodingKey::from_ec_pem(pem.as_bytes()).unwrap()
+            }
             _ => EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
         };
         let mut jwk = Jwk::from_encoding_key(&encoding, alg).unwrap();
@@ -53,10 +62,32 @@ impl Key {
 }
 
 /// What the token endpoint saw.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TokenCall {
     pub form: HashMap<String, String>,
     pub basic_auth: Option<String>,
+    /// When the call arrived.
+    pub at: Instant,
+}
+
+/// Counts a call in flight while alive, and the most ever in flight at
+/// once; a call whose connection goes away mid-answer is uncounted too.
+struct InFlight<'a> {
+    now: &'a AtomicUsize,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(now: &'a AtomicUsize, max: &AtomicUsize) -> Self {
+        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+        max.fetch_max(n, Ordering::SeqCst);
+        InFlight { now }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Shared {
@@ -64,10 +95,19 @@ struct Shared {
     keys: Mutex<Vec<Key>>,
     up: AtomicBool,
     jwks_fetches: AtomicUsize,
+    jwks_delay: Mutex<Duration>,
+    jwks_in_flight: AtomicUsize,
+    jwks_max_in_flight: AtomicUsize,
+    discovery_calls: AtomicUsize,
     max_age: Mutex<Option<u64>>,
     clients: Mutex<HashMap<String, String>>,
     token_calls: Mutex<Vec<TokenCall>>,
     token_ttl: Mutex<u64>,
+    token_delay: Mutex<Duration>,
+    token_fail: AtomicBool,
+    tokens_issued: AtomicUsize,
+    token_in_flight: AtomicUsize,
+    token_max_in_flight: AtomicUsize,
 }
 
 /// A running test IdP.
@@ -90,10 +130,19 @@ impl Idp {
             ]),
             up: AtomicBool::new(true),
             jwks_fetches: AtomicUsize::new(0),
+            jwks_delay: Mutex::new(Duration::ZERO),
+            jwks_in_flight: AtomicUsize::new(0),
+            jwks_max_in_flight: AtomicUsize::new(0),
+            discovery_calls: AtomicUsize::new(0),
             max_age: Mutex::new(None),
             clients: Mutex::new(HashMap::new()),
             token_calls: Mutex::new(Vec::new()),
             token_ttl: Mutex::new(3600),
+            token_delay: Mutex::new(Duration::ZERO),
+            token_fail: AtomicBool::new(false),
+            tokens_issued: AtomicUsize::new(0),
+            token_in_flight: AtomicUsize::new(0),
+            token_max_in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -125,8 +174,29 @@ impl Idp {
         self.shared.up.store(up, Ordering::SeqCst);
     }
 
+    /// JWKS requests received (counted on arrival).
     pub fn jwks_fetches(&self) -> usize {
         self.shared.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    /// JWKS answers wait this long (default none).
+    pub fn set_jwks_delay(&self, delay: Duration) {
+        *self.shared.jwks_delay.lock().unwrap() = delay;
+    }
+
+    /// JWKS requests being answered right now.
+    pub fn jwks_in_flight(&self) -> usize {
+        self.shared.jwks_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most JWKS requests ever answered at the same time.
+    pub fn jwks_max_in_flight(&self) -> usize {
+        self.shared.jwks_max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests for the OIDC discovery document.
+    pub fn discovery_calls(&self) -> usize {
+        self.shared.discovery_calls.load(Ordering::SeqCst)
     }
 
     pub fn set_max_age(&self, secs: Option<u64>) {
@@ -181,12 +251,40 @@ impl Idp {
             .insert(id.to_owned(), secret.to_owned());
     }
 
+    /// Lifetime (`expires_in`) of issued tokens. Their `exp` is rounded
+    /// up, so a token stays valid for at least this long.
     pub fn set_token_ttl(&self, secs: u64) {
         *self.shared.token_ttl.lock().unwrap() = secs;
     }
 
+    /// Token answers wait this long (default none).
+    pub fn set_token_delay(&self, delay: Duration) {
+        *self.shared.token_delay.lock().unwrap() = delay;
+    }
+
+    /// While set, the token endpoint answers 500.
+    pub fn set_token_failing(&self, failing: bool) {
+        self.shared.token_fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// Every call of the token endpoint, answered or not, in arrival order.
     pub fn token_calls(&self) -> Vec<TokenCall> {
         self.shared.token_calls.lock().unwrap().clone()
+    }
+
+    /// Tokens handed out (calls answered 200).
+    pub fn tokens_issued(&self) -> usize {
+        self.shared.tokens_issued.load(Ordering::SeqCst)
+    }
+
+    /// Token calls being answered right now.
+    pub fn token_in_flight(&self) -> usize {
+        self.shared.token_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most token calls ever answered at the same time.
+    pub fn token_max_in_flight(&self) -> usize {
+        self.shared.token_max_in_flight.load(Ordering::SeqCst)
     }
 }
 
@@ -208,13 +306,19 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/.well-known/openid-configuration" => json_response(json!({
-            "issuer": s.url,
-            "jwks_uri": format!("{}/jwks", s.url),
-            "token_endpoint": format!("{}/token", s.url),
-        })),
+        "/.well-known/openid-configuration" => {
+            s.discovery_calls.fetch_add(1, Ordering::SeqCst);
+            json_response(json!({
+                "issuer": s.url,
+                "jwks_uri": format!("{}/jwks", s.url),
+                "token_endpoint": format!("{}/token", s.url),
+            }))
+        }
         "/jwks" => {
             s.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+            let _in_flight = InFlight::enter(&s.jwks_in_flight, &s.jwks_max_in_flight);
+            let delay = *s.jwks_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             let set = JwkSet {
                 keys: s
                     .keys
@@ -232,6 +336,7 @@ async fn handle(
             resp
         }
         "/token" => {
+            let _in_flight = InFlight::enter(&s.token_in_flight, &s.token_max_in_flight);
             let basic = req
                 .headers()
                 .get("authorization")
@@ -244,7 +349,16 @@ async fn handle(
             s.token_calls.lock().unwrap().push(TokenCall {
                 form: form.clone(),
                 basic_auth: basic.clone(),
+                at: Instant::now(),
             });
+            let delay = *s.token_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            if s.token_fail.load(Ordering::SeqCst) {
+                return Ok(status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "{\"error\":\"temporarily_unavailable\"}",
+                ));
+            }
             use base64::Engine as _;
             let (id, secret) = match basic {
                 Some(b) => {
@@ -278,7 +392,10 @@ async fn handle(
             let aud = form.get("resource").cloned().unwrap_or_default();
             let ttl = *s.token_ttl.lock().unwrap();
             let now = jsonwebtoken::get_current_timestamp();
-            let claims = json!({"iss": s.url, "aud": aud, "sub": id, "iat": now, "exp": now + ttl});
+            // `now` is rounded down: one more second keeps the token valid
+            // for at least `expires_in`.
+            let claims =
+                json!({"iss": s.url, "aud": aud, "sub": id, "iat": now, "exp": now + ttl + 1});
             let key = s
                 .keys
                 .lock()
@@ -287,6 +404,7 @@ async fn handle(
                 .find(|k| k.alg == Algorithm::ES256)
                 .cloned()
                 .unwrap();
+            s.tokens_issued.fetch_add(1, Ordering::SeqCst);
             json_response(json!({
                 "access_token": Idp::sign_with(&key, &claims),
                 "token_type": "Bearer",

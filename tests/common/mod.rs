@@ -6,8 +6,10 @@
 pub mod backend;
 pub mod grpc;
 pub mod idp;
+pub mod observe;
 pub mod otlp;
 pub mod process;
+pub mod v1server;
 pub mod ws;
 
 use std::future::Future;
@@ -211,13 +213,15 @@ pub struct RelayClient {
     task: Option<JoinHandle<Result<(), http_relay::client::ClientError>>>,
 }
 
-/// The client config tests start from.
+/// The client config tests start from: the v1 transport, whose
+/// conformance most test files check; `tests/transport_v2.rs` sets v2.
 pub fn client_config(relay: &Relay, backend_name: &str, backend_url: &str) -> ClientConfig {
     ClientConfig {
         relay_url: relay.url.clone(),
         backend_name: backend_name.to_owned(),
         backend_url: backend_url.to_owned(),
         ca_file: Some(certs().ca_cert.clone()),
+        transport: http_relay::config::Transport::V1,
         ..ClientConfig::default()
     }
 }

@@ -1,0 +1,614 @@
+//! The relay-client's side of the v2 transport (`docs/transport-v2.md`):
+//! dial the server, upgrade one HTTP/1.1 request to `http-relay-v2`, then
+//! serve HTTP/2 on that connection, each stream a request for the backend.
+//!
+//! The relay-client still only dials out; after the upgrade it is the
+//! HTTP/2 *server* of its own connection. Request and response bodies are
+//! piped between the tunnel and the backend as hyper bodies, so flow
+//! control reaches end to end and a user-client that goes away resets the
+//! stream, which drops the backend call.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{Backoff, Ctx};
+use crate::auth::client::TokenError;
+use crate::proto::v2;
+use crate::telemetry;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of tunnel responses and of backend requests.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Bound of the dial and of the upgrade exchange.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Least wait after the server refused our token.
+const AUTH_BACKOFF: Duration = Duration::from_secs(2);
+/// Read size for backend-to-user bytes of an upgraded connection.
+const PIPE_READ: usize = 64 * 1024;
+
+/// Why a tunnel could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("relay server unreachable: {0}")]
+    Connect(String),
+    /// The server answered the upgrade in a way that says it has no v2.
+    #[error("relay server does not offer the v2 transport (it answered {0})")]
+    NotOffered(StatusCode),
+    #[error("relay server answered the v2 upgrade with {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("relay server refused the token ({status}): {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("no token for the relay server: {0}")]
+    Token(#[from] TokenError),
+    #[error("invalid relay URL: {0}")]
+    Url(String),
+    #[error("v2 connection: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl TunnelError {
+    /// Answers that mean "no v2 on this path", as opposed to a refusal
+    /// of our token or a server that is busy: the fallback signal of
+    /// `transport = "auto"`. A v1-only server answers the unknown path
+    /// with 4xx; an ingress that does not pass the upgrade with 4xx or
+    /// 502/504.
+    fn not_offered(status: StatusCode) -> bool {
+        !matches!(
+            status,
+            StatusCode::SWITCHING_PROTOCOLS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+        )
+    }
+}
+
+/// Where and how to dial the server.
+pub struct Dialer {
+    host: String,
+    port: u16,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// `relay_url`'s path prefix, without a trailing slash.
+    prefix: String,
+    backend_query: String,
+}
+
+impl Dialer {
+    pub fn new(ctx: &Ctx) -> Result<Self, TunnelError> {
+        let url = &ctx.cfg.relay_url;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| TunnelError::Url(format!("{url}: {e}")))?;
+        let https = uri.scheme_str() == Some("https");
+        let host = uri
+            .host()
+            .ok_or_else(|| TunnelError::Url(format!("{url}: no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let mut cfg = crate::tls::client_config(ctx.cfg.ca_file.as_deref())
+                .map_err(|e| TunnelError::Url(e.to_string()))?;
+            // The upgrade is an HTTP/1.1 exchange.
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| TunnelError::Url(format!("{url}: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(cfg)), name))
+        } else {
+            None
+        };
+        Ok(Self {
+            host,
+            port,
+            tls,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+            backend_query: form_urlencoded::byte_serialize(ctx.cfg.backend_name.as_bytes())
+                .collect(),
+        })
+    }
+
+    /// Dials and upgrades; returns the upgraded connection and the token
+    /// it presented.
+    pub async fn open(&self, ctx: &Ctx) -> Result<(Upgraded, Option<String>), TunnelError> {
+        tokio::time::timeout(OPEN_TIMEOUT, self.open_inner(ctx))
+            .await
+            .map_err(|_| TunnelError::Connect("timed out".into()))?
+    }
+
+    async fn open_inner(&self, ctx: &Ctx) -> Result<(Upgraded, Option<String>), TunnelError> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| TunnelError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| TunnelError::Connect(e.to_string()))?;
+                self.upgrade(ctx, tls).await
+            }
+            None => self.upgrade(ctx, tcp).await,
+        }
+    }
+
+    async fn upgrade<T>(&self, ctx: &Ctx, io: T) -> Result<(Upgraded, Option<String>), TunnelError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let token = ctx.transport.tokens().token().await?;
+        let authority =
+            if self.tls.is_some() && self.port == 443 || self.tls.is_none() && self.port == 80 {
+                self.host.clone()
+            } else {
+                format!("{}:{}", self.host, self.port)
+            };
+        let mut req = Request::get(format!(
+            "{}{}?server={}",
+            self.prefix,
+            v2::CONNECT_PATH,
+            self.backend_query
+        ))
+        .header(header::HOST, authority)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, v2::UPGRADE_TOKEN)
+        .body(Empty::new())
+        .map_err(|e| TunnelError::Url(e.to_string()))?;
+        if let Some(token) = &token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| TunnelError::Token(TokenError::Invalid))?;
+            value.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((hyper::upgrade::on(resp).await?, token));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), 4096)
+            .collect()
+            .await
+            .map(|c| String::from_utf8_lossy(&c.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            if let Some(sent) = &token {
+                ctx.transport.tokens().invalidate(sent).await;
+            }
+            return Err(TunnelError::Refused { status, body });
+        }
+        if TunnelError::not_offered(status) {
+            return Err(TunnelError::NotOffered(status));
+        }
+        Err(TunnelError::Status { status, body })
+    }
+}
+
+/// When a connection opened with `token` should be replaced by one with a
+/// fresh token: the server closes it when the token expires.
+fn renewal_in(token: Option<&str>) -> Option<Duration> {
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?)
+        .ok()?
+        .exp;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let left = Duration::from_secs(exp.saturating_sub(now));
+    // At 80% of the remaining life (at least 10 s before expiry for
+    // tokens that live long enough), and never in a tight loop.
+    let margin = if left > Duration::from_secs(50) {
+        (left / 5).max(Duration::from_secs(10))
+    } else {
+        left / 5
+    };
+    Some((left - margin).max(Duration::from_secs(1)))
+}
+
+/// Keeps a v2 connection up until `stop`: serves `first`, reconnects when
+/// a connection ends, and replaces each connection with a fresh one (a
+/// fresh token) before its token expires; the old one finishes its
+/// streams. Returns [`TunnelError::NotOffered`] if a reconnect finds v2
+/// gone (the caller falls back to v1).
+pub async fn run(
+    ctx: Arc<Ctx>,
+    dialer: &Dialer,
+    first: (Upgraded, Option<String>),
+    stop: CancellationToken,
+) -> Result<(), TunnelError> {
+    let mut next = Some(first);
+    let mut backoff = Backoff::new();
+    let mut previous: Option<CancellationToken> = None;
+    loop {
+        let (upgraded, token) = match next.take() {
+            Some(conn) => conn,
+            None => {
+                let opened = tokio::select! {
+                    r = dialer.open(&ctx) => r,
+                    () = stop.cancelled() => return Ok(()),
+                };
+                match opened {
+                    Ok(conn) => conn,
+                    Err(e @ TunnelError::NotOffered(_)) => return Err(e),
+                    Err(e) => {
+                        let wait = match &e {
+                            TunnelError::Refused { .. } | TunnelError::Token(_) => {
+                                backoff.step().max(AUTH_BACKOFF)
+                            }
+                            _ => backoff.step(),
+                        };
+                        tracing::warn!(error = %e, retry_in = ?wait, "v2 connection failed");
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => continue,
+                            () = stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            }
+        };
+        backoff.reset();
+        tracing::info!("connected to the relay server over v2");
+        // The connection before this one (replaced for its token) stops
+        // taking streams and finishes those in flight.
+        if let Some(old) = previous.take() {
+            old.cancel();
+        }
+        let conn_stop = stop.child_token();
+        let served = tokio::spawn(serve(ctx.clone(), upgraded, conn_stop.clone()));
+        let renew = renewal_in(token.as_deref());
+        let renewal = async {
+            match renew {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = served => {
+                match r {
+                    Ok(Ok(())) => tracing::info!("v2 connection closed"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "v2 connection failed"),
+                    Err(e) => tracing::warn!(error = %e, "v2 connection task failed"),
+                }
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+            }
+            () = renewal => {
+                tracing::info!("token close to expiry: opening a new v2 connection");
+                previous = Some(conn_stop);
+            }
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Serves one upgraded connection as the HTTP/2 server until it ends or
+/// `stop` asks for a graceful end (GOAWAY; streams in flight finish).
+async fn serve(
+    ctx: Arc<Ctx>,
+    upgraded: Upgraded,
+    stop: CancellationToken,
+) -> Result<(), hyper::Error> {
+    let (ping, ping_timeout) = (ctx.cfg.relay_ping_interval, ctx.cfg.relay_ping_timeout);
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(v2::STREAM_WINDOW)
+        .initial_connection_window_size(v2::CONNECTION_WINDOW)
+        .max_frame_size(v2::MAX_FRAME)
+        .max_header_list_size(v2::MAX_HEADER_LIST)
+        // Overload is answered 503 by `handle`, not queued by HTTP/2.
+        .max_concurrent_streams(u32::MAX)
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(ping_timeout);
+    let conn = builder.serve_connection(upgraded, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    tracing::warn!(%status, msg, "answering with an error");
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Headers that describe one connection; never passed between the
+/// tunnel and the backend (HTTP/2 forbids them anyway).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// One stream of the tunnel: the relayed request, run against the backend.
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    // Over the cap: a fast 503 rather than tasks and sockets piling up.
+    let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
+        let max = ctx.cfg.max_concurrent_requests;
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("relay-client busy: {max} requests in flight (max_concurrent_requests)"),
+        );
+    };
+    let id = req
+        .headers()
+        .get(v2::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let span = if telemetry::wants_span(req.headers()) {
+        tracing::info_span!(
+            "relay.client.request",
+            relay.request_id = %id,
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    telemetry::continue_trace(&span, req.headers());
+    let resp = forward(&ctx, req, &span).instrument(span.clone()).await;
+    span.record(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
+    // The permit is held until the response body is over; each frame
+    // that leaves is a `relay.client.chunk` of a sampled request.
+    let mut chunks = ClientChunks {
+        span: telemetry::is_sampled(&span).then_some(span),
+        seq: 0,
+        ended: false,
+    };
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .map_frame(move |f| {
+            let _in_flight = &permit;
+            match f.data_ref() {
+                Some(d) if d.is_empty() => {}
+                Some(d) => chunks.chunk(d.len(), false),
+                None => chunks.end(),
+            }
+            f
+        })
+        .boxed();
+    Response::from_parts(parts, body)
+}
+
+/// `relay.client.chunk` spans of one response body: one per frame, and
+/// one `eof` span where it ended (`docs/telemetry.md`).
+struct ClientChunks {
+    span: Option<tracing::Span>,
+    seq: u64,
+    ended: bool,
+}
+
+impl ClientChunks {
+    fn chunk(&mut self, bytes: usize, eof: bool) {
+        if let Some(parent) = &self.span {
+            drop(tracing::info_span!(parent: parent, "relay.client.chunk",
+                relay.chunk.seq = telemetry::int(self.seq),
+                relay.chunk.bytes = telemetry::int(bytes),
+                relay.chunk.eof = eof));
+        }
+        self.seq += 1;
+    }
+
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.chunk(0, true);
+        }
+    }
+}
+
+impl Drop for ClientChunks {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let upgrade = parts.headers.get(v2::UPGRADE).cloned();
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let uri = format!("{}{}", ctx.backend_base, pq);
+    let mut headers = parts.headers;
+    headers.remove(v2::REQUEST_ID);
+    headers.remove(v2::UPGRADE);
+    headers.remove(header::HOST);
+    if !ctx.cfg.backend_http2
+        && let Some(authority) = parts
+            .uri
+            .authority()
+            .filter(|a| a.host() != "relay.invalid")
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    if let Some(token) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, token.clone());
+    }
+    // An instrumented backend joins the trace, under the backend call's
+    // span (or learns that the request is unsampled).
+    let backend_span = if telemetry::is_sampled(span) {
+        tracing::info_span!(
+            "relay.backend_request",
+            otel.kind = "client",
+            http.request.method = %parts.method,
+            url.path = parts.uri.path(),
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    if !backend_span.is_disabled() {
+        telemetry::inject(&backend_span, &mut headers);
+    }
+    // The stream's request body is the backend request's body, piped; on
+    // an upgrade it is the user's side of the upgraded connection.
+    let (backend_body, user_bytes) = if upgrade.is_some() {
+        (
+            Empty::new().map_err(|never| match never {}).boxed(),
+            Some(body),
+        )
+    } else {
+        (body.map_err(BoxError::from).boxed(), None)
+    };
+    let mut out = match Request::builder()
+        .method(parts.method)
+        .uri(&uri)
+        .body(backend_body)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid request URL {uri:?}: {e}"),
+            );
+        }
+    };
+    *out.headers_mut() = headers;
+    let limit = ctx.cfg.backend_timeout;
+    let called = tokio::time::timeout(limit, ctx.backend_stream.request(out))
+        .instrument(backend_span.clone())
+        .await;
+    if let Ok(Ok(r)) = &called {
+        backend_span.record("http.response.status_code", i64::from(r.status().as_u16()));
+    } else {
+        backend_span.record("otel.status_code", "ERROR");
+    }
+    drop(backend_span);
+    let resp = match called {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            span.record("otel.status_code", "ERROR");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                &format!("backend unreachable: {e}"),
+            );
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("backend did not answer within {limit:?}"),
+            );
+        }
+    };
+    if let (Some(user_bytes), StatusCode::SWITCHING_PROTOCOLS) = (user_bytes, resp.status()) {
+        return switched(resp, user_bytes);
+    }
+    let (mut head, body) = resp.into_parts();
+    for name in &HOP_BY_HOP {
+        head.headers.remove(name);
+    }
+    Response::from_parts(head, body.map_err(BoxError::from).boxed())
+}
+
+/// The backend switched protocols: answer the stream 200 with the 101's
+/// headers and `x-relay-status: 101`, then pipe the backend connection
+/// with the stream's two bodies, each read written at once.
+fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body> {
+    let mut headers = resp.headers().clone();
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.insert(v2::STATUS, HeaderValue::from_static("101"));
+    let on_upgrade = hyper::upgrade::on(resp);
+    let (to_user, from_backend) = mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "backend upgrade failed");
+                return;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        let to_backend = async move {
+            while let Some(frame) = user_bytes.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Ok(data) = frame.into_data()
+                    && wr.write_all(&data).await.is_err()
+                {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        // Owns the sender: the stream's response body ends (END_STREAM)
+        // as soon as the backend closes its side.
+        let to_user_side = async move {
+            loop {
+                let mut buf = BytesMut::with_capacity(PIPE_READ);
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if to_user.send(buf.freeze()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        // Either direction may end first; the other is finished when the
+        // connection ends (the user side closes, or the backend does).
+        tokio::join!(to_backend, to_user_side);
+    });
+    let stream = futures_util::stream::unfold(from_backend, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+    });
+    let mut out = Response::new(StreamBody::new(stream).boxed());
+    *out.headers_mut() = headers;
+    out
+}

@@ -1,0 +1,461 @@
+//! The server's side of the v2 transport (`docs/transport-v2.md`): the
+//! upgrade that opens a relay-client's tunnel, and relaying a user request
+//! as one HTTP/2 stream on it.
+//!
+//! After the upgrade the server is the HTTP/2 *client* of the connection
+//! the relay-client dialled. Bodies are hyper bodies piped from one
+//! connection to the other, so HTTP/2 flow control reaches from the
+//! user-client to the backend and nothing buffers a whole body.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+
+use super::body::{Body, BoxError, empty};
+use super::user::{Route, announce_trailers, strip_hop_by_hop};
+use super::{State, gate, relay};
+use crate::auth::Claims;
+use crate::broker::{BrokerError, Tunnel, TunnelBody, TunnelRequest};
+use crate::error::RelayError;
+use crate::proto::v2;
+use crate::telemetry::{self, metrics::Direction};
+use tracing::Instrument as _;
+
+/// `GET /server/connect?server=<name>` with `Upgrade: http-relay-v2`:
+/// verifies the relay token for `<name>` and turns the connection into
+/// the name's tunnel.
+pub async fn connect(
+    state: &State,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, RelayError> {
+    let backend = relay::query_param(&req, "server")?;
+    let claims = gate::relay_token(state, req.headers(), &backend).await?;
+    gate::relay_access(state, claims.as_ref(), &backend)?;
+    let offered = req.version() == http::Version::HTTP_11
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case(v2::UPGRADE_TOKEN));
+    if !offered {
+        return Err(RelayError::UpgradeRequired);
+    }
+    if state.broker.is_draining() {
+        return Err(BrokerError::Draining.into());
+    }
+    let expires = claims.as_ref().and_then(token_lifetime);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(run(state.clone(), backend, on_upgrade, expires));
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(v2::UPGRADE_TOKEN));
+    Ok(resp)
+}
+
+/// How long the token behind a tunnel stays valid: the connection does
+/// not outlive it (the relay-client reconnects with a fresh token first).
+fn token_lifetime(claims: &Claims) -> Option<Duration> {
+    let exp = claims.other.get("exp")?.as_u64()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
+}
+
+/// Runs one tunnel: the HTTP/2 handshake (the server as the client), the
+/// broker registration, and the connection until it ends, is closed, or
+/// its token expires.
+async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Option<Duration>) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(backend, error = %e, "v2 upgrade failed");
+            return;
+        }
+    };
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(v2::STREAM_WINDOW)
+        .initial_connection_window_size(v2::CONNECTION_WINDOW)
+        .max_frame_size(v2::MAX_FRAME)
+        .max_header_list_size(v2::MAX_HEADER_LIST)
+        .keep_alive_interval(v2::PING_INTERVAL)
+        .keep_alive_timeout(v2::PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake::<_, TunnelBody>(upgraded)
+        .await;
+    let (sender, conn) = match handshake {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::info!(backend, error = %e, "v2 handshake with relay-client failed");
+            return;
+        }
+    };
+    let tunnel = Tunnel::new(sender);
+    state.broker.register_tunnel(&backend, tunnel.clone());
+    state.metrics.tunnels.inc();
+    tracing::info!(backend, "relay-client connected over v2");
+    let expiry = async {
+        match expires {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::info!(backend, error = %e, "v2 connection of relay-client ended");
+            }
+        }
+        () = tunnel.closing() => {}
+        () = expiry => {
+            tracing::info!(backend, "relay-client token expired; its v2 connection is closed");
+        }
+    }
+    tunnel.close();
+    state.broker.unregister_tunnel(&backend, &tunnel);
+    state.metrics.tunnels.dec();
+    tracing::info!(backend, "relay-client v2 connection closed");
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read size for user-to-backend bytes of an upgraded connection.
+const PIPE_READ: usize = 64 * 1024;
+/// User-to-backend reads queued for the tunnel stream of an upgrade.
+const PIPE_QUEUE: usize = 8;
+
+/// Relays one user request as a stream on `treq`'s tunnel.
+pub async fn relay(
+    state: &State,
+    mut req: Request<Incoming>,
+    route: Route,
+    treq: TunnelRequest,
+    span: &tracing::Span,
+) -> Result<Response<Body>, RelayError> {
+    let upgrade = super::user::upgrade_token(&req);
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let version = req.version();
+    let (parts, body) = req.into_parts();
+
+    let limit = state.cfg.limits.max_request_body.as_u64();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(RelayError::BodyTooLarge(limit));
+    }
+    let id = format!("{}:{}", route.backend, uuid::Uuid::new_v4().simple());
+    span.record("relay.request_id", id.as_str());
+
+    let mut headers = parts.headers;
+    let host = headers
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_owned))
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    strip_hop_by_hop(&mut headers, false);
+    if span.is_disabled() {
+        telemetry::propagate_unsampled(&mut headers);
+    } else {
+        telemetry::inject(span, &mut headers);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(HeaderName::from_static(v2::REQUEST_ID), v);
+    }
+    if let Some(token) = &upgrade {
+        headers.insert(HeaderName::from_static(v2::UPGRADE), token.clone());
+    }
+    // The user's Host travels as the authority (the relay-client sets Host
+    // from it for HTTP/1 backends, as v1 does with `host`).
+    let authority = host
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .unwrap_or_else(|| "relay.invalid".to_owned());
+    let forwarded = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", route.path),
+        None => route.path.clone(),
+    };
+    let uri = format!("http://{authority}{forwarded}");
+
+    let metrics = state.metrics.clone();
+    // Set when the streamed body passes the limit: the stream is reset,
+    // and the user-client is told why (413), not just that it failed.
+    let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (body, to_backend): (TunnelBody, _) = if upgrade.is_some() {
+        // The stream's request body is the user-to-backend direction of
+        // the upgraded connection, fed once the user's side is upgraded.
+        let (tx, rx) = mpsc::channel::<Bytes>(PIPE_QUEUE);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+        });
+        (StreamBody::new(stream).boxed(), Some(tx))
+    } else {
+        let flag = too_large.clone();
+        let counted = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+            .map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    metrics.bytes(Direction::ToBackend, d.len());
+                }
+                f
+            })
+            .map_err(move |e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                e
+            });
+        (counted.boxed(), None)
+    };
+    let mut out = Request::builder()
+        .method(parts.method)
+        .uri(&uri)
+        .body(body)
+        .map_err(|e| RelayError::Tunnel(format!("cannot build request {uri:?}: {e}")))?;
+    *out.headers_mut() = headers;
+
+    let traced = telemetry::is_sampled(span);
+    let mut sender = treq.tunnel().sender();
+    sender
+        .ready()
+        .instrument(child(traced, || tracing::info_span!("relay.enqueue")))
+        .await
+        .map_err(|e| RelayError::Tunnel(e.to_string()))?;
+    let inactive = state.cfg.timeouts.inactive_request;
+    let resp = tokio::time::timeout(inactive, sender.send_request(out))
+        .instrument(child(traced, || tracing::info_span!("relay.first_chunk")))
+        .await
+        .map_err(|_| BrokerError::Inactive(inactive))?;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(RelayError::BodyTooLarge(limit));
+        }
+        Err(e) => return Err(RelayError::Tunnel(e.to_string())),
+    };
+    let (mut head, body) = resp.into_parts();
+    let switched = head
+        .headers
+        .get(v2::STATUS)
+        .is_some_and(|v| v.as_bytes() == b"101");
+    head.headers.remove(v2::STATUS);
+    head.headers.remove(v2::UPGRADE);
+
+    if let (true, Some(on_upgrade), Some(to_backend), Some(token)) =
+        (switched, on_upgrade, to_backend, upgrade)
+    {
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *resp.headers_mut() = head.headers;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        resp.headers_mut().insert(header::UPGRADE, token);
+        let idle = state.cfg.timeouts.inactive_request;
+        let chunks = ChunkSpans::new(span, traced, "relay.stream_chunk");
+        tokio::spawn(pipe(
+            on_upgrade,
+            body,
+            to_backend,
+            treq,
+            state.metrics.clone(),
+            idle,
+            chunks,
+        ));
+        return Ok(resp);
+    }
+
+    strip_hop_by_hop(&mut head.headers, false);
+    head.headers.remove(header::TE);
+    if version <= http::Version::HTTP_11 {
+        announce_trailers(&mut head.headers, std::iter::empty());
+    }
+    let metrics = state.metrics.clone();
+    let mut chunks = ChunkSpans::new(span, traced, "relay.response_chunk");
+    // The guard lives as long as the body: the request is in flight
+    // (drain, gauges, the tunnel's load) until the user has it all or
+    // went away, which resets the tunnel stream.
+    let body = body
+        .map_frame(move |f| {
+            let _in_flight = &treq;
+            match f.data_ref() {
+                Some(d) => {
+                    metrics.bytes(Direction::ToUser, d.len());
+                    chunks.data(d.len());
+                }
+                // Trailers end the stream.
+                None => chunks.end(),
+            }
+            f
+        })
+        .map_err(BoxError::from)
+        .boxed();
+    Ok(Response::from_parts(head, body))
+}
+
+/// A child span, or none when the request is not traced.
+fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if traced {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// The chunk spans of one relayed body (`docs/telemetry.md`): one per
+/// DATA frame that crossed the relay, and one `eof` span where the body
+/// ended, as v1 makes one per posted chunk. Also records the request's
+/// `relay.bytes_out` once the body is over, however it ends.
+struct ChunkSpans {
+    parent: tracing::Span,
+    traced: bool,
+    name: &'static str,
+    seq: u64,
+    bytes: usize,
+    ended: bool,
+}
+
+impl ChunkSpans {
+    fn new(parent: &tracing::Span, traced: bool, name: &'static str) -> Self {
+        Self {
+            parent: parent.clone(),
+            traced,
+            name,
+            seq: 0,
+            bytes: 0,
+            ended: false,
+        }
+    }
+
+    fn span(&mut self, bytes: usize, eof: bool, direction: &'static str) {
+        if !self.traced {
+            return;
+        }
+        let seq = telemetry::int(self.seq);
+        let n = telemetry::int(bytes);
+        self.seq += 1;
+        if self.name == "relay.stream_chunk" {
+            drop(
+                tracing::info_span!(parent: &self.parent, "relay.stream_chunk",
+                relay.direction = direction, relay.chunk.seq = seq, relay.chunk.bytes = n, relay.chunk.eof = eof),
+            );
+        } else {
+            drop(
+                tracing::info_span!(parent: &self.parent, "relay.response_chunk",
+                relay.chunk.seq = seq, relay.chunk.bytes = n, relay.chunk.eof = eof),
+            );
+        }
+    }
+
+    fn data(&mut self, n: usize) {
+        // Empty frames (an END_STREAM on its own) carry no chunk.
+        if n > 0 {
+            self.bytes += n;
+            self.span(n, false, "to_user");
+        }
+    }
+
+    fn upstream(&mut self, n: usize) {
+        if n > 0 {
+            self.span(n, false, "to_backend");
+        }
+    }
+
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.span(0, true, "to_user");
+        }
+    }
+}
+
+impl Drop for ChunkSpans {
+    fn drop(&mut self) {
+        if self.name == "relay.response_chunk" {
+            self.end();
+        }
+        self.parent
+            .record("relay.bytes_out", telemetry::int(self.bytes));
+    }
+}
+
+/// Pipes an upgraded user connection through its tunnel stream: user
+/// bytes go out as the stream's request body, backend bytes come as its
+/// response body, each written as soon as it is read.
+async fn pipe(
+    on_upgrade: OnUpgrade,
+    mut from_backend: Incoming,
+    to_backend: mpsc::Sender<Bytes>,
+    treq: TunnelRequest,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    idle: Duration,
+    chunks: ChunkSpans,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "user-client upgrade failed");
+            return;
+        }
+    };
+    metrics.active_streams.inc();
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let up_metrics = metrics.clone();
+    let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
+    let up_chunks = chunks.clone();
+    // Resolves with whether the user half-closed cleanly; dropping the
+    // sender ends the stream's request body (END_STREAM).
+    let upstream = async move {
+        loop {
+            let mut buf = BytesMut::with_capacity(PIPE_READ);
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => return true,
+                Err(_) => return false,
+                Ok(n) => {
+                    up_metrics.bytes(Direction::ToBackend, n);
+                    lock(&up_chunks).upstream(n);
+                    if to_backend.send(buf.freeze()).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    };
+    let down_metrics = metrics.clone();
+    let downstream = async move {
+        while let Some(frame) = from_backend.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Ok(data) = frame.into_data() {
+                down_metrics.bytes(Direction::ToUser, data.len());
+                lock(&chunks).data(data.len());
+                if wr.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::pin!(downstream);
+    tokio::select! {
+        () = &mut downstream => {}
+        clean = upstream => {
+            if clean {
+                let _ = tokio::time::timeout(idle, downstream).await;
+            }
+        }
+    }
+    metrics.active_streams.dec();
+    drop(treq);
+}

@@ -1,0 +1,643 @@
+//! The v2 transport (`docs/transport-v2.md`): one role-flipped HTTP/2
+//! connection per relay-client. Requests reach the relay-client as
+//! streams, bodies stream both ways under flow control, trailers and
+//! upgrades are native, cancellation works both ways, and v1 remains the
+//! fallback on both sides.
+
+mod common;
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use common::backend::Backend;
+use common::observe::{gauge, wait_gauge};
+use common::{Relay, RelayClient, bounded, client_config, eventually, pattern, sha256_hex};
+use futures::StreamExt as _;
+use http_relay::config::Transport;
+
+/// A relay, a v2 relay-client for `robot-1` and the test backend; waits
+/// until the tunnel is up.
+async fn v2_stack(
+    edit: impl FnOnce(&mut http_relay::config::ServerConfig),
+) -> (Relay, RelayClient, Backend) {
+    let backend = Backend::start().await;
+    let relay = Relay::start(edit).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V2;
+    let client = RelayClient::start(cfg);
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_tunnels",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    (relay, client, backend)
+}
+
+#[tokio::test]
+async fn requests_travel_as_streams_of_one_connection() {
+    let (relay, _client, backend) = v2_stack(|_| {}).await;
+    let http = relay.http();
+    let resp = http
+        .post(format!("{}/client/robot-1/echo/me?q=1", relay.url))
+        .header("host", "user.example")
+        .header("x-h", "1")
+        .header("x-h", "2")
+        .body("body!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("method: POST\n"), "{text}");
+    assert!(text.contains("uri: /echo/me?q=1\n"), "{text}");
+    assert!(text.contains("host: user.example\n"), "{text}");
+    assert!(text.contains("x-h: 1\nx-h: 2\n"), "{text}");
+    assert!(
+        !text.contains("x-relay-"),
+        "internal headers leaked: {text}"
+    );
+    assert!(text.ends_with("\n\nbody!"), "{text}");
+    // No poll ever reached the server: the name is served by the tunnel.
+    let metrics = http
+        .get(format!("{}/metrics", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("method=\"server_request\""),
+        "a v1 poll was made: {metrics}"
+    );
+    assert_eq!(backend.hits.load(SeqCst), 1);
+
+    // Status codes and repeated response headers pass.
+    let resp = http
+        .get(format!("{}/client/robot-1/status/418", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 418);
+    let resp = http
+        .get(format!("{}/client/robot-1/multi", relay.url))
+        .send()
+        .await
+        .unwrap();
+    let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_byte_exact() {
+    let (relay, _client, _backend) = v2_stack(|c| {
+        c.limits.max_request_body = bytesize::ByteSize::mib(128);
+    })
+    .await;
+    let http = relay.http();
+    let n = 100 * 1024 * 1024;
+    let resp = http
+        .get(format!("{}/client/robot-1/bytes/{n}", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(n, n as u64)));
+
+    let upload = pattern(96 * 1024 * 1024, 7);
+    let resp = http
+        .post(format!("{}/client/robot-1/hash", relay.url))
+        .body(upload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), sha256_hex(&upload));
+}
+
+#[tokio::test]
+async fn a_user_client_that_goes_away_ends_the_backend_call() {
+    let (relay, _client, backend) = v2_stack(|c| {
+        // v1 would keep the request for a minute; v2 resets the stream.
+        c.timeouts.inactive_request = Duration::from_secs(60);
+    })
+    .await;
+    let resp = relay
+        .http()
+        .get(format!("{}/client/robot-1/forever", relay.url))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    bounded(body.next()).await.unwrap().unwrap();
+    assert_eq!(backend.open_streams.load(SeqCst), 1);
+    drop(body);
+    common::observe::within(Duration::from_secs(5), "backend stream dropped", || async {
+        (backend.open_streams.load(SeqCst) == 0).then_some(())
+    })
+    .await;
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_active_requests",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn quiet_streams_need_no_keepalive_chunks() {
+    // v1 reaps a stream without chunks for inactive_request; a v2 stream
+    // is alive as long as its connection is.
+    let (relay, _client, _backend) = v2_stack(|c| {
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let text = relay
+        .http()
+        .get(format!(
+            "{}/client/robot-1/sse?n=2&delay_ms=2500",
+            relay.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text, "data: event 0\n\ndata: event 1\n\n");
+}
+
+#[tokio::test]
+async fn v1_and_v2_relay_clients_serve_one_name_together() {
+    let (relay, _v2, backend) = v2_stack(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V1;
+    let _v1 = RelayClient::start(cfg);
+    // The v1 relay-client's polls arrive; requests keep being served.
+    eventually(|| async {
+        let text = relay.get_text("/metrics").await;
+        text.contains("method=\"server_request\"").then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        let r = relay
+            .http()
+            .get(format!("{}/client/robot-1/x", relay.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        gauge(&relay.http(), &relay.url, "relay_tunnels").await,
+        Some(1.0)
+    );
+}
+
+/// Opens a WebSocket to `path` through the relay over TLS (HTTP/1.1).
+async fn connect_ws(
+    relay: &Relay,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}{path}", relay.addr.port());
+    let (ws, resp) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+#[tokio::test]
+async fn websockets_are_one_bidirectional_stream() {
+    use futures::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws_backend = common::ws::WsBackend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "ws", &ws_backend.url);
+    cfg.transport = Transport::V2;
+    let _client = RelayClient::start(cfg);
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_tunnels",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let mut ws = bounded(connect_ws(&relay, "/client/ws/echo")).await;
+    for i in 0..20 {
+        // Each message is answered before the next is sent: bytes are
+        // written as they are read, with no flush timer in between.
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(
+            bounded(ws.next()).await.unwrap().unwrap(),
+            Message::text(text)
+        );
+    }
+    let blob = pattern(300 * 1024, 5);
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(
+        bounded(ws.next()).await.unwrap().unwrap(),
+        Message::binary(blob)
+    );
+    ws.close(None).await.unwrap();
+    let closed = bounded(ws.next()).await;
+    assert!(
+        matches!(closed, Some(Ok(Message::Close(_))) | None),
+        "{closed:?}"
+    );
+    assert_eq!(
+        bounded(ws_backend.ended.recv()).await.as_deref(),
+        Some("/echo")
+    );
+
+    // The backend going away ends the user's connection.
+    let mut ws = bounded(connect_ws(&relay, "/client/ws/drop")).await;
+    ws.send(Message::text("bye")).await.unwrap();
+    let end = bounded(async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    let () = end;
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_active_streams",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+/// A tonic client of the echo service through the relay (TLS, backend
+/// named by header), and the relay-client over `transport`.
+async fn grpc_through(
+    transport: Transport,
+) -> (
+    Relay,
+    RelayClient,
+    common::grpc::pb::echo_client::EchoClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+        >,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    let (addr, svc) = common::grpc::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "grpc-robot", &format!("http://{addr}"));
+    cfg.backend_http2 = true;
+    cfg.transport = transport;
+    let client = RelayClient::start(cfg);
+    relay.wait_for_backend("grpc-robot").await;
+    let ca = std::fs::read(&common::certs().ca_cert).unwrap();
+    let channel = tonic::transport::Channel::from_shared(relay.url.clone())
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    fn name(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut()
+            .insert("x-server-name", "grpc-robot".parse().unwrap());
+        Ok(r)
+    }
+    let grpc =
+        common::grpc::pb::echo_client::EchoClient::with_interceptor(channel, name as fn(_) -> _);
+    (relay, client, grpc, svc)
+}
+
+#[tokio::test]
+async fn interactive_bidi_grpc_answers_each_message_before_the_next() {
+    use common::grpc::pb::EchoRequest;
+    let (_relay, _client, mut grpc, _svc) = grpc_through(Transport::V2).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+    let mut replies = bounded(grpc.bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..10 {
+        tx.send(EchoRequest {
+            message: format!("ping {i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // The request stream is still open: v1 would wait for its end.
+        let reply = bounded(replies.next()).await.unwrap().unwrap();
+        assert_eq!(reply.message, format!("ping {i}"));
+    }
+    drop(tx);
+    assert!(bounded(replies.next()).await.is_none());
+
+    // Error statuses (trailers-only and after replies) arrive intact.
+    let err = bounded(grpc.unary(EchoRequest {
+        message: "no".into(),
+        fail_with: tonic::Code::PermissionDenied as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let mut stream = bounded(grpc.server_stream(EchoRequest {
+        message: "s".into(),
+        count: 3,
+        fail_with: tonic::Code::ResourceExhausted as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    let mut got = 0;
+    let status = loop {
+        match bounded(stream.next()).await {
+            Some(Ok(_)) => got += 1,
+            Some(Err(s)) => break s,
+            None => panic!("stream ended without its status"),
+        }
+    };
+    assert_eq!((got, status.code()), (3, tonic::Code::ResourceExhausted));
+}
+
+/// A backend that declares a Content-Length and fails half way.
+async fn failing_backend() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n";
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(&[b'x'; 30000]).await;
+                // Gone, 70000 bytes short.
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_failing_backend_never_looks_complete_to_the_user_client() {
+    let backend = failing_backend().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend);
+    cfg.transport = Transport::V2;
+    let _client = RelayClient::start(cfg);
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_tunnels",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    for http in [relay.http1(), relay.http2()] {
+        // The failure may be seen before the head went out (the
+        // connection or stream ends without a response) or after it (the
+        // body fails): never as a complete response.
+        let sent = bounded(http.get(format!("{}/client/robot-1/x", relay.url)).send()).await;
+        let Ok(resp) = sent else { continue };
+        assert_eq!(resp.status(), 200);
+        let body = bounded(resp.bytes()).await;
+        assert!(
+            body.is_err(),
+            "a short body was presented as complete: {:?} bytes",
+            body.map(|b| b.len())
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_oversize_streamed_upload_gets_413() {
+    let (relay, _client, _backend) = v2_stack(|c| {
+        c.limits.max_request_body = bytesize::ByteSize::mib(1);
+    })
+    .await;
+    // No Content-Length: the limit is found while streaming.
+    let chunks = futures::stream::iter(
+        (0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 * 1024]))),
+    );
+    let resp = relay
+        .http()
+        .post(format!("{}/client/robot-1/hash", relay.url))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_v1_and_v2_fails_clearly_against_a_v1_only_server() {
+    let backend = Backend::start().await;
+    let server = common::v1server::V1Server::start().await;
+    let cfg = |transport| http_relay::config::ClientConfig {
+        relay_url: server.url.clone(),
+        backend_name: "robot".into(),
+        backend_url: backend.url.clone(),
+        transport,
+        ..Default::default()
+    };
+    // v2 only: the client stops with a clear error.
+    let err = bounded(http_relay::client::run(
+        cfg(Transport::V2),
+        std::future::pending(),
+    ))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("does not offer v2"), "{err}");
+    // auto: v1 polls serve the request.
+    let _client = RelayClient::start(cfg(Transport::Auto));
+    let mut rx = server
+        .send(http_relay::proto::HttpRequest {
+            id: Some("robot:0123456789abcdef0123456789abcdef".into()),
+            method: Some("GET".into()),
+            url: Some("http://invalid/status/201".into()),
+            ..Default::default()
+        })
+        .await;
+    let first = bounded(rx.recv()).await.unwrap();
+    assert_eq!(first.status_code, Some(201));
+}
+
+#[tokio::test]
+async fn the_auto_default_uses_v2_against_our_server() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::Auto;
+    let _client = RelayClient::start(cfg);
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_tunnels",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let r = relay
+        .http()
+        .get(format!("{}/client/robot-1/x", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A relay trusting `idp`, with audiences `u/{backend}` and `r/{backend}`
+/// and no clock leeway (token expiry is what the tests watch).
+async fn jwt_relay(idp: &common::idp::Idp) -> Relay {
+    let relay = Relay::start(|c| {
+        c.auth.mode = http_relay::config::AuthMode::Jwt;
+        c.auth.user_audience = "u/{backend}".into();
+        c.auth.relay_audience = "r/{backend}".into();
+        c.auth.issuers = vec![http_relay::config::IssuerConfig {
+            issuer: idp.url.clone(),
+            jwks_uri: None,
+            jwks_file: None,
+            algorithms: Vec::new(),
+        }];
+        c.auth.leeway = Duration::ZERO;
+        c.timeouts.relay = Duration::from_secs(1);
+    })
+    .await;
+    // Keys loaded once a token is judged on its merits (not 503).
+    let probe = idp.sign("rsa-1", &idp.claims("u/nobody", "probe"));
+    eventually(|| async {
+        let r = relay
+            .http()
+            .get(format!("{}/client/nobody/x", relay.url))
+            .bearer_auth(&probe)
+            .send()
+            .await
+            .ok()?;
+        (r.status() != 503 || !r.text().await.ok()?.contains("identity provider")).then_some(())
+    })
+    .await;
+    relay
+}
+
+/// A token of `idp` for `aud` that expires in `secs`.
+fn token(idp: &common::idp::Idp, aud: &str, secs: u64) -> String {
+    let mut claims = idp.claims(aud, "robot");
+    claims["exp"] = serde_json::json!(jsonwebtoken::get_current_timestamp() + secs);
+    idp.sign("rsa-1", &claims)
+}
+
+#[tokio::test]
+async fn opening_a_tunnel_needs_the_relay_token_of_that_backend() {
+    let idp = common::idp::Idp::start().await;
+    let relay = jwt_relay(&idp).await;
+    let open = |token: Option<String>| {
+        let http = relay.http1();
+        let url = format!("{}/server/connect?server=robot-1", relay.url);
+        async move {
+            let mut req = http
+                .get(url)
+                .header("connection", "upgrade")
+                .header("upgrade", "http-relay-v2");
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(open(None).await, 401);
+    assert_eq!(
+        open(Some(token(&idp, "u/robot-1", 60))).await,
+        403,
+        "a user token"
+    );
+    assert_eq!(
+        open(Some(token(&idp, "r/robot-2", 60))).await,
+        403,
+        "another robot's"
+    );
+    assert_eq!(open(Some(token(&idp, "r/robot-1", 60))).await, 101);
+}
+
+#[tokio::test]
+async fn a_tunnel_does_not_outlive_its_token_and_a_fresh_one_keeps_it_serving() {
+    let idp = common::idp::Idp::start().await;
+    let backend = Backend::start().await;
+    let relay = jwt_relay(&idp).await;
+    let user = token(&idp, "u/robot-1", 3600);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), token(&idp, "r/robot-1", 4)).unwrap();
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V2;
+    cfg.auth.token_file = Some(file.path().to_owned());
+    let _client = RelayClient::start(cfg);
+    let http = relay.http();
+    let tunnels = |want: f64| {
+        wait_gauge(
+            &http,
+            &relay.url,
+            "relay_tunnels",
+            want,
+            Duration::from_secs(15),
+        )
+    };
+    tunnels(1.0).await;
+    let get = || async {
+        relay
+            .http()
+            .get(format!("{}/client/robot-1/x", relay.url))
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get().await, 200);
+    // Nobody renews the token: the server closes the tunnel when it
+    // expires, and the relay-client cannot reopen it with the old token.
+    tunnels(0.0).await;
+    assert_eq!(get().await, 503);
+
+    // A fresh token (as a token file rotation brings it) opens it again.
+    std::fs::write(file.path(), token(&idp, "r/robot-1", 6)).unwrap();
+    tunnels(1.0).await;
+    assert_eq!(get().await, 200);
+    // Before that one expires, the next rotation is taken up by a new
+    // connection made before the old one closes: requests go on being
+    // served through the expiry of the first.
+    std::fs::write(file.path(), token(&idp, "r/robot-1", 3600)).unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut served = 0;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(get().await, 200, "after {served} requests");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tunnels(1.0).await;
+}
