@@ -17,6 +17,17 @@ pub const RESPONSE_CONTENT_TYPE: &str =
 /// Content type of the user-to-backend bytes of an upgraded connection.
 pub const STREAM_CONTENT_TYPE: &str = "application/octet-data";
 
+/// Headers that describe one connection, not the message; never relayed
+/// (except `connection`/`upgrade` on a 101, which *is* about the
+/// connection being handed over), on either transport.
+pub const HOP_BY_HOP: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
 /// One header value; repeated headers travel as one entry per value.
 ///
 /// The .proto declares both fields `string`, but Go peers send whatever

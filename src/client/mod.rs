@@ -73,6 +73,16 @@ impl Backoff {
         self.next = (self.next * 2).min(Self::MAX);
         now
     }
+
+    /// The wait after a failed call; a refused token does not get better
+    /// by asking faster.
+    pub(crate) fn after_failure(&mut self, refused: bool) -> Duration {
+        if refused {
+            self.step().max(AUTH_BACKOFF)
+        } else {
+            self.step()
+        }
+    }
 }
 
 impl Ctx {
@@ -191,10 +201,8 @@ async fn drive(
             other => {
                 let wait = if v1.is_some() {
                     REPROBE
-                } else if matches!(other, TunnelError::Refused { .. } | TunnelError::Token(_)) {
-                    backoff.step().max(AUTH_BACKOFF)
                 } else {
-                    backoff.step()
+                    backoff.after_failure(other.is_refusal())
                 };
                 tracing::warn!(error = %other, retry_in = ?wait, "v2 connection failed");
                 wait
@@ -242,13 +250,9 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             }
             Ok(None) => backoff.reset(),
             Err(e) => {
-                let wait = match &e {
-                    // Refused tokens do not get better by asking faster.
-                    TransportError::Refused { .. } | TransportError::Token(_) => {
-                        backoff.step().max(AUTH_BACKOFF)
-                    }
-                    _ => backoff.step(),
-                };
+                let refused =
+                    matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
+                let wait = backoff.after_failure(refused);
                 tracing::warn!(error = %e, retry_in = ?wait, "poll failed");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
@@ -37,8 +37,6 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Bound of the dial and of the upgrade exchange.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Least wait after the server refused our token.
-const AUTH_BACKOFF: Duration = Duration::from_secs(2);
 /// Read size for backend-to-user bytes of an upgraded connection.
 const PIPE_READ: usize = 64 * 1024;
 
@@ -63,6 +61,11 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
+    /// Our token was refused or could not be had.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, TunnelError::Refused { .. } | TunnelError::Token(_))
+    }
+
     /// Answers that mean "no v2 on this path", as opposed to a refusal
     /// of our token or a server that is busy: the fallback signal of
     /// `transport = "auto"`. A v1-only server answers the unknown path
@@ -254,12 +257,7 @@ pub async fn run(
                     Ok(conn) => conn,
                     Err(e @ TunnelError::NotOffered(_)) => return Err(e),
                     Err(e) => {
-                        let wait = match &e {
-                            TunnelError::Refused { .. } | TunnelError::Token(_) => {
-                                backoff.step().max(AUTH_BACKOFF)
-                            }
-                            _ => backoff.step(),
-                        };
+                        let wait = backoff.after_failure(e.is_refusal());
                         tracing::warn!(error = %e, retry_in = ?wait, "v2 connection failed");
                         tokio::select! {
                             () = tokio::time::sleep(wait) => continue,
@@ -353,16 +351,6 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
     );
     resp
 }
-
-/// Headers that describe one connection; never passed between the
-/// tunnel and the backend (HTTP/2 forbids them anyway).
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
 
 /// One stream of the tunnel: the relayed request, run against the backend.
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
@@ -547,7 +535,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
         return switched(resp, user_bytes);
     }
     let (mut head, body) = resp.into_parts();
-    for name in &HOP_BY_HOP {
+    for name in &crate::proto::HOP_BY_HOP {
         head.headers.remove(name);
     }
     Response::from_parts(head, body.map_err(BoxError::from).boxed())
@@ -558,7 +546,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
 /// with the stream's two bodies, each read written at once.
 fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body> {
     let mut headers = resp.headers().clone();
-    for name in &HOP_BY_HOP {
+    for name in &crate::proto::HOP_BY_HOP {
         headers.remove(name);
     }
     headers.insert(v2::STATUS, HeaderValue::from_static("101"));

@@ -57,16 +57,7 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
     })
 }
 
-/// Headers that describe one connection, not the message; never relayed
-/// (except `connection`/`upgrade` on a 101, which *is* about the
-/// connection being handed over).
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
+use crate::proto::HOP_BY_HOP;
 
 /// Removes hop-by-hop headers and the ones `Connection` names. On an
 /// upgrade, `Connection` and `Upgrade` are what the backend must see.
