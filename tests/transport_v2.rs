@@ -641,3 +641,115 @@ async fn a_tunnel_does_not_outlive_its_token_and_a_fresh_one_keeps_it_serving() 
     }
     tunnels(1.0).await;
 }
+
+/// Resident set and its peak since the last reset, KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak RSS of `pid` to its current RSS.
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gibibyte_each_way_costs_the_processes_bounded_memory() {
+    use std::process::{Command, Stdio};
+    const GIB: usize = 1 << 30;
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Command::new(common::binary())
+        .args(["server", "--listen", "127.0.0.1:0", "--no-tls"])
+        .current_dir(dir.path())
+        .env("HTTP_RELAY_AUTH__MODE", "none")
+        .env("HTTP_RELAY_LIMITS__MAX_REQUEST_BODY", "2GiB")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = common::process::wait_for_line(&mut server, "listening on http://");
+    let url = line[line.find("http://").unwrap()..].trim().to_owned();
+    let server = common::process::Proc(server);
+    let client = common::process::Proc(
+        Command::new(common::binary())
+            .args(["client", "--relay-url", &url, "--backend-name", "big"])
+            .args(["--backend-url", &backend.url])
+            .current_dir(dir.path())
+            .env("HTTP_RELAY_TRANSPORT", "v2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_gauge(&http, &url, "relay_tunnels", 1.0, Duration::from_secs(15)).await;
+    let ok = http
+        .get(format!("{url}/client/big/lazy/1000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.bytes().await.unwrap().len(), 1000);
+    let pids = [server.0.id(), client.0.id()];
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
+    for p in pids {
+        reset_peak(p);
+    }
+
+    let block = bytes::Bytes::from(pattern(64 * 1024, 64));
+    let block_sum = block
+        .iter()
+        .fold(0u64, |s, b| s.wrapping_add(u64::from(*b)));
+    let blocks = (GIB / block.len()) as u64;
+    let want_sum = block_sum.wrapping_mul(blocks);
+
+    // Download: 1 GiB made by the backend as it is sent.
+    let resp = http
+        .get(format!("{url}/client/big/lazy/{GIB}"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let (mut n, mut sum) = (0usize, 0u64);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        n += chunk.len();
+        sum = chunk.iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+    }
+    assert_eq!((n, sum), (GIB, want_sum), "download");
+
+    // Upload: 1 GiB streamed in 64 KiB pieces, counted by the backend.
+    let pieces =
+        futures::stream::iter((0..blocks).map(move |_| Ok::<_, std::io::Error>(block.clone())));
+    let resp = http
+        .post(format!("{url}/client/big/count"))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.text().await.unwrap(),
+        format!("{GIB} {want_sum}"),
+        "upload"
+    );
+
+    // Each process grew by a few windows, not by the bodies (generous
+    // bound for CI machines; the bench reports the figures).
+    for (i, pid) in pids.iter().enumerate() {
+        let growth_mib = rss_kib(*pid).1.saturating_sub(before[i]) / 1024;
+        let who = ["server", "relay-client"][i];
+        assert!(
+            growth_mib < 64,
+            "{who} peak RSS grew by {growth_mib} MiB for 1 GiB each way"
+        );
+    }
+}

@@ -6,6 +6,10 @@
 //! - `/multi`: repeated `set-cookie` values.
 //! - `/bytes/<n>`: `n` bytes of [`super::pattern`] with seed `n`, streamed.
 //! - `/hash`: SHA-256 of the request body.
+//! - `/lazy/<n>`: `n` bytes made as they are sent (64 KiB blocks of
+//!   [`super::pattern`]), for bodies too large to hold in memory.
+//! - `/count`: the request body's length and a checksum, read as it
+//!   streams in: `<bytes> <sum of all bytes mod 2^64>`.
 //! - `/sse?n=N&delay_ms=D`: N server-sent events, D ms apart.
 //! - `/forever?delay_ms=D`: server-sent events, D ms apart (default 200),
 //!   until the body is dropped.
@@ -186,6 +190,32 @@ async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>
             .map(|i| Ok(Frame::data(data.slice(i..(i + 64 * 1024).min(n)))))
             .collect();
         Response::new(StreamBody::new(futures::stream::iter(chunks)).boxed())
+    } else if let Some(n) = path.strip_prefix("/lazy/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let block = Bytes::from(super::pattern(64 * 1024, 64));
+        let stream = futures::stream::unfold(0usize, move |sent| {
+            let block = block.clone();
+            async move {
+                (sent < n).then(|| {
+                    let len = block.len().min(n - sent);
+                    (
+                        Ok::<_, Infallible>(Frame::data(block.slice(..len))),
+                        sent + len,
+                    )
+                })
+            }
+        });
+        Response::new(StreamBody::new(stream).boxed())
+    } else if path == "/count" {
+        let mut body = req.into_body();
+        let (mut n, mut sum) = (0u64, 0u64);
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                n += data.len() as u64;
+                sum = data.iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+            }
+        }
+        Response::new(full(format!("{n} {sum}")))
     } else if path == "/hash" {
         let body = req
             .into_body()
