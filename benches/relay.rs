@@ -13,13 +13,18 @@
 //!   5000 requests): requests per second;
 //! - S4 upload of `RELAY_BENCH_MIB` MiB: MiB/s and the peak RSS growth of
 //!   the server and relay-client processes during it;
+//! - S5 idle relay-clients (`RELAY_BENCH_IDLE`, default 5000): server RSS
+//!   per idle v1 poll and per idle v2 connection (config `idle`);
+//! - S6 a user-client reading `RELAY_BENCH_SLOW_MIB` MiB (default 1024) at
+//!   5 MiB/s: peak RSS growth of server and relay-client (cleartext
+//!   configurations);
 //! - S7 WebSocket echo round trip (`RELAY_BENCH_SERIAL` messages): p50;
 //! - S8 S3 with tracing exported at 0 % and 100 % (to an in-bench OTLP
 //!   receiver), against tracing off.
 //!
 //! `RELAY_BENCH_QUICK=1` shrinks every size so that a run takes well
 //! under a minute; `RELAY_BENCH_CONFIGS=v1-clear,v2-tls,...` picks
-//! configurations (default all four).
+//! configurations (default all four, `idle` and `tracing`).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -41,6 +46,8 @@ struct Params {
     mib: usize,
     serial: usize,
     concurrent: usize,
+    idle: usize,
+    slow_mib: usize,
 }
 
 impl Params {
@@ -56,6 +63,8 @@ impl Params {
             mib: num("RELAY_BENCH_MIB", 100, 16),
             serial: num("RELAY_BENCH_SERIAL", 1000, 200),
             concurrent: num("RELAY_BENCH_CONCURRENT", 5000, 1000),
+            idle: num("RELAY_BENCH_IDLE", 5000, 500),
+            slow_mib: num("RELAY_BENCH_SLOW_MIB", 1024, 32),
         }
     }
 }
@@ -390,6 +399,11 @@ async fn measure_relayed(
         .trim_start_matches("https://")
         .to_owned();
     let s7 = ws_echo(&ws_addr, "/client/bench-ws/echo", ca, p.serial.min(500)).await;
+    let s6 = if tls {
+        None
+    } else {
+        Some(slow_reader(&http, &base, &stack, p.slow_mib).await)
+    };
     drop(stack);
 
     let name = format!(
@@ -436,6 +450,167 @@ async fn measure_relayed(
         ms(s7),
         (ms(s7) - ms(direct.s7)) * 1000.0
     );
+    if let Some((server, client)) = s6 {
+        println!(
+            "| S6 {} MiB read at 5 MiB/s | | peak RSS growth: server +{:.1} MiB, relay-client +{:.1} MiB | |",
+            p.slow_mib,
+            server as f64 / 1024.0,
+            client as f64 / 1024.0
+        );
+    }
+}
+
+/// S6: reads `mib` MiB at 5 MiB/s; returns the peak RSS growth (KiB) of
+/// the server and the relay-client meanwhile.
+async fn slow_reader(http: &reqwest::Client, base: &str, stack: &Stack, mib: usize) -> (u64, u64) {
+    const RATE: f64 = 5.0 * MIB as f64;
+    let (server_before, _) = stack.server.rss();
+    let (client_before, _) = stack.client.rss();
+    stack.server.reset_peak();
+    stack.client.reset_peak();
+    let resp = http
+        .get(format!("{base}/lazy/{}", mib * MIB))
+        .send()
+        .await
+        .expect("slow download");
+    let mut body = resp.bytes_stream();
+    let started = Instant::now();
+    let mut n = 0usize;
+    while let Some(chunk) = body.next().await {
+        n += chunk.expect("body").len();
+        let due = Duration::from_secs_f64(n as f64 / RATE);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    assert_eq!(n, mib * MIB);
+    (
+        stack.server.rss().1.saturating_sub(server_before),
+        stack.client.rss().1.saturating_sub(client_before),
+    )
+}
+
+/// S5: server RSS per idle v1 poll and per idle v2 connection.
+async fn measure_idle(p: &Params) {
+    let dir = tempfile::tempdir().expect("dir");
+    let env = [("HTTP_RELAY_TIMEOUTS__POLL", "10m")];
+    let mut rows = Vec::new();
+    for kind in ["v1 poll", "v2 connection"] {
+        let stack = start_stack(false, "v1", "http://127.0.0.1:9", None, &env, dir.path());
+        let base = stack.url.clone();
+        let http = http_client(None);
+        // The stack's own relay-client is one backend; wait for it.
+        wait_gauge_at_least(&http, &base, "relay_connected_backends", 1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (before, _) = stack.server.rss();
+        let mut held = Vec::new();
+        if kind == "v1 poll" {
+            // HTTP/2 connections of up to 1000 polls each.
+            for c in 0..p.idle.div_ceil(1000) {
+                let h2 = reqwest::Client::builder()
+                    .no_proxy()
+                    .http2_prior_knowledge()
+                    .timeout(Duration::from_secs(600))
+                    .build()
+                    .expect("client");
+                for i in c * 1000..((c + 1) * 1000).min(p.idle) {
+                    let url = format!("{base}/server/request?server=idle-{i}");
+                    let h2 = h2.clone();
+                    held.push(tokio::spawn(async move {
+                        let _ = h2.get(url).send().await;
+                    }));
+                }
+            }
+        } else {
+            let addr = base.trim_start_matches("http://").to_owned();
+            for i in 0..p.idle {
+                held.push(tokio::spawn(idle_tunnel(addr.clone(), format!("idle-{i}"))));
+            }
+        }
+        wait_gauge_at_least(&http, &base, "relay_connected_backends", p.idle as u64 + 1).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (after, _) = stack.server.rss();
+        rows.push((kind, after.saturating_sub(before) as f64 / p.idle as f64));
+        for h in held {
+            h.abort();
+        }
+        drop(stack);
+    }
+    println!("\n### S5 idle relay-clients ({} each, cleartext)\n", p.idle);
+    println!("| kind | server RSS per idle backend |");
+    println!("| --- | --- |");
+    for (kind, kib) in rows {
+        println!("| {kind} | {kib:.1} KiB |");
+    }
+}
+
+/// One idle v2 relay-client: the upgrade, then an HTTP/2 server that
+/// nobody calls.
+async fn idle_tunnel(addr: String, name: String) {
+    let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else {
+        return;
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tcp))
+    .await
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let Ok(req) = http::Request::get(format!("/server/connect?server={name}"))
+        .header("host", addr.as_str())
+        .header("connection", "upgrade")
+        .header("upgrade", "http-relay-v2")
+        .body(http_body_util::Empty::new())
+    else {
+        return;
+    };
+    let Ok(resp) = sender.send_request(req).await else {
+        return;
+    };
+    let Ok(upgraded) = hyper::upgrade::on(resp).await else {
+        return;
+    };
+    let svc = hyper::service::service_fn(|_req| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(upgraded, svc)
+        .await;
+}
+
+async fn wait_gauge_at_least(http: &reqwest::Client, base: &str, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = match http.get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let value = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        if value >= want as f64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {value}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// S8: S3 with the server and relay-client exporting spans.
@@ -475,7 +650,7 @@ async fn measure_tracing(p: &Params, backend: &Backend) {
 fn main() {
     let p = Params::from_env();
     let configs = std::env::var("RELAY_BENCH_CONFIGS")
-        .unwrap_or_else(|_| "v1-clear,v1-tls,v2-clear,v2-tls,tracing".into());
+        .unwrap_or_else(|_| "v1-clear,v1-tls,v2-clear,v2-tls,idle,tracing".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -493,6 +668,7 @@ fn main() {
         for config in configs.split(',') {
             match config.trim() {
                 "tracing" => measure_tracing(&p, &backend).await,
+                "idle" => measure_idle(&p).await,
                 c => {
                     let Some((transport, side)) = c.split_once('-') else {
                         continue;
