@@ -391,6 +391,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let mut chunks = ClientChunks {
         span: telemetry::is_sampled(&span).then_some(span),
         seq: 0,
+        pending: None,
         ended: false,
     };
     let (parts, body) = resp.into_parts();
@@ -399,7 +400,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             let _in_flight = &permit;
             match f.data_ref() {
                 Some(d) if d.is_empty() => {}
-                Some(d) => chunks.chunk(d.len(), false),
+                Some(d) => chunks.data(d.len()),
                 None => chunks.end(),
             }
             f
@@ -408,15 +409,23 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
-/// `relay.client.chunk` spans of one response body: one per frame, and
-/// one `eof` span where it ended (`docs/telemetry.md`).
+/// `relay.client.chunk` spans of one response body: one per frame; a
+/// frame's span is made when the next frame (or the end) is seen, so the
+/// last one carries `eof` (`docs/telemetry.md`).
 struct ClientChunks {
     span: Option<tracing::Span>,
     seq: u64,
+    pending: Option<usize>,
     ended: bool,
 }
 
 impl ClientChunks {
+    fn data(&mut self, bytes: usize) {
+        if let Some(previous) = self.pending.replace(bytes) {
+            self.chunk(previous, false);
+        }
+    }
+
     fn chunk(&mut self, bytes: usize, eof: bool) {
         if let Some(parent) = &self.span {
             drop(tracing::info_span!(parent: parent, "relay.client.chunk",
@@ -430,7 +439,8 @@ impl ClientChunks {
     fn end(&mut self) {
         if !self.ended {
             self.ended = true;
-            self.chunk(0, true);
+            let last = self.pending.take().unwrap_or(0);
+            self.chunk(last, true);
         }
     }
 }

@@ -315,15 +315,19 @@ fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
 }
 
 /// The chunk spans of one relayed body (`docs/telemetry.md`): one per
-/// DATA frame that crossed the relay, and one `eof` span where the body
-/// ended, as v1 makes one per posted chunk. Also records the request's
-/// `relay.bytes_out` once the body is over, however it ends.
+/// DATA frame that crossed the relay, as v1 makes one per posted chunk.
+/// A response frame's span is made when the next frame (or the end) is
+/// seen, so the last one carries `eof` without a span of its own. Also
+/// records the request's `relay.bytes_out` once the body is over, however
+/// it ends.
 struct ChunkSpans {
     parent: tracing::Span,
     traced: bool,
     name: &'static str,
     seq: u64,
     bytes: usize,
+    /// The response frame whose span waits for the next frame.
+    pending: Option<usize>,
     ended: bool,
 }
 
@@ -335,6 +339,7 @@ impl ChunkSpans {
             name,
             seq: 0,
             bytes: 0,
+            pending: None,
             ended: false,
         }
     }
@@ -361,9 +366,14 @@ impl ChunkSpans {
 
     fn data(&mut self, n: usize) {
         // Empty frames (an END_STREAM on its own) carry no chunk.
-        if n > 0 {
-            self.bytes += n;
+        if n == 0 {
+            return;
+        }
+        self.bytes += n;
+        if self.name == "relay.stream_chunk" {
             self.span(n, false, "to_user");
+        } else if let Some(previous) = self.pending.replace(n) {
+            self.span(previous, false, "to_user");
         }
     }
 
@@ -376,7 +386,8 @@ impl ChunkSpans {
     fn end(&mut self) {
         if !self.ended {
             self.ended = true;
-            self.span(0, true, "to_user");
+            let last = self.pending.take().unwrap_or(0);
+            self.span(last, true, "to_user");
         }
     }
 }
