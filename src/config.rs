@@ -536,7 +536,7 @@ pub struct ClientConfig {
 }
 
 /// The relay-client's transport (`docs/transport-v2.md`, "Negotiation").
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// v2 when the server offers it, else v1 (re-probed periodically).

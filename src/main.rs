@@ -105,6 +105,10 @@ struct ClientArgs {
     /// Concurrent long polls (`pending_polls`).
     #[arg(long)]
     pending_polls: Option<usize>,
+    /// `auto` (v2 when the server offers it, else v1), `v1` or `v2`
+    /// (`transport`).
+    #[arg(long, value_enum)]
+    transport: Option<http_relay::config::Transport>,
     /// File with the token presented to the server (`auth.token_file`).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -171,6 +175,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 .set("backend_http2", args.backend_http2.then_some(true))
                 .set("ca_file", args.ca_file)
                 .set("pending_polls", args.pending_polls)
+                .set("transport", args.transport)
                 .set("auth.token_file", args.token_file);
             let cfg: ClientConfig = config::load(args.config.as_deref(), flags)?;
             cfg.validate()?;
