@@ -6,6 +6,7 @@
 
 pub mod body;
 mod gate;
+mod pipe;
 mod relay;
 mod tunnel;
 mod user;

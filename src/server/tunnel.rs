@@ -9,14 +9,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
@@ -131,8 +131,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Read size for user-to-backend bytes of an upgraded connection.
-const PIPE_READ: usize = 64 * 1024;
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;
 
@@ -422,28 +420,13 @@ async fn pipe(
         }
     };
     metrics.active_streams.inc();
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-    let up_metrics = metrics.clone();
+    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
     let up_chunks = chunks.clone();
-    // Resolves with whether the user half-closed cleanly; dropping the
-    // sender ends the stream's request body (END_STREAM).
-    let upstream = async move {
-        loop {
-            let mut buf = BytesMut::with_capacity(PIPE_READ);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => return true,
-                Err(_) => return false,
-                Ok(n) => {
-                    up_metrics.bytes(Direction::ToBackend, n);
-                    lock(&up_chunks).upstream(n);
-                    if to_backend.send(buf.freeze()).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-        }
-    };
+    // The end of the sender ends the stream's request body (END_STREAM).
+    let upstream = super::pipe::user_to_backend(rd, to_backend, metrics.clone(), move |n| {
+        lock(&up_chunks).upstream(n)
+    });
     let down_metrics = metrics.clone();
     let downstream = async move {
         while let Some(frame) = from_backend.frame().await {
@@ -458,15 +441,7 @@ async fn pipe(
         }
         let _ = wr.shutdown().await;
     };
-    tokio::pin!(downstream);
-    tokio::select! {
-        () = &mut downstream => {}
-        clean = upstream => {
-            if clean {
-                let _ = tokio::time::timeout(idle, downstream).await;
-            }
-        }
-    }
+    super::pipe::both_ways(downstream, upstream, idle).await;
     metrics.active_streams.dec();
     drop(treq);
 }

@@ -1,13 +1,13 @@
 //! User-client requests: translate HTTP into a relayed request, and the
 //! relay-client's chunks back into an HTTP response (or an upgraded pipe).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 use std::sync::Arc;
 
@@ -372,9 +372,6 @@ pub(super) fn announce_trailers<'a>(
     }
 }
 
-/// Read size for user-to-backend bytes of an upgraded connection.
-const PIPE_READ: usize = 64 * 1024;
-
 /// Byte pipe of an upgraded connection (`PROTOCOL.md`, "Upgrades"):
 /// backend-to-user bytes come as response chunks, user-to-backend bytes
 /// wait for the relay-client's `/server/requeststream` calls.
@@ -396,7 +393,7 @@ async fn pipe(
             return;
         }
     };
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let Some(to_backend) = exchange.take_stream() else {
         return;
     };
@@ -404,25 +401,8 @@ async fn pipe(
     let span = exchange.span().clone();
     metrics.active_streams.inc();
 
-    // Resolves with whether the user-client half-closed cleanly (`true`)
-    // or failed (`false`). Dropping the sender tells the relay-client the
-    // stream is over (410 Gone).
-    let up_metrics = metrics.clone();
-    let upstream = async move {
-        loop {
-            let mut buf = BytesMut::with_capacity(PIPE_READ);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => return true,
-                Err(_) => return false,
-                Ok(n) => {
-                    up_metrics.bytes(Direction::ToBackend, n);
-                    if to_backend.send(buf.freeze()).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-        }
-    };
+    // The end of the sender is the relay-client's 410 Gone.
+    let upstream = super::pipe::user_to_backend(rd, to_backend, metrics.clone(), |_| {});
     let idle = exchange.inactive_timeout();
     let down_metrics = metrics.clone();
     let down_span = span.clone();
@@ -453,18 +433,8 @@ async fn pipe(
         down_span.record("relay.bytes_out", telemetry::int(sent));
         let _ = wr.shutdown().await;
     };
-    tokio::pin!(downstream);
-    tokio::select! {
-        () = &mut downstream => {}
-        clean = upstream => {
-            // After a clean half-close the backend may still talk, for a
-            // bounded time (keep-alive chunks do not extend it); after a
-            // failure nobody is listening: end now.
-            if clean {
-                let _ = tokio::time::timeout(idle, downstream).await;
-            }
-        }
-    }
+    // Keep-alive chunks do not extend the bound after a half-close.
+    super::pipe::both_ways(downstream, upstream, idle).await;
     metrics.active_streams.dec();
     tracing::debug!(parent: &span, id, "upgraded connection closed");
 }

@@ -1,0 +1,62 @@
+//! The parts of an upgraded connection's byte pipe that both transports
+//! share: reading the user's side into a bounded channel, and ending the
+//! two directions together.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::sync::mpsc;
+
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::Direction;
+
+/// Read size for user-to-backend bytes of an upgraded connection.
+const PIPE_READ: usize = 64 * 1024;
+
+/// Reads the user's side into `to_backend`, each read sent at once, until
+/// the user half-closes (`true`) or the read or the channel fails
+/// (`false`). Dropping the sender tells the relay-client the direction is
+/// over. `on_read` sees each read's size (chunk spans).
+pub async fn user_to_backend<R: AsyncRead + Unpin>(
+    mut rd: R,
+    to_backend: mpsc::Sender<Bytes>,
+    metrics: Arc<Metrics>,
+    mut on_read: impl FnMut(usize),
+) -> bool {
+    loop {
+        let mut buf = BytesMut::with_capacity(PIPE_READ);
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return true,
+            Err(_) => return false,
+            Ok(n) => {
+                metrics.bytes(Direction::ToBackend, n);
+                on_read(n);
+                if to_backend.send(buf.freeze()).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Runs both directions until the backend's ends. After a clean
+/// half-close by the user the backend may still talk, for at most `idle`;
+/// after a failure on the user's side nobody is listening: end now.
+pub async fn both_ways(
+    downstream: impl Future<Output = ()>,
+    upstream: impl Future<Output = bool>,
+    idle: Duration,
+) {
+    tokio::pin!(downstream);
+    tokio::select! {
+        () = &mut downstream => {}
+        clean = upstream => {
+            if clean {
+                let _ = tokio::time::timeout(idle, downstream).await;
+            }
+        }
+    }
+}
