@@ -31,3 +31,10 @@ pub mod proto;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+
+/// Locks a mutex of one of the relay's short critical sections. A panic
+/// while holding one cannot leave its data half-updated, so a poisoned
+/// lock is still usable: no lock can take the process down.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

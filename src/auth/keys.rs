@@ -1,7 +1,7 @@
 //! Signing keys of one token issuer: OIDC discovery, JWKS fetch, cache,
 //! periodic refresh and rate-limited refetch on an unknown `kid`.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
@@ -56,9 +56,7 @@ pub struct KeySource {
     refetch: tokio::sync::Mutex<()>,
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;
 
 /// `max-age` of a `Cache-Control` header, if any.
 fn max_age(headers: &http::HeaderMap) -> Option<Duration> {

@@ -127,9 +127,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
     tracing::info!(backend, "relay-client v2 connection closed");
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;
 
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;

@@ -52,7 +52,7 @@ impl LogLimiter {
     /// called first with the count held back in the windows before.
     pub fn check(&self, key: &'static str, summary: impl FnOnce(&'static str, u64)) -> Verdict {
         let now = Instant::now();
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = crate::lock(&self.slots);
         let slot = slots.entry(key).or_insert(Slot {
             window_start: now,
             logged: 0,
@@ -81,7 +81,7 @@ impl LogLimiter {
     /// lines held back, so a flood that stops is still summed up.
     pub fn flush(&self, mut summary: impl FnMut(&'static str, u64)) {
         let now = Instant::now();
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = crate::lock(&self.slots);
         slots.retain(|key, slot| {
             if now.duration_since(slot.window_start) < self.window {
                 return true;
