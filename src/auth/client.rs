@@ -247,17 +247,9 @@ impl ClientCredentials {
         match self.fetch().await {
             Ok((token, lifetime)) => {
                 let fetched = Instant::now();
-                // At 80% of the life; at least 10 s before expiry for
-                // tokens that live long enough (a short-lived token must
-                // not be due for refresh the moment it arrives).
-                let margin = if lifetime > Duration::from_secs(50) {
-                    (lifetime / 5).max(Duration::from_secs(10))
-                } else {
-                    lifetime / 5
-                };
                 *lock(&self.current) = Some(Cached {
                     token: token.clone(),
-                    refresh_at: crate::clock::after(fetched, lifetime - margin),
+                    refresh_at: crate::clock::after(fetched, refresh_after(lifetime)),
                     expires_at: crate::clock::after(fetched, lifetime),
                 });
                 *lock(&self.failure) = None;
@@ -350,6 +342,19 @@ impl ClientCredentials {
         tracing::debug!(lifetime = ?lifetime, "fetched relay token");
         Ok((tok.access_token, lifetime))
     }
+}
+
+/// When a token that is valid for `lifetime` from now is due to be
+/// replaced: at 80% of that life, and at least 10 s before expiry for
+/// tokens that live long enough (a short-lived token must not be due the
+/// moment it arrives).
+pub(crate) fn refresh_after(lifetime: Duration) -> Duration {
+    let margin = if lifetime > Duration::from_secs(50) {
+        (lifetime / 5).max(Duration::from_secs(10))
+    } else {
+        lifetime / 5
+    };
+    lifetime - margin
 }
 
 /// The audience(s) a token claims, for log lines (never the token).

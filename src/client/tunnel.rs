@@ -221,14 +221,8 @@ fn renewal_in(token: Option<&str>) -> Option<Duration> {
         .exp;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
     let left = Duration::from_secs(exp.saturating_sub(now));
-    // At 80% of the remaining life (at least 10 s before expiry for
-    // tokens that live long enough), and never in a tight loop.
-    let margin = if left > Duration::from_secs(50) {
-        (left / 5).max(Duration::from_secs(10))
-    } else {
-        left / 5
-    };
-    Some((left - margin).max(Duration::from_secs(1)))
+    // The token source's rule, and never in a tight loop.
+    Some(crate::auth::client::refresh_after(left).max(Duration::from_secs(1)))
 }
 
 /// Keeps a v2 connection up until `stop`: serves `first`, reconnects when

@@ -20,7 +20,10 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
-use super::user::{Route, announce_trailers, strip_hop_by_hop};
+use super::user::{
+    Route, announce_trailers, child, pass_trace_context, refuse_declared_oversize,
+    strip_hop_by_hop, take_host,
+};
 use super::{State, gate, relay};
 use crate::auth::Claims;
 use crate::broker::{BrokerError, Tunnel, TunnelBody, TunnelRequest};
@@ -146,28 +149,14 @@ pub async fn relay(
     let (parts, body) = req.into_parts();
 
     let limit = state.cfg.limits.max_request_body.as_u64();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(RelayError::BodyTooLarge(limit));
-    }
+    refuse_declared_oversize(&parts.headers, limit)?;
     let id = format!("{}:{}", route.backend, uuid::Uuid::new_v4().simple());
     span.record("relay.request_id", id.as_str());
 
     let mut headers = parts.headers;
-    let host = headers
-        .remove(header::HOST)
-        .and_then(|h| h.to_str().ok().map(str::to_owned))
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, false);
-    if span.is_disabled() {
-        telemetry::propagate_unsampled(&mut headers);
-    } else {
-        telemetry::inject(span, &mut headers);
-    }
+    pass_trace_context(span, &mut headers);
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(HeaderName::from_static(v2::REQUEST_ID), v);
     }
@@ -299,15 +288,6 @@ pub async fn relay(
         .map_err(BoxError::from)
         .boxed();
     Ok(Response::from_parts(head, body))
-}
-
-/// A child span, or none when the request is not traced.
-fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
-    if traced {
-        make()
-    } else {
-        tracing::Span::none()
-    }
 }
 
 /// The chunk spans of one relayed body (`docs/telemetry.md`): one per

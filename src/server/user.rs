@@ -190,14 +190,7 @@ async fn relay_request(
     let (parts, body) = req.into_parts();
 
     let limit = state.cfg.limits.max_request_body.as_u64();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(RelayError::BodyTooLarge(limit));
-    }
+    refuse_declared_oversize(&parts.headers, limit)?;
     // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
     // cannot do").
     // A trickling upload must not hold the request forever.
@@ -206,24 +199,12 @@ async fn relay_request(
         .await
         .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
 
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
     span.record("relay.bytes_in", telemetry::int(body.len()));
     state.metrics.bytes(Direction::ToBackend, body.len());
     let mut headers = parts.headers;
-    headers.remove(header::HOST);
+    let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, on_upgrade.is_some());
-    // The relay-client continues the trace from here; an unsampled
-    // request tells it so.
-    if span.is_disabled() {
-        telemetry::propagate_unsampled(&mut headers);
-    } else {
-        telemetry::inject(&span, &mut headers);
-    }
+    pass_trace_context(&span, &mut headers);
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
@@ -256,8 +237,39 @@ async fn relay_request(
     respond(exchange, first, on_upgrade, version, state.metrics.clone())
 }
 
+/// 413 before any body is read when the declared length is over `limit`.
+pub(super) fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), RelayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(RelayError::BodyTooLarge(limit));
+    }
+    Ok(())
+}
+
+/// Removes the user-client's `Host` from the relayed headers and returns
+/// it (or the request's authority, for HTTP/2): it travels on its own.
+pub(super) fn take_host(headers: &mut HeaderMap, uri: &http::Uri) -> Option<String> {
+    headers
+        .remove(header::HOST)
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .or_else(|| uri.authority().map(|a| a.to_string()))
+}
+
+/// Writes the trace context the relay-client continues from: the
+/// request span's, or, for a request without a span, an unsampled one.
+pub(super) fn pass_trace_context(span: &tracing::Span, headers: &mut HeaderMap) {
+    if span.is_disabled() {
+        telemetry::propagate_unsampled(headers);
+    } else {
+        telemetry::inject(span, headers);
+    }
+}
+
 /// A child span, or none when the request is not traced.
-fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+pub(super) fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
     if traced {
         make()
     } else {
