@@ -31,11 +31,12 @@
 mod common;
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
 use common::otlp::Receiver;
+use common::process::{Proc, reset_peak, rss_kib};
 use common::ws::WsBackend;
 use futures::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
@@ -66,37 +67,6 @@ impl Params {
             idle: num("RELAY_BENCH_IDLE", 5000, 500),
             slow_mib: num("RELAY_BENCH_SLOW_MIB", 1024, 32),
         }
-    }
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Resident set of the process and its peak since the last reset, KiB.
-    fn rss(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    /// Resets the peak RSS (VmHWM) to the current RSS.
-    fn reset_peak(&self) {
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.0.id()), "5");
     }
 }
 
@@ -386,13 +356,13 @@ async fn measure_relayed(
     let s1 = download(&http, &base, p.mib).await;
     let s2 = serial(&http, &base, p.serial).await;
     let s3 = concurrent(&http, &base, p.concurrent).await;
-    let (server_before, _) = stack.server.rss();
-    let (client_before, _) = stack.client.rss();
-    stack.server.reset_peak();
-    stack.client.reset_peak();
+    let (server_before, _) = rss_kib(stack.server.0.id());
+    let (client_before, _) = rss_kib(stack.client.0.id());
+    reset_peak(stack.server.0.id());
+    reset_peak(stack.client.0.id());
     let s4 = upload(&http, &base, data).await;
-    let server_peak = stack.server.rss().1.saturating_sub(server_before);
-    let client_peak = stack.client.rss().1.saturating_sub(client_before);
+    let server_peak = rss_kib(stack.server.0.id()).1.saturating_sub(server_before);
+    let client_peak = rss_kib(stack.client.0.id()).1.saturating_sub(client_before);
     let ws_addr = stack
         .url
         .trim_start_matches("http://")
@@ -464,10 +434,10 @@ async fn measure_relayed(
 /// the server and the relay-client meanwhile.
 async fn slow_reader(http: &reqwest::Client, base: &str, stack: &Stack, mib: usize) -> (u64, u64) {
     const RATE: f64 = 5.0 * MIB as f64;
-    let (server_before, _) = stack.server.rss();
-    let (client_before, _) = stack.client.rss();
-    stack.server.reset_peak();
-    stack.client.reset_peak();
+    let (server_before, _) = rss_kib(stack.server.0.id());
+    let (client_before, _) = rss_kib(stack.client.0.id());
+    reset_peak(stack.server.0.id());
+    reset_peak(stack.client.0.id());
     let resp = http
         .get(format!("{base}/lazy/{}", mib * MIB))
         .send()
@@ -485,8 +455,8 @@ async fn slow_reader(http: &reqwest::Client, base: &str, stack: &Stack, mib: usi
     }
     assert_eq!(n, mib * MIB);
     (
-        stack.server.rss().1.saturating_sub(server_before),
-        stack.client.rss().1.saturating_sub(client_before),
+        rss_kib(stack.server.0.id()).1.saturating_sub(server_before),
+        rss_kib(stack.client.0.id()).1.saturating_sub(client_before),
     )
 }
 
@@ -502,7 +472,7 @@ async fn measure_idle(p: &Params) {
         // The stack's own relay-client is one backend; wait for it.
         wait_gauge_at_least(&http, &base, "relay_connected_backends", 1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (before, _) = stack.server.rss();
+        let (before, _) = rss_kib(stack.server.0.id());
         let mut held = Vec::new();
         if kind == "v1 poll" {
             // HTTP/2 connections of up to 1000 polls each.
@@ -529,7 +499,7 @@ async fn measure_idle(p: &Params) {
         }
         wait_gauge_at_least(&http, &base, "relay_connected_backends", p.idle as u64 + 1).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (after, _) = stack.server.rss();
+        let (after, _) = rss_kib(stack.server.0.id());
         rows.push((kind, after.saturating_sub(before) as f64 / p.idle as f64));
         for h in held {
             h.abort();
@@ -588,19 +558,8 @@ async fn idle_tunnel(addr: String, name: String) {
 async fn wait_gauge_at_least(http: &reqwest::Client, base: &str, name: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let text = match http.get(format!("{base}/metrics")).send().await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let value = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
+        let value = common::observe::gauge(http, base, name)
+            .await
             .unwrap_or(0.0);
         if value >= want as f64 {
             return;

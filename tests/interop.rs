@@ -24,6 +24,16 @@ fn header(name: &str, value: &str) -> HttpHeader {
     HttpHeader::new(name, value)
 }
 
+/// Registers `name` as a fresh v1 relay-client does: with a first poll
+/// (cut short here; the name stays known).
+async fn register(http: &reqwest::Client, relay: &Relay, name: &str) {
+    let _ = http
+        .get(format!("{}/server/request?server={name}", relay.url))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+}
+
 /// The v1 relay-client's poll, as the Go client sends it.
 async fn v1_poll(http: &reqwest::Client, relay: &Relay, name: &str) -> HttpRequest {
     let url = format!("{}/server/request?server={name}", relay.url);
@@ -69,13 +79,7 @@ fn user_get(relay: &Relay, path: &str) -> tokio::task::JoinHandle<reqwest::Respo
 async fn v1_relay_client_gets_requests_and_streams_chunks() {
     let relay = Relay::start(|_| {}).await;
     let http = relay.http();
-    // Register the name first, as a fresh v1 client does.
-    let poll_url = format!("{}/server/request?server=v1bot", relay.url);
-    let _ = http
-        .get(&poll_url)
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "v1bot").await;
 
     let user = tokio::spawn({
         let http = relay.http();
@@ -144,11 +148,7 @@ async fn v1_relay_client_gets_requests_and_streams_chunks() {
 async fn ids_are_unique() {
     let relay = Relay::start(|_| {}).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=ids", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "ids").await;
     let mut users = Vec::new();
     for _ in 0..20 {
         users.push(user_get(&relay, "/client/ids/x"));
@@ -196,11 +196,7 @@ async fn invalid_backend_answers_become_502_at_once_and_the_post_400() {
     // reaper would fail the test.
     let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(120)).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=bad", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "bad").await;
 
     let first = |header: Vec<HttpHeader>| HttpResponse {
         status_code: Some(200),
@@ -316,11 +312,7 @@ async fn header_values_with_bytes_that_are_not_utf8_are_relayed_as_bytes() {
     // obs-text (0x80-0xff) is a valid HTTP field value; it travels as is.
     let relay = Relay::start(|_| {}).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=latin", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "latin").await;
     let user = user_get(&relay, "/client/latin/x");
     let req = v1_poll(&http, &relay, "latin").await;
     let chunk = HttpResponse {
@@ -344,11 +336,7 @@ async fn trailer_floods_are_refused_cleanly() {
     // connection) stay up.
     let relay = Relay::start(|_| {}).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=flood", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "flood").await;
     let user = tokio::spawn({
         let url = format!("{}/client/flood/t", relay.url);
         async move { h2_get_result(&url).await }
@@ -400,11 +388,7 @@ async fn trailer_floods_are_refused_cleanly() {
 async fn trailers_on_the_last_chunk_reach_the_user_client() {
     let relay = Relay::start(|_| {}).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=tr", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "tr").await;
     // A raw HTTP/2 user-client, to read trailers.
     let user = tokio::spawn({
         let url = format!("{}/client/tr/t", relay.url);
@@ -493,11 +477,7 @@ async fn relay_chunks_to(
     chunks: Vec<HttpResponse>,
 ) -> Result<(String, http::HeaderMap), String> {
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server={name}", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, relay, name).await;
     let user = tokio::spawn({
         let url = format!("{}/client/{name}/t", relay.url);
         async move { get_with_trailers(&url, http2).await }
@@ -640,11 +620,7 @@ async fn declared_trailers_of_a_backend_reach_http1_user_clients_through_our_cli
 async fn posts_for_a_departed_user_client_get_400_at_once() {
     let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(60)).await;
     let http = relay.http();
-    let _ = http
-        .get(format!("{}/server/request?server=gone", relay.url))
-        .timeout(Duration::from_millis(200))
-        .send()
-        .await;
+    register(&http, &relay, "gone").await;
     let user = user_get(&relay, "/client/gone/x");
     let req = v1_poll(&http, &relay, "gone").await;
     let id = req.id.unwrap();

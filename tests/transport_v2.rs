@@ -15,6 +15,27 @@ use common::{Relay, RelayClient, bounded, client_config, eventually, pattern, sh
 use futures::StreamExt as _;
 use http_relay::config::Transport;
 
+/// Starts a v2 relay-client for `name` and waits until the relay has
+/// `tunnels` tunnels.
+async fn v2_client(relay: &Relay, name: &str, backend: &str, tunnels: f64) -> RelayClient {
+    let mut cfg = client_config(relay, name, backend);
+    cfg.transport = Transport::V2;
+    let client = RelayClient::start(cfg);
+    wait_tunnels(relay, tunnels).await;
+    client
+}
+
+async fn wait_tunnels(relay: &Relay, want: f64) {
+    wait_gauge(
+        &relay.http(),
+        &relay.url,
+        "relay_tunnels",
+        want,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
 /// A relay, a v2 relay-client for `robot-1` and the test backend; waits
 /// until the tunnel is up.
 async fn v2_stack(
@@ -22,17 +43,7 @@ async fn v2_stack(
 ) -> (Relay, RelayClient, Backend) {
     let backend = Backend::start().await;
     let relay = Relay::start(edit).await;
-    let mut cfg = client_config(&relay, "robot-1", &backend.url);
-    cfg.transport = Transport::V2;
-    let client = RelayClient::start(cfg);
-    wait_gauge(
-        &relay.http(),
-        &relay.url,
-        "relay_tunnels",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    let client = v2_client(&relay, "robot-1", &backend.url, 1.0).await;
     (relay, client, backend)
 }
 
@@ -221,17 +232,7 @@ async fn websockets_are_one_bidirectional_stream() {
     use tokio_tungstenite::tungstenite::Message;
     let mut ws_backend = common::ws::WsBackend::start().await;
     let relay = Relay::start(|_| {}).await;
-    let mut cfg = client_config(&relay, "ws", &ws_backend.url);
-    cfg.transport = Transport::V2;
-    let _client = RelayClient::start(cfg);
-    wait_gauge(
-        &relay.http(),
-        &relay.url,
-        "relay_tunnels",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    let _client = v2_client(&relay, "ws", &ws_backend.url, 1.0).await;
 
     let mut ws = bounded(connect_ws(&relay, "/client/ws/echo")).await;
     for i in 0..20 {
@@ -407,17 +408,7 @@ async fn failing_backend() -> String {
 async fn a_failing_backend_never_looks_complete_to_the_user_client() {
     let backend = failing_backend().await;
     let relay = Relay::start(|_| {}).await;
-    let mut cfg = client_config(&relay, "robot-1", &backend);
-    cfg.transport = Transport::V2;
-    let _client = RelayClient::start(cfg);
-    wait_gauge(
-        &relay.http(),
-        &relay.url,
-        "relay_tunnels",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    let _client = v2_client(&relay, "robot-1", &backend, 1.0).await;
     for http in [relay.http1(), relay.http2()] {
         // The failure may be seen before the head went out (the
         // connection or stream ends without a response) or after it (the
@@ -495,14 +486,7 @@ async fn the_auto_default_uses_v2_against_our_server() {
     let mut cfg = client_config(&relay, "robot-1", &backend.url);
     cfg.transport = Transport::Auto;
     let _client = RelayClient::start(cfg);
-    wait_gauge(
-        &relay.http(),
-        &relay.url,
-        "relay_tunnels",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_tunnels(&relay, 1.0).await;
     let r = relay
         .http()
         .get(format!("{}/client/robot-1/x", relay.url))
@@ -642,24 +626,6 @@ async fn a_tunnel_does_not_outlive_its_token_and_a_fresh_one_keeps_it_serving() 
     tunnels(1.0).await;
 }
 
-/// Resident set and its peak since the last reset, KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Resets the peak RSS of `pid` to its current RSS.
-fn reset_peak(pid: u32) {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gibibyte_each_way_costs_the_processes_bounded_memory() {
     use std::process::{Command, Stdio};
@@ -699,9 +665,12 @@ async fn a_gibibyte_each_way_costs_the_processes_bounded_memory() {
         .unwrap();
     assert_eq!(ok.bytes().await.unwrap().len(), 1000);
     let pids = [server.0.id(), client.0.id()];
-    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p).0).collect();
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|p| common::process::rss_kib(*p).0)
+        .collect();
     for p in pids {
-        reset_peak(p);
+        common::process::reset_peak(p);
     }
 
     let block = bytes::Bytes::from(pattern(64 * 1024, 64));
@@ -745,7 +714,7 @@ async fn a_gibibyte_each_way_costs_the_processes_bounded_memory() {
     // Each process grew by a few windows, not by the bodies (generous
     // bound for CI machines; the bench reports the figures).
     for (i, pid) in pids.iter().enumerate() {
-        let growth_mib = rss_kib(*pid).1.saturating_sub(before[i]) / 1024;
+        let growth_mib = common::process::rss_kib(*pid).1.saturating_sub(before[i]) / 1024;
         let who = ["server", "relay-client"][i];
         assert!(
             growth_mib < 64,

@@ -56,3 +56,22 @@ pub fn wait_for_line(child: &mut Child, needle: &str) -> String {
     }
     panic!("no line containing {needle:?}");
 }
+
+/// Resident set of process `pid` and its peak since the last
+/// [`reset_peak`], KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak RSS of `pid` to its current RSS.
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
