@@ -20,7 +20,10 @@
 //!   configurations);
 //! - S7 WebSocket echo round trip (`RELAY_BENCH_SERIAL` messages): p50;
 //! - S8 S3 with tracing exported at 0 % and 100 % (to an in-bench OTLP
-//!   receiver), against tracing off.
+//!   sink that discards what it gets), against tracing off.
+//!
+//! The direct path of a TLS configuration is TLS too (the same backend
+//! behind rustls); throughputs are the median of three runs.
 //!
 //! `RELAY_BENCH_QUICK=1` shrinks every size so that a run takes well
 //! under a minute; `RELAY_BENCH_CONFIGS=v1-clear,v2-tls,...` picks
@@ -35,7 +38,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
-use common::otlp::Receiver;
 use common::process::{Proc, reset_peak, rss_kib};
 use common::ws::WsBackend;
 use futures::{SinkExt as _, StreamExt as _};
@@ -204,6 +206,24 @@ async fn upload(http: &reqwest::Client, base: &str, data: &bytes::Bytes) -> f64 
     (data.len() / MIB) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Throughput figures are the median of this many runs, direct and
+/// relayed alike: one run on a shared 2-core machine varies by half.
+const RUNS: usize = 3;
+
+/// The median of `RUNS` results of `f`.
+async fn median<F, Fut>(mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let mut v = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        v.push(f().await);
+    }
+    v.sort_by(f64::total_cmp);
+    v[RUNS / 2]
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -292,7 +312,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// What the direct path measured, once per run.
+/// Backends besides the cleartext one.
+struct Backends {
+    /// The same backend behind TLS, for the direct path of TLS configurations.
+    tls: Backend,
+}
+
+/// What the direct path of one configuration measured.
 struct Direct {
     s1: f64,
     s2: (Duration, Duration),
@@ -301,21 +327,24 @@ struct Direct {
     s7: Duration,
 }
 
+/// The direct path of one configuration: the same client straight to the
+/// backend, over TLS when the relayed path's user side is TLS.
 async fn measure_direct(
     p: &Params,
     backend: &Backend,
     ws: &WsBackend,
     data: &bytes::Bytes,
+    ca: Option<&std::path::Path>,
 ) -> Direct {
-    let http = http_client(None);
+    let http = http_client(ca);
     let base = backend.url.clone();
     wait_ready(&http, &base).await;
     let _ = serial(&http, &base, 50).await; // warm-up
     Direct {
-        s1: download(&http, &base, p.mib).await,
+        s1: median(|| download(&http, &base, p.mib)).await,
         s2: serial(&http, &base, p.serial).await,
-        s3: concurrent(&http, &base, p.concurrent).await,
-        s4: upload(&http, &base, data).await,
+        s3: median(|| concurrent(&http, &base, p.concurrent)).await,
+        s4: median(|| upload(&http, &base, data)).await,
         s7: ws_echo(
             ws.url.trim_start_matches("http://"),
             "/echo",
@@ -328,7 +357,7 @@ async fn measure_direct(
 
 async fn measure_relayed(
     p: &Params,
-    direct: &Direct,
+    backends: &Backends,
     backend: &Backend,
     ws: &WsBackend,
     data: &bytes::Bytes,
@@ -353,14 +382,14 @@ async fn measure_relayed(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = serial(&http, &base, 50).await; // warm-up
-    let s1 = download(&http, &base, p.mib).await;
+    let s1 = median(|| download(&http, &base, p.mib)).await;
     let s2 = serial(&http, &base, p.serial).await;
-    let s3 = concurrent(&http, &base, p.concurrent).await;
+    let s3 = median(|| concurrent(&http, &base, p.concurrent)).await;
     let (server_before, _) = rss_kib(stack.server.0.id());
     let (client_before, _) = rss_kib(stack.client.0.id());
     reset_peak(stack.server.0.id());
     reset_peak(stack.client.0.id());
-    let s4 = upload(&http, &base, data).await;
+    let s4 = median(|| upload(&http, &base, data)).await;
     let server_peak = rss_kib(stack.server.0.id()).1.saturating_sub(server_before);
     let client_peak = rss_kib(stack.client.0.id()).1.saturating_sub(client_before);
     let ws_addr = stack
@@ -375,12 +404,21 @@ async fn measure_relayed(
         Some(slow_reader(&http, &base, &stack, p.slow_mib).await)
     };
     drop(stack);
+    let direct = if tls {
+        let tls_ca = Some(common::certs().ca_cert.as_path());
+        measure_direct(p, &backends.tls, ws, data, tls_ca).await
+    } else {
+        measure_direct(p, backend, ws, data, None).await
+    };
 
     let name = format!(
         "{transport}, user side {}",
         if tls { "TLS" } else { "cleartext" }
     );
     println!("\n### {name}\n");
+    if tls {
+        println!("(direct: TLS to the backend; S7 direct is cleartext)\n");
+    }
     println!("| scenario | direct | relayed | relayed/direct |");
     println!("| --- | --- | --- | --- |");
     println!(
@@ -572,10 +610,53 @@ async fn wait_gauge_at_least(http: &reqwest::Client, base: &str, name: &str, wan
     }
 }
 
+/// An OTLP/gRPC receiver that accepts every export and keeps nothing:
+/// S8 measures what tracing costs the relay, not what decoding spans
+/// costs a collector (which runs elsewhere, not on the relay's cores).
+async fn otlp_sink() -> (String, tokio::task::JoinHandle<()>) {
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(_)) = body.frame().await {}
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+                            )),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        hyper::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(http_body_util::StreamBody::new(futures::stream::iter(
+                                frames,
+                            )))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
 /// S8: S3 with the server and relay-client exporting spans.
 async fn measure_tracing(p: &Params, backend: &Backend) {
-    let otlp = Receiver::start().await;
-    let endpoint = otlp.endpoint();
+    let (endpoint, _sink) = otlp_sink().await;
     let mut rows = Vec::new();
     for (label, ratio) in [("off", None), ("0 %", Some("0")), ("100 %", Some("1"))] {
         let dir = tempfile::tempdir().expect("dir");
@@ -589,7 +670,7 @@ async fn measure_tracing(p: &Params, backend: &Backend) {
         let base = format!("{}/client/bench", stack.url);
         wait_ready(&http, &base).await;
         let _ = concurrent(&http, &base, 200).await;
-        let rps = concurrent(&http, &base, p.concurrent).await;
+        let rps = median(|| concurrent(&http, &base, p.concurrent)).await;
         let (p50, _) = serial(&http, &base, p.serial).await;
         rows.push((label, rps, p50));
     }
@@ -618,10 +699,16 @@ fn main() {
         let backend = Backend::start().await;
         let ws = WsBackend::start().await;
         let data = bytes::Bytes::from(common::pattern(p.mib * MIB, 1));
-        let direct = measure_direct(&p, &backend, &ws, &data).await;
+        let certs = common::certs();
+        let backends = Backends {
+            tls: Backend::start_tls(
+                http_relay::tls::server_config(&certs.cert, &certs.key).expect("tls"),
+            )
+            .await,
+        };
         println!(
             "relay benchmark: {} MiB bodies, {} serial requests, {} concurrent requests; \
-             direct = the same client straight to the backend",
+             direct = the same client straight to the backend; throughput: median of {RUNS} runs",
             p.mib, p.serial, p.concurrent
         );
         for config in configs.split(',') {
@@ -632,8 +719,16 @@ fn main() {
                     let Some((transport, side)) = c.split_once('-') else {
                         continue;
                     };
-                    measure_relayed(&p, &direct, &backend, &ws, &data, transport, side == "tls")
-                        .await;
+                    measure_relayed(
+                        &p,
+                        &backends,
+                        &backend,
+                        &ws,
+                        &data,
+                        transport,
+                        side == "tls",
+                    )
+                    .await;
                 }
             }
         }

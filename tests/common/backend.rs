@@ -78,6 +78,21 @@ impl Backend {
 
     /// A backend whose described requests carry `x-backend: <label>`.
     pub async fn start_labeled(label: &str) -> Backend {
+        Self::start_with(label, None).await
+    }
+
+    /// The same backend behind TLS (`url` is then `https://localhost:<port>`),
+    /// for measuring a direct TLS connection against a relayed one.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Backend {
+        Self::start_with("test", Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(label: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
+        let scheme = if tls.is_some() {
+            "https://localhost"
+        } else {
+            "http://127.0.0.1"
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -94,21 +109,35 @@ impl Backend {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (counter, shared) = (counter.clone(), shared.clone());
+                let _ = tcp.set_nodelay(true);
+                let (counter, shared, tls) = (counter.clone(), shared.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         handle(req, shared.clone())
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                                .await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         Backend {
             addr,
-            url: format!("http://127.0.0.1:{}", addr.port()),
+            url: format!("{scheme}:{}", addr.port()),
             hits,
             open_streams,
             hanging,
