@@ -90,6 +90,11 @@ pub struct ServerConfig {
     /// Optional separate address for `/metrics` and `/healthz` (cleartext
     /// HTTP); when set, `/metrics` is off on the public listener.
     pub admin_listen: Option<SocketAddr>,
+    /// Serve `/metrics` on the public listener too. Unset: only when TLS
+    /// is off and there is no `admin_listen` (behind an ingress, where
+    /// scrapers expect it); a relay facing the internet itself would
+    /// otherwise show every connected backend name to anyone.
+    pub metrics_public: Option<bool>,
 }
 
 impl Default for ServerConfig {
@@ -102,7 +107,16 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             telemetry: TelemetryConfig::default(),
             admin_listen: None,
+            metrics_public: None,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Whether the public listener serves `/metrics` (`metrics_public`).
+    pub fn metrics_on_public_listener(&self) -> bool {
+        self.metrics_public
+            .unwrap_or(!self.tls.enabled && self.admin_listen.is_none())
     }
 }
 
@@ -120,6 +134,13 @@ pub struct ServerTls {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// PEM bundle of CAs for relay-client certificates. When set, the
+    /// relay-client endpoints require a client certificate chaining to it
+    /// (in addition to the token); user-client endpoints do not.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: the certificate must also carry the backend name
+    /// as a SAN DNS name.
+    pub client_cert_names_backend: bool,
 }
 
 impl Default for ServerTls {
@@ -128,6 +149,8 @@ impl Default for ServerTls {
             enabled: true,
             cert: Path::new(DEV_CERT_DIR).join("server.pem"),
             key: Path::new(DEV_CERT_DIR).join("server.key"),
+            client_ca: None,
+            client_cert_names_backend: false,
         }
     }
 }
@@ -160,6 +183,19 @@ pub struct ServerTimeouts {
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
+    /// A new connection must complete its TLS handshake and send complete
+    /// request headers within this (slowloris, silent connections); it
+    /// also bounds the headers of every later HTTP/1.1 request.
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_connection: Duration,
+    /// An upgraded connection (WebSocket, exec) with no byte in either
+    /// direction for this long is closed, and so is one whose peer stops
+    /// reading for this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_stream: Duration,
 }
 
 impl Default for ServerTimeouts {
@@ -170,6 +206,9 @@ impl Default for ServerTimeouts {
             inactive_backend: Duration::from_secs(30 * 60),
             relay: Duration::from_secs(10),
             shutdown: Duration::from_secs(10),
+            header_read: Duration::from_secs(10),
+            idle_connection: Duration::from_secs(120),
+            idle_stream: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -182,6 +221,21 @@ pub struct ServerLimits {
     pub max_request_body: ByteSize,
     /// Largest single `POST /server/response` message.
     pub max_response_chunk: ByteSize,
+    /// Open connections; beyond it new ones are closed at accept.
+    pub max_connections: usize,
+    /// Requests of one backend in flight or waiting for its relay-client;
+    /// beyond it 503 with `Retry-After`, other backends unaffected.
+    pub max_requests_per_backend: usize,
+    /// HTTP/2 `MAX_CONCURRENT_STREAMS` of every connection.
+    pub max_streams_per_connection: u32,
+    /// Request bodies the v1 path holds in memory at once, over all
+    /// requests (v1 buffers a body whole); beyond it a request waits
+    /// briefly, then gets 503. A body larger than this can only travel
+    /// over v2, which streams and is not counted.
+    pub max_buffered_bytes: ByteSize,
+    /// Backend names known at once (each costs a map entry and metric
+    /// series); a relay-client of a new name beyond it gets 503.
+    pub max_backends: usize,
 }
 
 impl Default for ServerLimits {
@@ -189,6 +243,11 @@ impl Default for ServerLimits {
         Self {
             max_request_body: ByteSize::mib(64),
             max_response_chunk: ByteSize::mib(16),
+            max_connections: 10_000,
+            max_requests_per_backend: 1000,
+            max_streams_per_connection: 256,
+            max_buffered_bytes: ByteSize::mib(512),
+            max_backends: 10_000,
         }
     }
 }
@@ -459,6 +518,18 @@ impl AuthConfig {
 impl ServerConfig {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.client_ca.is_some() && !self.tls.enabled {
+            return Err(invalid(
+                "tls.client_ca",
+                "client certificates need the relay's own TLS (tls.enabled = true)",
+            ));
+        }
+        if self.tls.client_cert_names_backend && self.tls.client_ca.is_none() {
+            return Err(invalid(
+                "tls.client_cert_names_backend",
+                "needs tls.client_ca",
+            ));
+        }
         let t = &self.timeouts;
         check_durations(&[
             ("timeouts.poll", t.poll, HOUR),
@@ -466,12 +537,36 @@ impl ServerConfig {
             ("timeouts.inactive_backend", t.inactive_backend, 30 * DAY),
             ("timeouts.relay", t.relay, HOUR),
             ("timeouts.shutdown", t.shutdown, HOUR),
+            ("timeouts.header_read", t.header_read, HOUR),
+            ("timeouts.idle_connection", t.idle_connection, 7 * DAY),
+            ("timeouts.idle_stream", t.idle_stream, 7 * DAY),
         ])?;
+        let l = &self.limits;
+        for (key, n) in [
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_requests_per_backend",
+                l.max_requests_per_backend,
+            ),
+            (
+                "limits.max_streams_per_connection",
+                l.max_streams_per_connection as usize,
+            ),
+            ("limits.max_backends", l.max_backends),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+
         for (key, d) in [
             ("timeouts.poll", t.poll),
             ("timeouts.inactive_request", t.inactive_request),
             ("timeouts.inactive_backend", t.inactive_backend),
             ("timeouts.relay", t.relay),
+            ("timeouts.header_read", t.header_read),
+            ("timeouts.idle_connection", t.idle_connection),
+            ("timeouts.idle_stream", t.idle_stream),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
@@ -506,6 +601,11 @@ pub struct ClientConfig {
     pub transport: Transport,
     /// Extra PEM trust root(s) for the relay server and https backends.
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to the relay server when it
+    /// asks for one (`tls.client_ca` on the server); with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Concurrent long polls kept open towards the server.
     pub pending_polls: usize,
     /// Requests handled at once; beyond it a request is answered 503 at
@@ -631,6 +731,8 @@ impl Default for ClientConfig {
             backend_http2: false,
             transport: Transport::Auto,
             ca_file: None,
+            tls_cert: None,
+            tls_key: None,
             pending_polls: 4,
             max_concurrent_requests: 256,
             backend_timeout: Duration::from_secs(60),
@@ -658,8 +760,11 @@ impl ClientConfig {
         if self.backend_name.is_empty() {
             return Err(invalid("backend_name", "is required"));
         }
-        if self.backend_name.contains(['/', '?', '#']) {
-            return Err(invalid("backend_name", "must not contain '/', '?' or '#'"));
+        if !crate::proto::valid_backend_name(&self.backend_name) {
+            return Err(invalid(
+                "backend_name",
+                "must be 1 to 63 of A-Z a-z 0-9 . _ - (what the server accepts)",
+            ));
         }
         check_http_url("relay_url", &self.relay_url)?;
         check_http_url("backend_url", &self.backend_url)?;
@@ -672,7 +777,17 @@ impl ClientConfig {
         if self.max_chunk_size.as_u64() == 0 {
             return Err(invalid("max_chunk_size", "must be greater than zero"));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("tls_cert", "tls_cert and tls_key go together"));
+        }
         self.auth.validate()
+    }
+}
+
+impl ClientConfig {
+    /// The client certificate and key presented to the relay server.
+    pub fn relay_identity(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
     }
 }
 

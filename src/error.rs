@@ -19,6 +19,18 @@ pub enum RelayError {
     NoBackendName,
     #[error("missing query parameter {0:?}")]
     MissingParam(&'static str),
+    #[error("invalid backend name: 1 to 63 of A-Z a-z 0-9 . _ -")]
+    BadBackendName,
+    #[error("too many backends connected (limits.max_backends = {0})")]
+    TooManyBackends(usize),
+    #[error(
+        "too many requests for this backend (limits.max_requests_per_backend = {0}); retry later"
+    )]
+    BackendBusy(usize),
+    #[error(
+        "the relay is holding too many request bodies (limits.max_buffered_bytes); retry later"
+    )]
+    BufferFull,
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
     #[error("cannot read request body: {0}")]
@@ -33,6 +45,8 @@ pub enum RelayError {
     Broker(#[from] BrokerError),
     #[error("{0}")]
     Auth(AuthError),
+    #[error("{0}")]
+    ClientCert(crate::tls::client_cert::CertRefusal),
     #[error("not found")]
     NotFound,
     #[error("this endpoint needs an HTTP/1.1 upgrade to http-relay-v2")]
@@ -48,7 +62,12 @@ impl RelayError {
     pub fn status(&self) -> StatusCode {
         use BrokerError as B;
         match self {
-            RelayError::NoBackendName | RelayError::MissingParam(_) => StatusCode::BAD_REQUEST,
+            RelayError::NoBackendName
+            | RelayError::MissingParam(_)
+            | RelayError::BadBackendName => StatusCode::BAD_REQUEST,
+            RelayError::TooManyBackends(_)
+            | RelayError::BackendBusy(_)
+            | RelayError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::ReadBody(_) | RelayError::BadMessage(_) => StatusCode::BAD_REQUEST,
             RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => {
@@ -59,6 +78,7 @@ impl RelayError {
             RelayError::Tunnel(_) => StatusCode::BAD_GATEWAY,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::Auth(e) => e.status(),
+            RelayError::ClientCert(_) => StatusCode::FORBIDDEN,
             RelayError::Broker(e) => match e {
                 B::UnknownBackend(_) | B::NoFreePoll(_) | B::Draining => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -92,7 +112,7 @@ impl RelayError {
             RelayError::BadBackendResponse(_)
             | RelayError::UnexpectedUpgrade
             | RelayError::Tunnel(_) => r::BAD_RESPONSE,
-            RelayError::Auth(_) => r::UNAUTHORIZED,
+            RelayError::Auth(_) | RelayError::ClientCert(_) => r::UNAUTHORIZED,
             _ => r::ERROR,
         }
     }
@@ -106,6 +126,13 @@ impl RelayError {
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(
+            self,
+            RelayError::BackendBusy(_) | RelayError::BufferFull | RelayError::TooManyBackends(_)
+        ) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

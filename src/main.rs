@@ -80,6 +80,10 @@ struct ServerArgs {
     /// Serve cleartext HTTP/1.1 and h2c (`tls.enabled = false`).
     #[arg(long)]
     no_tls: bool,
+    /// Check the configuration (files readable, key matching the
+    /// certificate, key sets parsing) and exit: 0 when it is usable.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Args)]
@@ -150,6 +154,13 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 .set("tls.enabled", args.no_tls.then_some(false));
             let cfg: ServerConfig = config::load(args.config.as_deref(), flags)?;
             cfg.validate()?;
+            if args.check_config {
+                for note in http_relay::server::check(&cfg)? {
+                    println!("note: {note}");
+                }
+                println!("configuration OK");
+                return Ok(());
+            }
             let telemetry = telemetry::init(&cfg.telemetry, "http-relay-server", log_format)?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await

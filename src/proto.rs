@@ -305,6 +305,16 @@ pub fn path_and_query(url: &str) -> Result<http::uri::PathAndQuery, ProtoError> 
 /// The v2 transport (`docs/transport-v2.md`): one upgraded connection per
 /// relay-client, on which the server is the HTTP/2 client and the
 /// relay-client the HTTP/2 server in front of its backend.
+/// Whether `name` may name a backend: 1 to 63 of `A-Z a-z 0-9 . _ -`.
+/// Names come off the network (paths, headers, query parameters) and each
+/// known one costs memory and metric series, so anything else is refused.
+pub fn valid_backend_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 pub mod v2 {
     use std::time::Duration;
 

@@ -138,7 +138,10 @@ async fn admin_listener_takes_metrics_off_the_public_port() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}", admin.local_addr().unwrap());
     let relay = Relay::start_with_admin(
-        |c| c.admin_listen = Some("127.0.0.1:0".parse().unwrap()),
+        |c| {
+            c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.metrics_public = None;
+        },
         Some(admin),
     )
     .await;
@@ -185,4 +188,47 @@ async fn series_of_a_reaped_backend_are_deleted() {
     let text = scrape(&http, &relay.url).await;
     assert!(!text.contains("backend=\"churn\""), "{text}");
     assert_eq!(value(&text, "relay_connected_backends"), Some(0.0));
+}
+
+/// With TLS on (the relay faces the internet itself), `/metrics` is not
+/// on the public listener unless `metrics_public = true`; with TLS off
+/// (behind an ingress) it is, as the fleet's scrapers expect.
+#[tokio::test]
+async fn metrics_are_public_only_behind_an_ingress_or_when_asked() {
+    let status = |relay: &Relay| {
+        let (http, url) = (relay.http(), relay.url.clone());
+        async move {
+            http.get(format!("{url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let mut tls = Relay::start(|c| c.metrics_public = None).await;
+    assert!(tls.url.starts_with("https://"));
+    assert_eq!(status(&tls).await, 404, "TLS on: not public by default");
+    tls.stop().await;
+
+    let mut asked = Relay::start(|c| c.metrics_public = Some(true)).await;
+    assert_eq!(status(&asked).await, 200);
+    asked.stop().await;
+
+    let mut clear = Relay::start(|c| {
+        c.metrics_public = None;
+        c.tls.enabled = false;
+    })
+    .await;
+    assert!(clear.url.starts_with("http://"));
+    assert_eq!(status(&clear).await, 200, "TLS off: public by default");
+    clear.stop().await;
+
+    let mut closed = Relay::start(|c| {
+        c.metrics_public = Some(false);
+        c.tls.enabled = false;
+    })
+    .await;
+    assert_eq!(status(&closed).await, 404);
+    closed.stop().await;
 }

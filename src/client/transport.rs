@@ -123,7 +123,7 @@ where
 
 impl RelayTransport {
     pub fn new(cfg: &ClientConfig, tokens: Arc<TokenSource>) -> Result<Self, TlsError> {
-        let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
+        let tls = crate::tls::client_config_with(cfg.ca_file.as_deref(), cfg.relay_identity())?;
         let ping = cfg.relay_ping_interval;
         let ping_timeout = cfg.relay_ping_timeout;
         let client = https_client(

@@ -108,8 +108,11 @@ impl Dialer {
             .to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
-            let mut cfg = crate::tls::client_config(ctx.cfg.ca_file.as_deref())
-                .map_err(|e| TunnelError::Url(e.to_string()))?;
+            let mut cfg = crate::tls::client_config_with(
+                ctx.cfg.ca_file.as_deref(),
+                ctx.cfg.relay_identity(),
+            )
+            .map_err(|e| TunnelError::Url(e.to_string()))?;
             // The upgrade is an HTTP/1.1 exchange.
             cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
             let name = ServerName::try_from(host.clone())

@@ -33,6 +33,41 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// `body`, holding `guard` until the body is done with (sent or dropped).
+/// Length and end are passed through, so a `Content-Length` stays.
+pub fn holding<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Holding {
+        body,
+        _guard: guard,
+    }
+    .boxed()
+}
+
+struct Holding<G> {
+    body: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> http_body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     http_body_util::Empty::new()

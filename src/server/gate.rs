@@ -7,6 +7,7 @@ use super::State;
 use crate::auth::{AuthError, Claims, Role};
 use crate::error::RelayError;
 use crate::telemetry::limit::Verdict;
+use crate::tls::client_cert::{CertRefusal, PeerCert};
 
 fn refuse(state: &State, e: AuthError, sub: Option<&str>, backend: &str) -> RelayError {
     state.metrics.auth_failure(e.reason());
@@ -103,5 +104,36 @@ pub fn relay_access(
             .check(claims, Role::Relay, backend)
             .map_err(|e| refuse(state, e, claims.sub.as_deref(), backend)),
         _ => Ok(()),
+    }
+}
+
+/// With `tls.client_ca`: the relay-client's certificate for `backend`
+/// (403 otherwise), counted in `relay_client_cert_refusals_total`.
+pub fn relay_cert(state: &State, ext: &http::Extensions, backend: &str) -> Result<(), RelayError> {
+    if state.cfg.tls.client_ca.is_none() {
+        return Ok(());
+    }
+    let none = PeerCert(None);
+    let peer = ext.get::<PeerCert>().unwrap_or(&none);
+    peer.check(backend, state.cfg.tls.client_cert_names_backend)
+        .map_err(|e| refuse_cert(state, e, backend))
+}
+
+fn refuse_cert(state: &State, e: CertRefusal, backend: &str) -> RelayError {
+    state.metrics.client_cert_refusal(e.reason());
+    if state.refusal_log.check(e.reason(), log_suppressed) == Verdict::Log {
+        tracing::info!(reason = e.reason(), backend, error = %e, "client certificate refused");
+    }
+    RelayError::ClientCert(e)
+}
+
+/// A relay-client may bring a new name only while fewer than
+/// `limits.max_backends` are known.
+pub fn backend_room(state: &State, backend: &str) -> Result<(), RelayError> {
+    let max = state.cfg.limits.max_backends;
+    if state.broker.knows_backend(backend) || state.broker.backend_count() < max {
+        Ok(())
+    } else {
+        Err(RelayError::TooManyBackends(max))
     }
 }

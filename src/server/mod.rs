@@ -5,7 +5,9 @@
 //! tests bind port 0 and stop the server themselves.
 
 pub mod body;
+pub mod conn;
 mod gate;
+mod load;
 mod pipe;
 mod relay;
 mod tunnel;
@@ -33,11 +35,13 @@ use crate::config::{AuthMode, DEV_CERT_DIR, DEV_ISSUER, ServerConfig};
 use crate::error::RelayError;
 use crate::telemetry::Metrics;
 use crate::telemetry::limit::LogLimiter;
+use crate::tls::client_cert::PeerCert;
+use crate::tls::reload::ReloadingCert;
 use crate::tls::{self, DevCerts, TlsError};
 use body::{Body, full};
+use conn::Activity;
 
 /// A TLS handshake that takes longer than this is abandoned.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the drain, connections get this long to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -52,6 +56,8 @@ pub enum ServerError {
     DevIssuer(#[from] DevIssuerError),
     #[error("cannot build the key fetch client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("{what}: {reason}")]
+    Check { what: String, reason: String },
 }
 
 /// What every handler shares.
@@ -64,14 +70,28 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Rate limit of the refusal log lines.
     pub refusal_log: Arc<LogLimiter>,
+    /// Requests per backend (`limits.max_requests_per_backend`).
+    pub load: Arc<load::BackendLoad>,
+    /// Bytes of buffered v1 request bodies (`limits.max_buffered_bytes`).
+    pub body_budget: Arc<load::BodyBudget>,
 }
+
+/// How long a v1 request body waits for room in `limits.max_buffered_bytes`.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(2);
 
 /// Refusal lines logged per reason and second, before they are summed up.
 const REFUSAL_LINES_PER_SECOND: u32 = 5;
 
+/// The public listener's TLS: the acceptor, and the certificate that
+/// follows its files (checked by [`ReloadingCert::watch`]).
+pub struct PublicTls {
+    pub acceptor: TlsAcceptor,
+    pub cert: Arc<ReloadingCert>,
+}
+
 /// Builds the TLS acceptor, creating the development certificates on the
 /// embedded default (`certs/`) when they are absent.
-pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServerError> {
+pub fn public_tls(cfg: &ServerConfig) -> Result<Option<PublicTls>, ServerError> {
     if !cfg.tls.enabled {
         return Ok(None);
     }
@@ -81,8 +101,74 @@ pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServerErr
             "created a development CA and server certificate; clients trust it with --ca-file {DEV_CERT_DIR}/ca.pem"
         );
     }
-    let server = tls::server_config(&cfg.tls.cert, &cfg.tls.key)?;
-    Ok(Some(TlsAcceptor::from(server)))
+    let cert = ReloadingCert::load(&cfg.tls.cert, &cfg.tls.key)?;
+    let server = tls::server_config_with(cert.clone(), cfg.tls.client_ca.as_deref())?;
+    Ok(Some(PublicTls {
+        acceptor: TlsAcceptor::from(server),
+        cert,
+    }))
+}
+
+/// What `http-relay server --check-config` checks beyond parsing: the
+/// certificate and key load and belong together, the client CA bundle
+/// and every JWKS file parse. Returns notes on what the first start
+/// would create; creates nothing itself.
+pub fn check(cfg: &ServerConfig) -> Result<Vec<String>, ServerError> {
+    let mut notes = Vec::new();
+    if cfg.tls.enabled {
+        if cfg.tls.is_dev_default() && !cfg.tls.cert.exists() {
+            notes.push(format!(
+                "tls: no certificate configured; a development CA and certificate will be created under {DEV_CERT_DIR}/"
+            ));
+        } else {
+            let pair = tls::certified_key(&cfg.tls.cert, &cfg.tls.key)?;
+            tls::server_config_with(
+                Arc::new(rustls::sign::SingleCertAndKey::from(pair)),
+                cfg.tls.client_ca.as_deref(),
+            )?;
+        }
+    } else {
+        notes.push("tls: off (cleartext; put a TLS terminator in front)".to_owned());
+    }
+    if cfg.auth.mode == AuthMode::None {
+        notes.push("auth: OFF (auth.mode = \"none\")".to_owned());
+    }
+    for issuer in cfg
+        .auth
+        .issuers
+        .iter()
+        .filter(|_| cfg.auth.mode != AuthMode::None)
+    {
+        let Some(path) = &issuer.jwks_file else {
+            continue;
+        };
+        if issuer.issuer == DEV_ISSUER && !path.exists() {
+            notes.push(format!(
+                "auth: the development issuer's key will be created at {}",
+                path.display()
+            ));
+            continue;
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::Check {
+            what: format!("auth.issuers.jwks_file {}", path.display()),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(&text).map_err(|e| {
+            ServerError::Check {
+                what: format!("auth.issuers.jwks_file {}", path.display()),
+                reason: format!("not a JWK set: {e}"),
+            }
+        })?;
+    }
+    if let Some(r) = cfg.telemetry.sample_ratio
+        && !(0.0..=1.0).contains(&r)
+    {
+        return Err(ServerError::Check {
+            what: "telemetry.sample_ratio".into(),
+            reason: format!("must be within 0..=1, not {r}"),
+        });
+    }
+    Ok(notes)
 }
 
 /// Serves the relay on `listener` until `shutdown` resolves, then drains:
@@ -103,8 +189,22 @@ pub async fn run_with_admin(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let acceptor = tls_acceptor(&cfg)?;
-    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let public_tls = public_tls(&cfg)?;
+    let scheme = if public_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let _watch_cert = public_tls
+        .as_ref()
+        .map(|t| AbortOnDrop(tokio::spawn(t.cert.clone().watch())));
+    let acceptor = public_tls.map(|t| t.acceptor);
+    // SIGHUP reloads the certificate (`ReloadingCert::watch`); without TLS
+    // it must still not end the process, as its default action would.
+    #[cfg(unix)]
+    let _ignore_hangup = acceptor
+        .is_none()
+        .then(|| AbortOnDrop(tokio::spawn(ignore_hangup())));
     tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
     let broker = Broker::new(BrokerConfig {
         poll_timeout: cfg.timeouts.poll,
@@ -118,6 +218,11 @@ pub async fn run_with_admin(
         auth.spawn_refresh(stop_refresh.clone());
     }
     let _stop_refresh = stop_refresh.drop_guard();
+    let backend_load = load::BackendLoad::new(cfg.limits.max_requests_per_backend);
+    let body_budget = Arc::new(load::BodyBudget::new(
+        cfg.limits.max_buffered_bytes.as_u64(),
+        BODY_BUDGET_WAIT,
+    ));
     let state = State {
         cfg: Arc::new(cfg),
         broker: broker.clone(),
@@ -127,6 +232,8 @@ pub async fn run_with_admin(
             REFUSAL_LINES_PER_SECOND,
             Duration::from_secs(1),
         )),
+        load: backend_load,
+        body_budget,
     };
     let stop_accepting = CancellationToken::new();
     if let Some(admin) = admin {
@@ -220,6 +327,17 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
     Ok(Authenticator::new(&cfg.auth)?)
 }
 
+#[cfg(unix)]
+async fn ignore_hangup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: nothing to reload (tls.enabled = false)");
+    }
+}
+
 /// Aborts a background task when the server returns, however it returns.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -251,21 +369,35 @@ async fn reap_backends(broker: Broker, metrics: Arc<Metrics>, inactive: Duration
     }
 }
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(cfg.timeouts.header_read);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
-        // Relay-clients multiplex many polls and posts on one connection.
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(cfg.limits.max_streams_per_connection)
+        // HTTP/2 rapid reset (CVE-2023-44487): a peer whose streams keep
+        // being reset before they are served, or keep failing, gets
+        // GOAWAY (ENHANCE_YOUR_CALM). CONTINUATION floods end at the
+        // header list limit.
+        .max_pending_accept_reset_streams(RESET_STREAMS_PENDING)
+        .max_local_error_reset_streams(RESET_STREAMS_LOCAL_ERROR)
+        .max_header_list_size(MAX_HEADER_LIST);
     builder
 }
+
+/// Streams a peer may reset before the server took them up, at once.
+const RESET_STREAMS_PENDING: usize = 20;
+/// Streams the server may reset for a peer's protocol errors, per
+/// connection, before the connection is closed.
+const RESET_STREAMS_LOCAL_ERROR: usize = 256;
+/// Largest HTTP/2 header list of a request (decoded), as for HTTP/1.1.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// Accepts connections and hands each to its own task; the TLS handshake
 /// and everything after it happen there, never in this loop.
@@ -277,7 +409,12 @@ async fn accept_loop(
     stop: CancellationToken,
     force_close: CancellationToken,
 ) -> Result<(), ServerError> {
-    let builder = connection_builder();
+    let builder = connection_builder(&state.cfg);
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        state.cfg.limits.max_connections,
+    ));
+    let header_read = state.cfg.timeouts.header_read;
+    let idle = state.cfg.timeouts.idle_connection;
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -291,6 +428,12 @@ async fn accept_loop(
             },
             () = stop.cancelled() => return Ok(()),
         };
+        // Over `limits.max_connections`: closed at once, before any work.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            state.metrics.connections_refused.inc();
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -298,47 +441,88 @@ async fn accept_loop(
         let state = state.clone();
         let force_close = force_close.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let metrics = state.metrics.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(dispatch(&state, req).await) }
-            });
+            let activity = Activity::new();
+            let watchdog = activity.clone();
+            let expired = async move {
+                let why = watchdog.expired(header_read, idle).await;
+                tracing::debug!(%peer, reason = ?why, "closing connection");
+            };
+            let service = move |peer_cert: PeerCert| {
+                hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let state = state.clone();
+                    let in_flight = activity.begin();
+                    req.extensions_mut().insert(peer_cert.clone());
+                    async move {
+                        let resp = dispatch(&state, req).await;
+                        Ok::<_, Infallible>(resp.map(|b| body::holding(b, in_flight)))
+                    }
+                })
+            };
             match acceptor {
                 Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                metrics.tls_handshake_failures.inc();
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
+                    let tls = match tokio::time::timeout(header_read, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            metrics.tls_handshake_failures.inc();
+                            if is_client_cert_error(&e) {
+                                metrics.client_cert_refusal("untrusted");
                             }
-                            Err(_) => {
-                                metrics.tls_handshake_failures.inc();
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.tls_handshake_failures.inc();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let peer_cert = PeerCert(
+                        tls.get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first().cloned()),
+                    );
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service(peer_cert));
                     tokio::select! {
                         r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with error");
                         },
+                        () = expired => {}
                         () = force_close.cancelled() => {}
                     }
                 }
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(tcp),
+                        service(PeerCert::default()),
+                    );
                     tokio::select! {
                         r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with error");
                         },
+                        () = expired => {}
                         () = force_close.cancelled() => {}
                     }
                 }
             }
         });
     }
+}
+
+/// Whether a failed handshake was a client certificate that does not
+/// chain to `tls.client_ca` (or is otherwise unusable).
+fn is_client_cert_error(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
 }
 
 /// The Prometheus exposition, with the gauges read from the broker.
@@ -398,10 +582,10 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
     } else if path == "/metrics" {
         // The server's own metrics (`PROTOCOL.md`); never relayed. With an
         // admin listener they are served only there.
-        if state.cfg.admin_listen.is_some() {
-            Err(RelayError::NotFound)
-        } else {
+        if state.cfg.metrics_on_public_listener() {
             Ok(metrics_response(state))
+        } else {
+            Err(RelayError::NotFound)
         }
     } else if path.starts_with("/server/") {
         relay::handle(state, req).await

@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::mpsc;
 
+use super::conn::Progress;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::Direction;
 
@@ -24,6 +25,7 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
     mut rd: R,
     to_backend: mpsc::Sender<Bytes>,
     metrics: Arc<Metrics>,
+    progress: Progress,
     mut on_read: impl FnMut(usize),
 ) -> bool {
     loop {
@@ -32,6 +34,7 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
             Ok(0) => return true,
             Err(_) => return false,
             Ok(n) => {
+                progress.moved();
                 metrics.bytes(Direction::ToBackend, n);
                 on_read(n);
                 if to_backend.send(buf.freeze()).await.is_err() {
@@ -42,21 +45,42 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
     }
 }
 
+/// The time bounds of one pipe.
+#[derive(Clone, Copy, Debug)]
+pub struct Times {
+    /// How long the backend may go on after the user's half-close.
+    pub idle: Duration,
+    /// `timeouts.idle_stream`.
+    pub stalled: Duration,
+}
+
 /// Runs both directions until the backend's ends. After a clean
 /// half-close by the user the backend may still talk, for at most `idle`;
 /// after a failure on the user's side nobody is listening: end now.
+/// Whatever the state, nothing moving for `stalled` (`timeouts.idle_stream`:
+/// the user neither sends nor reads) ends both.
 pub async fn both_ways(
     downstream: impl Future<Output = ()>,
     upstream: impl Future<Output = bool>,
     idle: Duration,
+    progress: &Progress,
+    stalled: Duration,
 ) {
     tokio::pin!(downstream);
-    tokio::select! {
-        () = &mut downstream => {}
-        clean = upstream => {
-            if clean {
-                let _ = tokio::time::timeout(idle, downstream).await;
+    let run = async {
+        tokio::select! {
+            () = &mut downstream => {}
+            clean = upstream => {
+                if clean {
+                    let _ = tokio::time::timeout(idle, downstream).await;
+                }
             }
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = progress.stalled(stalled) => {
+            tracing::debug!(after = ?stalled, "upgraded connection closed: nothing moved");
         }
     }
 }

@@ -38,6 +38,15 @@ pub fn query_param(req: &Request<Incoming>, name: &'static str) -> Result<String
         .ok_or(RelayError::MissingParam(name))
 }
 
+/// The backend a relay-client serves (`server=<name>`), a valid name.
+pub fn backend_param(req: &Request<Incoming>) -> Result<String, RelayError> {
+    let name = query_param(req, "server")?;
+    if !proto::valid_backend_name(&name) {
+        return Err(RelayError::BadBackendName);
+    }
+    Ok(name)
+}
+
 fn ok_with(content_type: &'static str, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(full(body));
     resp.headers_mut().insert(
@@ -49,9 +58,11 @@ fn ok_with(content_type: &'static str, body: Bytes) -> Response<Body> {
 
 /// `GET /server/request?server=<name>`: long poll for the next request.
 async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, RelayError> {
-    let backend = query_param(req, "server")?;
+    let backend = backend_param(req)?;
     let claims = gate::relay_token(state, req.headers(), &backend).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
+    gate::relay_cert(state, req.extensions(), &backend)?;
+    gate::backend_room(state, &backend)?;
     let m = &state.metrics;
     m.request(method::SERVER_REQUEST, &backend);
     let started = std::time::Instant::now();
@@ -83,8 +94,9 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     // once the message is decoded.
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     gate::relay_role(state, claims.as_ref())?;
+    let (parts, body) = req.into_parts();
     let limit = state.cfg.limits.max_response_chunk.as_u64();
-    let body = read_limited(req.into_body(), limit).await?;
+    let body = read_limited(body, limit).await?;
     let mut msg = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
     let id = msg.id.take().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.
@@ -93,6 +105,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
         .owner(&id)
         .ok_or_else(|| BrokerError::UnknownRequest(id.clone()))?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
+    gate::relay_cert(state, &parts.extensions, &owner)?;
     let m = &state.metrics;
     m.request(method::SERVER_RESPONSE, &owner);
     // Checked here, where the relay-client can still be told (400) and
@@ -119,6 +132,7 @@ async fn request_stream(
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     let owner = state.broker.owner(&id).ok_or(BrokerError::StreamClosed)?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
+    gate::relay_cert(state, req.extensions(), &owner)?;
     let bytes = state.broker.request_stream(&id).await?;
     Ok(ok_with(proto::STREAM_CONTENT_TYPE, bytes))
 }

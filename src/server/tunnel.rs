@@ -39,9 +39,11 @@ pub async fn connect(
     state: &State,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, RelayError> {
-    let backend = relay::query_param(&req, "server")?;
+    let backend = relay::backend_param(&req)?;
     let claims = gate::relay_token(state, req.headers(), &backend).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
+    gate::relay_cert(state, req.extensions(), &backend)?;
+    gate::backend_room(state, &backend)?;
     let offered = req.version() == http::Version::HTTP_11
         && req
             .headers()
@@ -256,7 +258,10 @@ pub async fn relay(
             to_backend,
             treq,
             state.metrics.clone(),
-            idle,
+            super::pipe::Times {
+                idle,
+                stalled: state.cfg.timeouts.idle_stream,
+            },
             chunks,
         ));
         return Ok(resp);
@@ -387,9 +392,10 @@ async fn pipe(
     to_backend: mpsc::Sender<Bytes>,
     treq: TunnelRequest,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
-    idle: Duration,
+    times: super::pipe::Times,
     chunks: ChunkSpans,
 ) {
+    let super::pipe::Times { idle, stalled } = times;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -402,9 +408,15 @@ async fn pipe(
     let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
     let up_chunks = chunks.clone();
     // The end of the sender ends the stream's request body (END_STREAM).
-    let upstream = super::pipe::user_to_backend(rd, to_backend, metrics.clone(), move |n| {
-        lock(&up_chunks).upstream(n)
-    });
+    let progress = super::conn::Progress::default();
+    let down_progress = progress.clone();
+    let upstream = super::pipe::user_to_backend(
+        rd,
+        to_backend,
+        metrics.clone(),
+        progress.clone(),
+        move |n| lock(&up_chunks).upstream(n),
+    );
     let down_metrics = metrics.clone();
     let downstream = async move {
         while let Some(frame) = from_backend.frame().await {
@@ -415,11 +427,12 @@ async fn pipe(
                 if wr.write_all(&data).await.is_err() {
                     return;
                 }
+                down_progress.moved();
             }
         }
         let _ = wr.shutdown().await;
     };
-    super::pipe::both_ways(downstream, upstream, idle).await;
+    super::pipe::both_ways(downstream, upstream, idle, &progress, stalled).await;
     metrics.active_streams.dec();
     drop(treq);
 }

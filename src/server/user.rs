@@ -1,6 +1,8 @@
 //! User-client requests: translate HTTP into a relayed request, and the
 //! relay-client's chunks back into an HTTP response (or an upgraded pipe).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
@@ -15,7 +17,7 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::State;
-use super::body::{Body, RelayBody, empty, read_limited};
+use super::body::{Body, RelayBody, empty};
 use crate::broker::{BrokerError, Exchange};
 use crate::error::RelayError;
 use crate::proto::{self, HttpRequest, ProtoError, ResponseChunk, ResponseHead};
@@ -41,6 +43,9 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
         if name.is_empty() {
             return Err(RelayError::NoBackendName);
         }
+        if !crate::proto::valid_backend_name(name) {
+            return Err(RelayError::BadBackendName);
+        }
         return Ok(Route {
             backend: name.to_owned(),
             path: tail.to_owned(),
@@ -51,6 +56,9 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .ok_or(RelayError::NoBackendName)?;
+    if !crate::proto::valid_backend_name(name) {
+        return Err(RelayError::BadBackendName);
+    }
     Ok(Route {
         backend: name.to_owned(),
         path: path.to_owned(),
@@ -180,6 +188,20 @@ async fn relay_request(
     if !state.broker.knows_backend(&route.backend) {
         return Err(BrokerError::UnknownBackend(route.backend).into());
     }
+    // Held until the response body is done with.
+    let admitted = state.load.admit(&route.backend)?;
+    let resp = relay_admitted(state, req, route, span, started, traced).await?;
+    Ok(resp.map(|b| super::body::holding(b, admitted)))
+}
+
+async fn relay_admitted(
+    state: &State,
+    mut req: Request<Incoming>,
+    route: Route,
+    span: tracing::Span,
+    started: std::time::Instant,
+    traced: bool,
+) -> Result<Response<Body>, RelayError> {
     // A relay-client connected over v2 takes the request as a stream; v1
     // polls are the fallback (`docs/transport-v2.md`).
     if let Some(treq) = state.broker.tunnel(&route.backend)? {
@@ -195,7 +217,7 @@ async fn relay_request(
     // cannot do").
     // A trickling upload must not hold the request forever.
     let idle = state.cfg.timeouts.inactive_request;
-    let body = tokio::time::timeout(idle, read_limited(body, limit))
+    let (body, reserved) = tokio::time::timeout(idle, state.body_budget.read(body, limit))
         .await
         .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
 
@@ -234,7 +256,9 @@ async fn relay_request(
             backend_secs,
         );
     }
-    respond(exchange, first, on_upgrade, version, state.metrics.clone())
+    let resp = respond(exchange, first, on_upgrade, version, state)?;
+    // The buffered body counts against the budget until the request ends.
+    Ok(resp.map(|b| super::body::holding(b, reserved)))
 }
 
 /// 413 before any body is read when the declared length is over `limit`.
@@ -283,8 +307,9 @@ fn respond(
     mut first: ResponseChunk,
     on_upgrade: Option<OnUpgrade>,
     version: http::Version,
-    metrics: Arc<Metrics>,
+    state: &State,
 ) -> Result<Response<Body>, RelayError> {
+    let metrics = state.metrics.clone();
     let ResponseHead {
         status,
         mut headers,
@@ -302,7 +327,10 @@ fn respond(
         *resp.headers_mut() = headers;
         let ended = first.eof;
         let first_body = std::mem::take(&mut first.body);
-        tokio::spawn(pipe(on_upgrade, exchange, first_body, ended, metrics));
+        let stalled = state.cfg.timeouts.idle_stream;
+        tokio::spawn(pipe(
+            on_upgrade, exchange, first_body, ended, metrics, stalled,
+        ));
         return Ok(resp);
     }
 
@@ -397,6 +425,7 @@ async fn pipe(
     first: Bytes,
     ended: bool,
     metrics: Arc<Metrics>,
+    stalled: Duration,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -414,7 +443,10 @@ async fn pipe(
     metrics.active_streams.inc();
 
     // The end of the sender is the relay-client's 410 Gone.
-    let upstream = super::pipe::user_to_backend(rd, to_backend, metrics.clone(), |_| {});
+    let progress = super::conn::Progress::default();
+    let down_progress = progress.clone();
+    let upstream =
+        super::pipe::user_to_backend(rd, to_backend, metrics.clone(), progress.clone(), |_| {});
     let idle = exchange.inactive_timeout();
     let down_metrics = metrics.clone();
     let down_span = span.clone();
@@ -426,6 +458,7 @@ async fn pipe(
             if wr.write_all(&first).await.is_err() {
                 return;
             }
+            down_progress.moved();
         }
         if !ended {
             // Ends on the backend's eof, on reaping, or on inactivity.
@@ -436,6 +469,7 @@ async fn pipe(
                     if wr.write_all(&chunk.body).await.is_err() {
                         return;
                     }
+                    down_progress.moved();
                 }
                 if chunk.eof {
                     break;
@@ -446,7 +480,7 @@ async fn pipe(
         let _ = wr.shutdown().await;
     };
     // Keep-alive chunks do not extend the bound after a half-close.
-    super::pipe::both_ways(downstream, upstream, idle).await;
+    super::pipe::both_ways(downstream, upstream, idle, &progress, stalled).await;
     metrics.active_streams.dec();
     tracing::debug!(parent: &span, id, "upgraded connection closed");
 }

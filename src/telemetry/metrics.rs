@@ -66,7 +66,10 @@ pub struct Metrics {
     pub tunnels: IntGauge,
     bytes: IntCounterVec,
     auth_failures: IntCounterVec,
+    client_cert_refusals: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    /// Connections closed at accept for `limits.max_connections`.
+    pub connections_refused: IntCounter,
 }
 
 /// Direction of relayed bytes.
@@ -163,6 +166,11 @@ impl Metrics {
             "Refused authentications by reason",
             &["reason"],
         );
+        let client_cert_refusals = counter(
+            "relay_client_cert_refusals_total",
+            "Relay-client requests refused for their client certificate, by reason",
+            &["reason"],
+        );
         let tls_handshake_failures = IntCounter::new(
             "relay_tls_handshake_failures_total",
             "Failed TLS handshakes",
@@ -170,6 +178,14 @@ impl Metrics {
         .expect("valid counter");
         registry
             .register(Box::new(tls_handshake_failures.clone()))
+            .expect("unique counter");
+        let connections_refused = IntCounter::new(
+            "relay_connections_refused_total",
+            "Connections closed at accept because limits.max_connections were open",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(connections_refused.clone()))
             .expect("unique counter");
         Self {
             registry,
@@ -184,7 +200,9 @@ impl Metrics {
             tunnels,
             bytes,
             auth_failures,
+            client_cert_refusals,
             tls_handshake_failures,
+            connections_refused,
         }
     }
 
@@ -222,6 +240,10 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn client_cert_refusal(&self, reason: &str) {
+        self.client_cert_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Deletes every series of a reaped backend, so a fleet that churns

@@ -5,9 +5,11 @@
 
 pub mod backend;
 pub mod grpc;
+pub mod h2raw;
 pub mod idp;
 pub mod observe;
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod v1server;
 pub mod ws;
@@ -100,6 +102,9 @@ pub fn server_config() -> ServerConfig {
     // Protocol tests run without tokens; tests/auth.rs turns auth on.
     cfg.auth.mode = http_relay::config::AuthMode::None;
     cfg.timeouts.shutdown = Duration::from_secs(5);
+    // The tests read `/metrics` on the public listener (tests/metrics.rs
+    // covers where it is served by default).
+    cfg.metrics_public = Some(true);
     cfg
 }
 

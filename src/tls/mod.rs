@@ -1,10 +1,17 @@
-//! rustls configurations: the server's acceptor, the relay-client's trust
-//! store, and the development CA that makes the default start work.
+//! rustls configurations: the server's acceptor (its certificate, reloaded
+//! from files or obtained by ACME, and optional client certificates of
+//! relay-clients), the relay-client's trust store and identity, and the
+//! development CA that makes the default start work.
+
+pub mod client_cert;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -21,6 +28,18 @@ pub enum TlsError {
     NoCertificate(PathBuf),
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{key} does not match the certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("cannot use the private key {path}: {source}")]
+    Key {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("client CA bundle {path}: {source}")]
+    ClientCa {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error("cannot create development certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("cannot write {path}: {source}")]
@@ -59,14 +78,69 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Server config: TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+/// A certificate chain and its private key, checked to belong together.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let chain = load_certs(cert)?;
+    let der = load_key(key)?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|source| TlsError::Key {
+            path: key.to_owned(),
+            source,
+        })?;
+    let pair = CertifiedKey::new(chain, signing);
+    match pair.keys_match() {
+        Ok(()) => Ok(pair),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+        // A key type whose public half rustls cannot compare: accepted,
+        // as rustls itself does.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(pair),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Server config with a fixed certificate: TLS 1.2 and 1.3 only, ALPN
+/// `h2` then `http/1.1`, no client certificates.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(cert)?;
-    let key = load_key(key)?;
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let pair = Arc::new(certified_key(cert, key)?);
+    server_config_with(Arc::new(rustls::sign::SingleCertAndKey::from(pair)), None)
+}
+
+/// Server config presenting what `certs` resolves. With `client_ca`, a
+/// client certificate is asked for and, when one is presented, must chain
+/// to that bundle; presenting none is allowed (browsers have none), and
+/// the relay-client endpoints then refuse the request
+/// ([`client_cert::PeerCert`]).
+pub fn server_config_with(
+    certs: Arc<dyn ResolvesServerCert>,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs(path)? {
+                roots.add(cert)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|source| TlsError::ClientCa {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -74,6 +148,15 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 /// Client config trusting the public web PKI plus `extra_ca` (a PEM file).
 /// ALPN is left to the HTTP connector, which offers what it speaks.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    client_config_with(extra_ca, None)
+}
+
+/// [`client_config`] presenting `identity` (certificate chain, key) when
+/// the server asks for a client certificate.
+pub fn client_config_with(
+    extra_ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -81,10 +164,18 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> 
             roots.add(cert)?;
         }
     }
-    Ok(ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    Ok(match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let pair = certified_key(cert, key)?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                Arc::new(pair),
+            )))
+        }
+    })
 }
 
 /// Paths of the development CA and server certificate.

@@ -1,0 +1,209 @@
+//! Time limits of connections and upgraded streams, against peers that
+//! hold a socket and a task without using them: a connection must send
+//! its first request within `timeouts.header_read` and is closed after
+//! `timeouts.idle_connection` without a request in flight; an upgraded
+//! stream is closed after `timeouts.idle_stream` without a byte moving.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Why a connection was closed by its watchdog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    /// No complete request within `timeouts.header_read` of the accept.
+    HeaderRead,
+    /// No request in flight for `timeouts.idle_connection`.
+    Idle,
+}
+
+/// What the watchdog of one connection knows about its requests.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    seen: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `start` of the last request's end.
+    last: AtomicU64,
+    changed: Notify,
+}
+
+/// One request of a connection, from its head to the end (or drop) of its
+/// response body.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last.store(a.millis(), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        a.changed.notify_waiters();
+    }
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            seen: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A request's head arrived.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.seen.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+        InFlight(self.clone())
+    }
+
+    /// Resolves when the connection should be closed.
+    pub async fn expired(&self, header_read: Duration, idle: Duration) -> Expired {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.seen.load(Ordering::Acquire) {
+                tokio::select! {
+                    () = tokio::time::sleep_until(crate::clock::after(self.start, header_read)) => {
+                        if !self.seen.load(Ordering::Acquire) {
+                            return Expired::HeaderRead;
+                        }
+                    }
+                    () = &mut changed => {}
+                }
+                continue;
+            }
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let last = self.last.load(Ordering::Relaxed);
+            let deadline =
+                crate::clock::after(self.start, Duration::from_millis(last).saturating_add(idle));
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.in_flight.load(Ordering::Acquire) == 0
+                        && self.last.load(Ordering::Relaxed) == last
+                    {
+                        return Expired::Idle;
+                    }
+                }
+                () = &mut changed => {}
+            }
+        }
+    }
+}
+
+/// When bytes last moved on an upgraded stream, in either direction.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Progress {
+    /// Bytes were read, or a write completed.
+    pub fn moved(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`: a peer that neither
+    /// sends nor reads (a write blocked on it does not count as moving).
+    pub async fn stalled(&self, idle: Duration) {
+        loop {
+            let last = self.last.load(Ordering::Relaxed);
+            let deadline =
+                crate::clock::after(self.start, Duration::from_millis(last).saturating_add(idle));
+            tokio::time::sleep_until(deadline).await;
+            if self.last.load(Ordering::Relaxed) == last {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_expires_at_the_header_deadline() {
+        let a = Activity::new();
+        let got = a
+            .expired(Duration::from_secs(10), Duration::from_secs(120))
+            .await;
+        assert_eq!(got, Expired::HeaderRead);
+        assert!(a.start.elapsed() >= Duration::from_secs(10));
+        assert!(a.start.elapsed() < Duration::from_secs(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_end_of_the_last_request() {
+        let a = Activity::new();
+        let watch = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.expired(Duration::from_secs(10), Duration::from_secs(120))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let req = a.begin();
+        // A long request is never idle.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!watch.is_finished());
+        drop(req);
+        let ended = Instant::now();
+        assert_eq!(watch.await.unwrap(), Expired::Idle);
+        let idle = ended.elapsed();
+        assert!(
+            idle >= Duration::from_secs(119) && idle <= Duration::from_secs(121),
+            "{idle:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_stalls_only_without_progress() {
+        let p = Progress::default();
+        let started = Instant::now();
+        let mover = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    p.moved();
+                }
+            })
+        };
+        p.stalled(Duration::from_secs(60)).await;
+        mover.await.unwrap();
+        // Last move at 150 s, then 60 s of nothing.
+        let at = started.elapsed();
+        assert!(
+            at >= Duration::from_secs(209) && at <= Duration::from_secs(211),
+            "{at:?}"
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! What the server holds for requests, bounded: requests per backend
+//! (`limits.max_requests_per_backend`) and the bytes of request bodies the
+//! v1 path buffers whole (`limits.max_buffered_bytes`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::RelayError;
+use crate::lock;
+
+/// Requests per backend, in flight or waiting for a relay-client.
+#[derive(Debug)]
+pub struct BackendLoad {
+    max: usize,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// One admitted request; leaves on drop.
+#[derive(Debug)]
+pub struct Admitted {
+    load: Arc<BackendLoad>,
+    backend: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.load.counts);
+        if let Some(n) = counts.get_mut(&self.backend) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.backend);
+            }
+        }
+    }
+}
+
+impl BackendLoad {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admits a request of `backend`, or refuses it (503) at the limit.
+    pub fn admit(self: &Arc<Self>, backend: &str) -> Result<Admitted, RelayError> {
+        let mut counts = lock(&self.counts);
+        let n = counts.entry(backend.to_owned()).or_insert(0);
+        if *n >= self.max {
+            return Err(RelayError::BackendBusy(self.max));
+        }
+        *n += 1;
+        Ok(Admitted {
+            load: self.clone(),
+            backend: backend.to_owned(),
+        })
+    }
+}
+
+/// Budget unit: permits count KiB, so that budgets beyond 4 GiB fit.
+const UNIT: u64 = 1024;
+
+/// The bytes all buffered v1 request bodies may take together.
+#[derive(Debug)]
+pub struct BodyBudget {
+    permits: Arc<Semaphore>,
+    /// How long a body waits for room before 503.
+    wait: Duration,
+}
+
+/// Room taken in the budget; given back on drop.
+#[derive(Debug, Default)]
+pub struct Reserved(Option<OwnedSemaphorePermit>);
+
+impl BodyBudget {
+    pub fn new(bytes: u64, wait: Duration) -> Self {
+        let units = usize::try_from(bytes.div_ceil(UNIT))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(units)),
+            wait,
+        }
+    }
+
+    async fn reserve(&self, bytes: usize, held: &mut Reserved) -> Result<(), RelayError> {
+        let units =
+            u32::try_from((bytes as u64).div_ceil(UNIT)).map_err(|_| RelayError::BufferFull)?;
+        if units == 0 {
+            return Ok(());
+        }
+        let permit =
+            tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(units))
+                .await
+                .map_err(|_| RelayError::BufferFull)?
+                .map_err(|_| RelayError::BufferFull)?;
+        match &mut held.0 {
+            Some(p) => p.merge(permit),
+            None => held.0 = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// Reads a whole body of at most `limit` bytes, taking room in the
+    /// budget as the bytes arrive (413 over `limit`, 503 when the budget
+    /// stays full for the wait).
+    pub async fn read(
+        &self,
+        mut body: hyper::body::Incoming,
+        limit: u64,
+    ) -> Result<(Bytes, Reserved), RelayError> {
+        let mut held = Reserved::default();
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| RelayError::ReadBody(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() as u64 + data.len() as u64 > limit {
+                return Err(RelayError::BodyTooLarge(limit));
+            }
+            self.reserve(data.len(), &mut held).await?;
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_backend_has_its_own_count() {
+        let load = BackendLoad::new(2);
+        let a1 = load.admit("a").unwrap();
+        let _a2 = load.admit("a").unwrap();
+        assert!(matches!(load.admit("a"), Err(RelayError::BackendBusy(2))));
+        let _b = load.admit("b").unwrap();
+        drop(a1);
+        let _a3 = load.admit("a").unwrap();
+        assert!(matches!(load.admit("a"), Err(RelayError::BackendBusy(2))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_waits_briefly_then_refuses() {
+        let budget = BodyBudget::new(10 * UNIT, Duration::from_secs(2));
+        let mut first = Reserved::default();
+        budget.reserve(8 * 1024, &mut first).await.unwrap();
+        let mut second = Reserved::default();
+        assert!(matches!(
+            budget.reserve(4 * 1024, &mut second).await,
+            Err(RelayError::BufferFull)
+        ));
+        drop(first);
+        budget.reserve(4 * 1024, &mut second).await.unwrap();
+        budget.reserve(4 * 1024, &mut second).await.unwrap();
+        assert_eq!(budget.permits.available_permits(), 2);
+        drop(second);
+        assert_eq!(budget.permits.available_permits(), 10);
+    }
+}

@@ -1,0 +1,82 @@
+//! Client certificates of relay-clients (`tls.client_ca`).
+//!
+//! The handshake already checked that a presented certificate chains to
+//! `tls.client_ca`; what is left is whether a relay-client endpoint got
+//! one at all and, with `tls.client_cert_names_backend`, whether it names
+//! the backend, so that a stolen certificate of robot A cannot serve
+//! robot B.
+
+use rustls_pki_types::{CertificateDer, ServerName};
+
+/// The end-entity certificate a connection's peer presented, if any; put
+/// into every request's extensions by the accept loop.
+#[derive(Clone, Debug, Default)]
+pub struct PeerCert(pub Option<CertificateDer<'static>>);
+
+/// Why a relay-client's certificate was refused; the label of
+/// `relay_client_cert_refusals_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CertRefusal {
+    #[error("a client certificate is required for relay-client endpoints")]
+    Missing,
+    #[error("the client certificate does not name this backend (SAN DNS name)")]
+    WrongName,
+}
+
+impl CertRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            CertRefusal::Missing => "missing",
+            CertRefusal::WrongName => "wrong_name",
+        }
+    }
+}
+
+impl PeerCert {
+    /// Whether this peer may act as the relay-client of `backend`.
+    pub fn check(&self, backend: &str, names_backend: bool) -> Result<(), CertRefusal> {
+        let Some(der) = &self.0 else {
+            return Err(CertRefusal::Missing);
+        };
+        if !names_backend {
+            return Ok(());
+        }
+        let Ok(name) = ServerName::try_from(backend) else {
+            return Err(CertRefusal::WrongName);
+        };
+        let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+            return Err(CertRefusal::WrongName);
+        };
+        cert.verify_is_valid_for_subject_name(&name)
+            .map_err(|_| CertRefusal::WrongName)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_for(names: &[&str]) -> PeerCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        PeerCert(Some(cert.der().clone()))
+    }
+
+    #[test]
+    fn the_backend_must_be_a_san_name_when_required() {
+        let a = cert_for(&["robot-a"]);
+        assert_eq!(a.check("robot-a", true), Ok(()));
+        assert_eq!(a.check("robot-b", true), Err(CertRefusal::WrongName));
+        assert_eq!(a.check("robot-b", false), Ok(()));
+        // No wildcard surprises: `robot-a` does not cover `x.robot-a`.
+        assert_eq!(a.check("x.robot-a", true), Err(CertRefusal::WrongName));
+        assert_eq!(
+            PeerCert(None).check("robot-a", false),
+            Err(CertRefusal::Missing)
+        );
+        assert_eq!(a.check("not a name", true), Err(CertRefusal::WrongName));
+    }
+}
