@@ -141,6 +141,37 @@ pub struct ServerTls {
     /// With `client_ca`: the certificate must also carry the backend name
     /// as a SAN DNS name.
     pub client_cert_names_backend: bool,
+    /// Obtain and renew the certificate by ACME instead of `cert`/`key`.
+    pub acme: Option<AcmeSettings>,
+}
+
+/// `[tls.acme]`: the server's certificate from an ACME CA (Let's Encrypt by
+/// default), validated with TLS-ALPN-01 on the relay's own listener.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeSettings {
+    /// Names the certificate is for; each must resolve to this host.
+    pub domains: Vec<String>,
+    /// Account contacts, `mailto:` URLs.
+    pub contact: Vec<String>,
+    /// The ACME directory.
+    pub directory_url: String,
+    /// Account key and certificates, kept across restarts.
+    pub cache_dir: PathBuf,
+    /// Extra PEM trust root for the directory's HTTPS (test or private CAs).
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+impl Default for AcmeSettings {
+    fn default() -> Self {
+        Self {
+            domains: Vec::new(),
+            contact: Vec::new(),
+            directory_url: "https://acme-v02.api.letsencrypt.org/directory".to_owned(),
+            cache_dir: Path::new(DEV_CERT_DIR).join("acme"),
+            directory_ca_file: None,
+        }
+    }
 }
 
 impl Default for ServerTls {
@@ -151,6 +182,7 @@ impl Default for ServerTls {
             key: Path::new(DEV_CERT_DIR).join("server.key"),
             client_ca: None,
             client_cert_names_backend: false,
+            acme: None,
         }
     }
 }
@@ -523,6 +555,33 @@ impl ServerConfig {
                 "tls.client_ca",
                 "client certificates need the relay's own TLS (tls.enabled = true)",
             ));
+        }
+        if let Some(acme) = &self.tls.acme {
+            if !self.tls.enabled {
+                return Err(invalid("tls.acme", "needs tls.enabled = true"));
+            }
+            if acme.domains.is_empty() {
+                return Err(invalid("tls.acme.domains", "at least one domain is needed"));
+            }
+            if let Some(bad) = acme.domains.iter().find(|d| {
+                rustls_pki_types::DnsName::try_from(d.as_str()).is_err() || d.contains('*')
+            }) {
+                return Err(invalid(
+                    "tls.acme.domains",
+                    format!(
+                        "{bad:?} is not a DNS name (no wildcards: TLS-ALPN-01 cannot validate them)"
+                    ),
+                ));
+            }
+            if let Some(bad) = acme.contact.iter().find(|c| !c.starts_with("mailto:")) {
+                return Err(invalid(
+                    "tls.acme.contact",
+                    format!("{bad:?} must be a mailto: URL"),
+                ));
+            }
+            if !acme.directory_url.starts_with("https://") {
+                return Err(invalid("tls.acme.directory_url", "must be https"));
+            }
         }
         if self.tls.client_cert_names_backend && self.tls.client_ca.is_none() {
             return Err(invalid(

@@ -415,7 +415,8 @@ async fn assert_refused(http: &reqwest::Client, relay: &Relay, path: &str, reaso
 
 /// A value of the relay's `/metrics`, 0 when the series is absent.
 async fn metric(relay: &Relay, series: &str) -> u64 {
-    let (_, text) = get(&relay.http(), relay, "/metrics").await;
+    let (status, text) = get(&relay.http(), relay, "/metrics").await;
+    assert_eq!(status, 200, "/metrics: {text}");
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse().unwrap())

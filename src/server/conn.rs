@@ -106,6 +106,33 @@ impl Activity {
     }
 }
 
+/// A connection's place in `limits.max_connections`, in every request's
+/// extensions: an upgraded connection (WebSocket, exec, a v2 tunnel)
+/// leaves hyper, and its task keeps the place until it ends.
+#[derive(Clone, Debug)]
+pub struct Place {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Place {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: Arc::new(permit),
+        }
+    }
+
+    /// The place of the connection a request came on, if any.
+    pub fn of(ext: &http::Extensions) -> Option<Place> {
+        ext.get::<Place>().cloned()
+    }
+
+    /// Runs `task` holding the place.
+    pub async fn hold<F: std::future::Future>(place: Option<Place>, task: F) -> F::Output {
+        let _place = place;
+        task.await
+    }
+}
+
 /// When bytes last moved on an upgraded stream, in either direction.
 #[derive(Clone, Debug)]
 pub struct Progress {

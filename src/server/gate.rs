@@ -28,11 +28,19 @@ fn refuse(state: &State, e: AuthError, sub: Option<&str>, backend: &str) -> Rela
 
 /// The summary line of refusals whose lines were held back.
 pub fn log_suppressed(reason: &'static str, suppressed: u64) {
-    tracing::info!(
-        reason,
-        suppressed,
-        "authentication failed {suppressed} more times; those lines were not logged"
-    );
+    if let Some(reason) = reason.strip_prefix("client_cert_") {
+        tracing::info!(
+            reason,
+            suppressed,
+            "client certificate refused {suppressed} more times; those lines were not logged"
+        );
+    } else {
+        tracing::info!(
+            reason,
+            suppressed,
+            "authentication failed {suppressed} more times; those lines were not logged"
+        );
+    }
 }
 
 /// A user-client request for `backend`: verifies and checks its token,
@@ -119,9 +127,27 @@ pub fn relay_cert(state: &State, ext: &http::Extensions, backend: &str) -> Resul
         .map_err(|e| refuse_cert(state, e, backend))
 }
 
+/// With `tls.client_ca`: some client certificate, before anything else of
+/// the request is read (which backend it must name is known later).
+pub fn relay_cert_presented(state: &State, ext: &http::Extensions) -> Result<(), RelayError> {
+    if state.cfg.tls.client_ca.is_none() {
+        return Ok(());
+    }
+    match ext.get::<PeerCert>() {
+        Some(PeerCert(Some(_))) => Ok(()),
+        _ => Err(refuse_cert(state, CertRefusal::Missing, "-")),
+    }
+}
+
 fn refuse_cert(state: &State, e: CertRefusal, backend: &str) -> RelayError {
     state.metrics.client_cert_refusal(e.reason());
-    if state.refusal_log.check(e.reason(), log_suppressed) == Verdict::Log {
+    // Own keys in the line limiter: a flood of bad tokens must not hide
+    // certificate refusals, nor the other way round.
+    let key = match e {
+        CertRefusal::Missing => "client_cert_missing",
+        CertRefusal::WrongName => "client_cert_wrong_name",
+    };
+    if state.refusal_log.check(key, log_suppressed) == Verdict::Log {
         tracing::info!(reason = e.reason(), backend, error = %e, "client certificate refused");
     }
     RelayError::ClientCert(e)

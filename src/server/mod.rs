@@ -24,7 +24,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use self::user::{Route, route};
@@ -82,18 +81,45 @@ const BODY_BUDGET_WAIT: Duration = Duration::from_secs(2);
 /// Refusal lines logged per reason and second, before they are summed up.
 const REFUSAL_LINES_PER_SECOND: u32 = 5;
 
-/// The public listener's TLS: the acceptor, and the certificate that
-/// follows its files (checked by [`ReloadingCert::watch`]).
+/// The public listener's TLS: its configurations, and where its
+/// certificate comes from.
 pub struct PublicTls {
-    pub acceptor: TlsAcceptor,
-    pub cert: Arc<ReloadingCert>,
+    pub handshake: Arc<Handshake>,
+    pub source: CertSource,
 }
 
-/// Builds the TLS acceptor, creating the development certificates on the
-/// embedded default (`certs/`) when they are absent.
+/// What the accept loop needs for a handshake.
+pub struct Handshake {
+    /// Every normal handshake.
+    pub main: Arc<rustls::ServerConfig>,
+    /// With ACME: the TLS-ALPN-01 challenge handshakes.
+    pub challenge: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The server certificate's source.
+pub enum CertSource {
+    /// `tls.cert`/`tls.key`, followed by [`ReloadingCert::watch`].
+    Files(Arc<ReloadingCert>),
+    /// `[tls.acme]`, driven by [`tls::acme::Acme::spawn`].
+    Acme(tls::acme::Acme),
+}
+
+/// Builds the TLS configurations, creating the development certificates
+/// on the embedded default (`certs/`) when they are absent.
 pub fn public_tls(cfg: &ServerConfig) -> Result<Option<PublicTls>, ServerError> {
     if !cfg.tls.enabled {
         return Ok(None);
+    }
+    if let Some(settings) = &cfg.tls.acme {
+        let acme = tls::acme::Acme::new(settings)?;
+        let main = tls::server_config_with(acme.resolver.clone(), cfg.tls.client_ca.as_deref())?;
+        return Ok(Some(PublicTls {
+            handshake: Arc::new(Handshake {
+                main,
+                challenge: Some(acme.challenge.clone()),
+            }),
+            source: CertSource::Acme(acme),
+        }));
     }
     if cfg.tls.is_dev_default() && DevCerts::in_dir(std::path::Path::new(DEV_CERT_DIR)).ensure()? {
         tracing::warn!(
@@ -102,11 +128,34 @@ pub fn public_tls(cfg: &ServerConfig) -> Result<Option<PublicTls>, ServerError> 
         );
     }
     let cert = ReloadingCert::load(&cfg.tls.cert, &cfg.tls.key)?;
-    let server = tls::server_config_with(cert.clone(), cfg.tls.client_ca.as_deref())?;
+    let main = tls::server_config_with(cert.clone(), cfg.tls.client_ca.as_deref())?;
     Ok(Some(PublicTls {
-        acceptor: TlsAcceptor::from(server),
-        cert,
+        handshake: Arc::new(Handshake {
+            main,
+            challenge: None,
+        }),
+        source: CertSource::Files(cert),
     }))
+}
+
+/// Completes a handshake: a TLS-ALPN-01 challenge is answered and its
+/// connection ends (`Ok(None)`); anything else gets the main
+/// configuration.
+async fn handshake(
+    hs: &Handshake,
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    if let Some(challenge) = &hs.challenge
+        && rustls_acme::is_tls_alpn_challenge(&start.client_hello())
+    {
+        let mut tls = start.into_stream(challenge.clone()).await?;
+        use tokio::io::AsyncWriteExt as _;
+        let _ = tls.shutdown().await;
+        return Ok(None);
+    }
+    start.into_stream(hs.main.clone()).await.map(Some)
 }
 
 /// What `http-relay server --check-config` checks beyond parsing: the
@@ -115,17 +164,25 @@ pub fn public_tls(cfg: &ServerConfig) -> Result<Option<PublicTls>, ServerError> 
 /// would create; creates nothing itself.
 pub fn check(cfg: &ServerConfig) -> Result<Vec<String>, ServerError> {
     let mut notes = Vec::new();
-    if cfg.tls.enabled {
+    if let Some(ca) = cfg.tls.client_ca.as_deref().filter(|_| cfg.tls.enabled) {
+        tls::client_verifier(ca)?;
+    }
+    if let Some(acme) = cfg.tls.acme.as_ref().filter(|_| cfg.tls.enabled) {
+        tls::client_config(acme.directory_ca_file.as_deref())?;
+        notes.push(format!(
+            "tls: certificate for {} from {} (cache {})",
+            acme.domains.join(", "),
+            acme.directory_url,
+            acme.cache_dir.display()
+        ));
+    } else if cfg.tls.enabled {
         if cfg.tls.is_dev_default() && !cfg.tls.cert.exists() {
             notes.push(format!(
                 "tls: no certificate configured; a development CA and certificate will be created under {DEV_CERT_DIR}/"
             ));
         } else {
             let pair = tls::certified_key(&cfg.tls.cert, &cfg.tls.key)?;
-            tls::server_config_with(
-                Arc::new(rustls::sign::SingleCertAndKey::from(pair)),
-                cfg.tls.client_ca.as_deref(),
-            )?;
+            tls::server_config_with(Arc::new(rustls::sign::SingleCertAndKey::from(pair)), None)?;
         }
     } else {
         notes.push("tls: off (cleartext; put a TLS terminator in front)".to_owned());
@@ -195,16 +252,27 @@ pub async fn run_with_admin(
     } else {
         "http"
     };
-    let _watch_cert = public_tls
-        .as_ref()
-        .map(|t| AbortOnDrop(tokio::spawn(t.cert.clone().watch())));
-    let acceptor = public_tls.map(|t| t.acceptor);
     // SIGHUP reloads the certificate (`ReloadingCert::watch`); without TLS
     // it must still not end the process, as its default action would.
-    #[cfg(unix)]
-    let _ignore_hangup = acceptor
-        .is_none()
-        .then(|| AbortOnDrop(tokio::spawn(ignore_hangup())));
+    // Registered before the listener is announced, so that no SIGHUP
+    // after that line can end the process.
+    let hangup = crate::tls::reload::hangup();
+    let (acceptor, on_hangup, _acme) = match public_tls {
+        Some(PublicTls {
+            handshake,
+            source: CertSource::Files(cert),
+        }) => (Some(handshake), tokio::spawn(cert.watch(hangup)), None),
+        Some(PublicTls {
+            handshake,
+            source: CertSource::Acme(acme),
+        }) => (
+            Some(handshake),
+            tokio::spawn(ignore_hangup(hangup)),
+            Some(AbortOnDrop(acme.spawn().await)),
+        ),
+        None => (None, tokio::spawn(ignore_hangup(hangup)), None),
+    };
+    let _on_hangup = AbortOnDrop(on_hangup);
     tracing::info!("listening on {scheme}://{}", listener.local_addr()?);
     let broker = Broker::new(BrokerConfig {
         poll_timeout: cfg.timeouts.poll,
@@ -327,14 +395,12 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
     Ok(Authenticator::new(&cfg.auth)?)
 }
 
-#[cfg(unix)]
-async fn ignore_hangup() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+async fn ignore_hangup(hangup: Option<crate::tls::reload::Hangup>) {
+    let Some(mut hangup) = hangup else {
         return;
     };
     while hangup.recv().await.is_some() {
-        tracing::info!("SIGHUP: nothing to reload (tls.enabled = false)");
+        tracing::info!("SIGHUP: nothing to reload (TLS off, or certificates by ACME)");
     }
 }
 
@@ -403,7 +469,7 @@ const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// and everything after it happen there, never in this loop.
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Option<Arc<Handshake>>,
     state: State,
     graceful: &GracefulShutdown,
     stop: CancellationToken,
@@ -441,7 +507,7 @@ async fn accept_loop(
         let state = state.clone();
         let force_close = force_close.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let place = conn::Place::new(permit);
             let metrics = state.metrics.clone();
             let activity = Activity::new();
             let watchdog = activity.clone();
@@ -454,6 +520,7 @@ async fn accept_loop(
                     let state = state.clone();
                     let in_flight = activity.begin();
                     req.extensions_mut().insert(peer_cert.clone());
+                    req.extensions_mut().insert(place.clone());
                     async move {
                         let resp = dispatch(&state, req).await;
                         Ok::<_, Infallible>(resp.map(|b| body::holding(b, in_flight)))
@@ -462,22 +529,24 @@ async fn accept_loop(
             };
             match acceptor {
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(header_read, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            metrics.tls_handshake_failures.inc();
-                            if is_client_cert_error(&e) {
-                                metrics.client_cert_refusal("untrusted");
+                    let tls =
+                        match tokio::time::timeout(header_read, handshake(&acceptor, tcp)).await {
+                            Ok(Ok(Some(tls))) => tls,
+                            Ok(Ok(None)) => return,
+                            Ok(Err(e)) => {
+                                metrics.tls_handshake_failures.inc();
+                                if is_client_cert_error(&e) {
+                                    metrics.client_cert_refusal("untrusted");
+                                }
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
                             }
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics.tls_handshake_failures.inc();
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                            Err(_) => {
+                                metrics.tls_handshake_failures.inc();
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
                     let peer_cert = PeerCert(
                         tls.get_ref()
                             .1

@@ -94,6 +94,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     // once the message is decoded.
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     gate::relay_role(state, claims.as_ref())?;
+    gate::relay_cert_presented(state, req.extensions())?;
     let (parts, body) = req.into_parts();
     let limit = state.cfg.limits.max_response_chunk.as_u64();
     let body = read_limited(body, limit).await?;
@@ -130,6 +131,7 @@ async fn request_stream(
 ) -> Result<Response<Body>, RelayError> {
     let id = query_param(req, "id")?;
     let claims = gate::relay_token(state, req.headers(), "-").await?;
+    gate::relay_cert_presented(state, req.extensions())?;
     let owner = state.broker.owner(&id).ok_or(BrokerError::StreamClosed)?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, req.extensions(), &owner)?;

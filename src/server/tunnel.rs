@@ -58,7 +58,11 @@ pub async fn connect(
     }
     let expires = claims.as_ref().and_then(token_lifetime);
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(run(state.clone(), backend, on_upgrade, expires));
+    let place = super::conn::Place::of(req.extensions());
+    tokio::spawn(super::conn::Place::hold(
+        place,
+        run(state.clone(), backend, on_upgrade, expires),
+    ));
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp.headers_mut()
@@ -147,6 +151,7 @@ pub async fn relay(
 ) -> Result<Response<Body>, RelayError> {
     let upgrade = super::user::upgrade_token(&req);
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let place = super::conn::Place::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -252,17 +257,20 @@ pub async fn relay(
         resp.headers_mut().insert(header::UPGRADE, token);
         let idle = state.cfg.timeouts.inactive_request;
         let chunks = ChunkSpans::new(span, traced, "relay.stream_chunk");
-        tokio::spawn(pipe(
-            on_upgrade,
-            body,
-            to_backend,
-            treq,
-            state.metrics.clone(),
-            super::pipe::Times {
-                idle,
-                stalled: state.cfg.timeouts.idle_stream,
-            },
-            chunks,
+        tokio::spawn(super::conn::Place::hold(
+            place,
+            pipe(
+                on_upgrade,
+                body,
+                to_backend,
+                treq,
+                state.metrics.clone(),
+                super::pipe::Times {
+                    idle,
+                    stalled: state.cfg.timeouts.idle_stream,
+                },
+                chunks,
+            ),
         ));
         return Ok(resp);
     }

@@ -208,6 +208,7 @@ async fn relay_admitted(
         return super::tunnel::relay(state, req, route, treq, &span).await;
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    let place = super::conn::Place::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -256,7 +257,13 @@ async fn relay_admitted(
             backend_secs,
         );
     }
-    let resp = respond(exchange, first, on_upgrade, version, state)?;
+    let resp = respond(
+        exchange,
+        first,
+        on_upgrade.map(|u| (u, place)),
+        version,
+        state,
+    )?;
     // The buffered body counts against the budget until the request ends.
     Ok(resp.map(|b| super::body::holding(b, reserved)))
 }
@@ -305,7 +312,7 @@ pub(super) fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> traci
 fn respond(
     exchange: Exchange,
     mut first: ResponseChunk,
-    on_upgrade: Option<OnUpgrade>,
+    on_upgrade: Option<(OnUpgrade, Option<super::conn::Place>)>,
     version: http::Version,
     state: &State,
 ) -> Result<Response<Body>, RelayError> {
@@ -321,15 +328,16 @@ fn respond(
         )))?;
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        let on_upgrade = on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
+        let (on_upgrade, place) = on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
         let ended = first.eof;
         let first_body = std::mem::take(&mut first.body);
         let stalled = state.cfg.timeouts.idle_stream;
-        tokio::spawn(pipe(
-            on_upgrade, exchange, first_body, ended, metrics, stalled,
+        tokio::spawn(super::conn::Place::hold(
+            place,
+            pipe(on_upgrade, exchange, first_body, ended, metrics, stalled),
         ));
         return Ok(resp);
     }

@@ -3,6 +3,7 @@
 //! relay-clients), the relay-client's trust store and identity, and the
 //! development CA that makes the default start work.
 
+pub mod acme;
 pub mod client_cert;
 pub mod reload;
 
@@ -125,24 +126,29 @@ pub fn server_config_with(
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for cert in load_certs(path)? {
-                roots.add(cert)?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|source| TlsError::ClientCa {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path)?),
     };
     let mut cfg = builder.with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Verifier of client certificates chaining to the bundle at `path`; a
+/// client presenting none passes (user-clients have none).
+pub fn client_verifier(
+    path: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert)?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|source| TlsError::ClientCa {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Client config trusting the public web PKI plus `extra_ca` (a PEM file).

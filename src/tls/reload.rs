@@ -21,6 +21,36 @@ use crate::lock;
 /// within about this long.
 pub const CHECK_PERIOD: Duration = Duration::from_secs(1);
 
+/// SIGHUP, the conventional "reload your files" signal.
+#[cfg(unix)]
+pub type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+pub type Hangup = NoSignal;
+
+/// Where there is no SIGHUP.
+#[cfg(not(unix))]
+pub struct NoSignal;
+
+#[cfg(not(unix))]
+impl NoSignal {
+    pub async fn recv(&mut self) -> Option<()> {
+        std::future::pending().await
+    }
+}
+
+/// Listens for SIGHUP from now on (its default action, ending the
+/// process, is then off).
+pub fn hangup() -> Option<Hangup> {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// The certificate of `tls.cert`/`tls.key`, replaced when they change.
 pub struct ReloadingCert {
     cert: PathBuf,
@@ -102,24 +132,17 @@ impl ReloadingCert {
         Ok(true)
     }
 
-    /// Checks the files every [`CHECK_PERIOD`] and on SIGHUP, until the
-    /// task is dropped.
-    pub async fn watch(self: Arc<Self>) {
-        #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    /// Checks the files every [`CHECK_PERIOD`] and whenever `hangup` fires
+    /// (SIGHUP, registered by the caller before it announces the listener,
+    /// so that an early SIGHUP cannot end the process), until the task is
+    /// dropped.
+    pub async fn watch(self: Arc<Self>, mut hangup: Option<Hangup>) {
         let mut tick = tokio::time::interval(CHECK_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            #[cfg(unix)]
             let force = tokio::select! {
                 _ = tick.tick() => false,
                 Some(()) = async { hangup.as_mut()?.recv().await } => true,
-            };
-            #[cfg(not(unix))]
-            let force = {
-                tick.tick().await;
-                false
             };
             match self.reload(force) {
                 Ok(true) => tracing::info!(

@@ -9,6 +9,7 @@ pub mod h2raw;
 pub mod idp;
 pub mod observe;
 pub mod otlp;
+pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod v1server;
