@@ -216,8 +216,10 @@ pub struct ServerTimeouts {
     #[serde(with = "humantime_serde")]
     pub shutdown: Duration,
     /// A new connection must complete its TLS handshake and send complete
-    /// request headers within this (slowloris, silent connections); it
-    /// also bounds the headers of every later HTTP/1.1 request.
+    /// request headers within this (slowloris, silent connections). On
+    /// HTTP/1.1 it also bounds the wait for each next request head, so an
+    /// idle HTTP/1.1 keep-alive connection is closed after the shorter of
+    /// this and `idle_connection`.
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
     /// A connection with no request in flight for this long is closed.

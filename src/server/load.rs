@@ -88,14 +88,18 @@ impl BodyBudget {
         }
     }
 
-    async fn reserve(&self, bytes: usize, held: &mut Reserved) -> Result<(), RelayError> {
-        let units =
-            u32::try_from((bytes as u64).div_ceil(UNIT)).map_err(|_| RelayError::BufferFull)?;
+    async fn reserve(
+        &self,
+        bytes: u64,
+        held: &mut Reserved,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RelayError> {
+        let units = u32::try_from(bytes.div_ceil(UNIT)).map_err(|_| RelayError::BufferFull)?;
         if units == 0 {
             return Ok(());
         }
         let permit =
-            tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(units))
+            tokio::time::timeout_at(deadline, self.permits.clone().acquire_many_owned(units))
                 .await
                 .map_err(|_| RelayError::BufferFull)?
                 .map_err(|_| RelayError::BufferFull)?;
@@ -106,25 +110,41 @@ impl BodyBudget {
         Ok(())
     }
 
-    /// Reads a whole body of at most `limit` bytes, taking room in the
-    /// budget as the bytes arrive (413 over `limit`, 503 when the budget
-    /// stays full for the wait).
+    /// Reads a whole body of at most `limit` bytes (413 over it) within
+    /// the budget. A declared length is reserved at once, before reading,
+    /// so concurrent uploads do not each hold a part and wait for the
+    /// rest; a body of unknown length takes room as its bytes arrive. Room
+    /// not found within the wait, counted once per request, is a 503.
     pub async fn read(
         &self,
         mut body: hyper::body::Incoming,
         limit: u64,
+        declared: Option<u64>,
     ) -> Result<(Bytes, Reserved), RelayError> {
+        let deadline = crate::clock::from_now(self.wait);
         let mut held = Reserved::default();
-        let mut buf = BytesMut::new();
+        let mut room = 0u64;
+        if let Some(n) = declared {
+            if n > limit {
+                return Err(RelayError::BodyTooLarge(limit));
+            }
+            self.reserve(n, &mut held, deadline).await?;
+            room = n;
+        }
+        let mut buf = BytesMut::with_capacity(usize::try_from(room).unwrap_or(0));
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| RelayError::ReadBody(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if buf.len() as u64 + data.len() as u64 > limit {
+            let len = buf.len() as u64 + data.len() as u64;
+            if len > limit {
                 return Err(RelayError::BodyTooLarge(limit));
             }
-            self.reserve(data.len(), &mut held).await?;
+            if len > room {
+                self.reserve(len - room, &mut held, deadline).await?;
+                room = len;
+            }
             buf.extend_from_slice(&data);
         }
         Ok((buf.freeze(), held))
@@ -150,16 +170,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_budget_waits_briefly_then_refuses() {
         let budget = BodyBudget::new(10 * UNIT, Duration::from_secs(2));
+        let soon = || crate::clock::from_now(Duration::from_secs(2));
         let mut first = Reserved::default();
-        budget.reserve(8 * 1024, &mut first).await.unwrap();
+        budget.reserve(8 * 1024, &mut first, soon()).await.unwrap();
         let mut second = Reserved::default();
+        let started = tokio::time::Instant::now();
         assert!(matches!(
-            budget.reserve(4 * 1024, &mut second).await,
+            budget.reserve(4 * 1024, &mut second, soon()).await,
             Err(RelayError::BufferFull)
         ));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
         drop(first);
-        budget.reserve(4 * 1024, &mut second).await.unwrap();
-        budget.reserve(4 * 1024, &mut second).await.unwrap();
+        budget.reserve(4 * 1024, &mut second, soon()).await.unwrap();
+        budget.reserve(4 * 1024, &mut second, soon()).await.unwrap();
         assert_eq!(budget.permits.available_permits(), 2);
         drop(second);
         assert_eq!(budget.permits.available_permits(), 10);

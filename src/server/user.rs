@@ -218,9 +218,15 @@ async fn relay_admitted(
     // cannot do").
     // A trickling upload must not hold the request forever.
     let idle = state.cfg.timeouts.inactive_request;
-    let (body, reserved) = tokio::time::timeout(idle, state.body_budget.read(body, limit))
-        .await
-        .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (body, reserved) =
+        tokio::time::timeout(idle, state.body_budget.read(body, limit, declared))
+            .await
+            .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
 
     span.record("relay.bytes_in", telemetry::int(body.len()));
     state.metrics.bytes(Direction::ToBackend, body.len());
