@@ -201,13 +201,7 @@ fn connector(root_pem: &[u8]) -> tokio_rustls::TlsConnector {
         roots.add(cert.unwrap()).unwrap();
     }
     assert!(!roots.is_empty(), "no certificate in pebble's root PEM");
-    let mut cfg = rustls::ClientConfig::builder_with_provider(http_relay::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    common::pki::http1_connector(roots)
 }
 
 /// A handshake with 127.0.0.1:`port` as `name`: the stream and the DER of

@@ -185,13 +185,7 @@ fn connector(pairs: &[&ServerPair]) -> tokio_rustls::TlsConnector {
             roots.add(cert).unwrap();
         }
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(http_relay::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    common::pki::http1_connector(roots)
 }
 
 async fn tls_connect(

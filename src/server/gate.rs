@@ -154,7 +154,9 @@ fn refuse_cert(state: &State, e: CertRefusal, backend: &str) -> RelayError {
 }
 
 /// A relay-client may bring a new name only while fewer than
-/// `limits.max_backends` are known.
+/// `limits.max_backends` are known. Checked, then registered by the poll
+/// or tunnel: first polls of new names at the same instant may pass it
+/// by a few, which a bound on memory tolerates.
 pub fn backend_room(state: &State, backend: &str) -> Result<(), RelayError> {
     let max = state.cfg.limits.max_backends;
     if state.broker.knows_backend(backend) || state.broker.backend_count() < max {

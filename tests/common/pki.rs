@@ -94,3 +94,14 @@ impl ClientCa {
         id
     }
 }
+
+/// A TLS client trusting only `roots`, offering HTTP/1.1.
+pub fn http1_connector(roots: rustls::RootCertStore) -> tokio_rustls::TlsConnector {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(http_relay::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
