@@ -513,15 +513,17 @@ async fn measure_idle(p: &Params) {
         let (before, _) = rss_kib(stack.server.0.id());
         let mut held = Vec::new();
         if kind == "v1 poll" {
-            // HTTP/2 connections of up to 1000 polls each.
-            for c in 0..p.idle.div_ceil(1000) {
+            // HTTP/2 connections of up to POLLS_PER_CONNECTION polls each,
+            // within the server's `limits.max_streams_per_connection`.
+            for c in 0..p.idle.div_ceil(POLLS_PER_CONNECTION) {
                 let h2 = reqwest::Client::builder()
                     .no_proxy()
                     .http2_prior_knowledge()
                     .timeout(Duration::from_secs(600))
                     .build()
                     .expect("client");
-                for i in c * 1000..((c + 1) * 1000).min(p.idle) {
+                let first = c * POLLS_PER_CONNECTION;
+                for i in first..(first + POLLS_PER_CONNECTION).min(p.idle) {
                     let url = format!("{base}/server/request?server=idle-{i}");
                     let h2 = h2.clone();
                     held.push(tokio::spawn(async move {
@@ -551,6 +553,10 @@ async fn measure_idle(p: &Params) {
         println!("| {kind} | {kib:.1} KiB |");
     }
 }
+
+/// Idle v1 polls multiplexed on one HTTP/2 connection in S5 (the server
+/// allows 256 streams per connection by default).
+const POLLS_PER_CONNECTION: usize = 200;
 
 /// One idle v2 relay-client: the upgrade, then an HTTP/2 server that
 /// nobody calls.
