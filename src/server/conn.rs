@@ -57,7 +57,7 @@ impl Activity {
     }
 
     fn millis(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis_since(self.start)
     }
 
     /// A request's head arrived.
@@ -133,6 +133,12 @@ impl Place {
     }
 }
 
+/// Milliseconds since `start`: the clock of both watchdogs, small enough
+/// to keep in an atomic.
+fn millis_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// When bytes last moved on an upgraded stream, in either direction.
 #[derive(Clone, Debug)]
 pub struct Progress {
@@ -152,8 +158,7 @@ impl Default for Progress {
 impl Progress {
     /// Bytes were read, or a write completed.
     pub fn moved(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+        self.last.store(millis_since(self.start), Ordering::Relaxed);
     }
 
     /// Resolves once nothing has moved for `idle`: a peer that neither

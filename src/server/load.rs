@@ -111,7 +111,8 @@ impl BodyBudget {
     }
 
     /// Reads a whole body of at most `limit` bytes (413 over it) within
-    /// the budget. A declared length is reserved at once, before reading,
+    /// the budget. A declared length (already checked against `limit` by
+    /// `refuse_declared_oversize`) is reserved at once, before reading,
     /// so concurrent uploads do not each hold a part and wait for the
     /// rest; a body of unknown length takes room as its bytes arrive. Room
     /// not found within the wait, counted once per request, is a 503.
@@ -125,9 +126,6 @@ impl BodyBudget {
         let mut held = Reserved::default();
         let mut room = 0u64;
         if let Some(n) = declared {
-            if n > limit {
-                return Err(RelayError::BodyTooLarge(limit));
-            }
             self.reserve(n, &mut held, deadline).await?;
             room = n;
         }

@@ -57,6 +57,8 @@ pub enum ServerError {
     Http(#[from] reqwest::Error),
     #[error("{what}: {reason}")]
     Check { what: String, reason: String },
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// What every handler shares.
@@ -181,8 +183,7 @@ pub fn check(cfg: &ServerConfig) -> Result<Vec<String>, ServerError> {
                 "tls: no certificate configured; a development CA and certificate will be created under {DEV_CERT_DIR}/"
             ));
         } else {
-            let pair = tls::certified_key(&cfg.tls.cert, &cfg.tls.key)?;
-            tls::server_config_with(Arc::new(rustls::sign::SingleCertAndKey::from(pair)), None)?;
+            tls::server_config(&cfg.tls.cert, &cfg.tls.key)?;
         }
     } else {
         notes.push("tls: off (cleartext; put a TLS terminator in front)".to_owned());
@@ -217,14 +218,7 @@ pub fn check(cfg: &ServerConfig) -> Result<Vec<String>, ServerError> {
             }
         })?;
     }
-    if let Some(r) = cfg.telemetry.sample_ratio
-        && !(0.0..=1.0).contains(&r)
-    {
-        return Err(ServerError::Check {
-            what: "telemetry.sample_ratio".into(),
-            reason: format!("must be within 0..=1, not {r}"),
-        });
-    }
+    cfg.telemetry.validate()?;
     Ok(notes)
 }
 

@@ -213,16 +213,11 @@ async fn relay_admitted(
     let (parts, body) = req.into_parts();
 
     let limit = state.cfg.limits.max_request_body.as_u64();
-    refuse_declared_oversize(&parts.headers, limit)?;
+    let declared = refuse_declared_oversize(&parts.headers, limit)?;
     // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
     // cannot do").
     // A trickling upload must not hold the request forever.
     let idle = state.cfg.timeouts.inactive_request;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     let (body, reserved) =
         tokio::time::timeout(idle, state.body_budget.read(body, limit, declared))
             .await
@@ -274,8 +269,12 @@ async fn relay_admitted(
     Ok(resp.map(|b| super::body::holding(b, reserved)))
 }
 
-/// 413 before any body is read when the declared length is over `limit`.
-pub(super) fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Result<(), RelayError> {
+/// 413 before any body is read when the declared length is over `limit`;
+/// otherwise the declared length, if any.
+pub(super) fn refuse_declared_oversize(
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Option<u64>, RelayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -283,7 +282,7 @@ pub(super) fn refuse_declared_oversize(headers: &HeaderMap, limit: u64) -> Resul
     if declared.is_some_and(|n| n > limit) {
         return Err(RelayError::BodyTooLarge(limit));
     }
-    Ok(())
+    Ok(declared)
 }
 
 /// Removes the user-client's `Host` from the relayed headers and returns

@@ -102,6 +102,16 @@ fn endpoint(cfg: &TelemetryConfig) -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
+impl TelemetryConfig {
+    /// Settings that would stop the exporter from starting.
+    pub fn validate(&self) -> Result<(), TelemetryError> {
+        match self.sample_ratio {
+            Some(r) if !(0.0..=1.0).contains(&r) => Err(TelemetryError::Ratio(r)),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Installs logging and (when an endpoint is configured) the OTLP span
 /// export. Must run inside the tokio runtime (the gRPC exporter needs it).
 pub fn init(
@@ -210,10 +220,8 @@ fn provider(
     let mut builder = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource);
+    cfg.validate()?;
     if let Some(ratio) = cfg.sample_ratio {
-        if !(0.0..=1.0).contains(&ratio) {
-            return Err(TelemetryError::Ratio(ratio));
-        }
         builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             ratio,
         ))));
