@@ -20,14 +20,21 @@
 //!   configurations);
 //! - S7 WebSocket echo round trip (`RELAY_BENCH_SERIAL` messages): p50;
 //! - S8 S3 with tracing exported at 0 % and 100 % (to an in-bench OTLP
-//!   sink that discards what it gets), against tracing off.
+//!   sink that discards what it gets), against tracing off;
+//! - the fleet comparison (config `go`): S1 to S3 over v1 through our
+//!   server and relay-client, our server with the fleet's Go relay-client,
+//!   and the Go relay server with the Go relay-client. The Go binaries are
+//!   not part of this repository: `RELAY_BENCH_GO_DIR` names a directory
+//!   with `bin/http-relay-server` and `bin/http-relay-client` built from
+//!   the upstream sources.
 //!
 //! The direct path of a TLS configuration is TLS too (the same backend
 //! behind rustls); throughputs are the median of three runs.
 //!
 //! `RELAY_BENCH_QUICK=1` shrinks every size so that a run takes well
 //! under a minute; `RELAY_BENCH_CONFIGS=v1-clear,v2-tls,...` picks
-//! configurations (default all four, `idle` and `tracing`).
+//! configurations (default all four, `idle` and `tracing`; `go` on
+//! request).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -693,6 +700,142 @@ async fn measure_tracing(p: &Params, backend: &Backend) {
     }
 }
 
+/// One relayed path of the fleet comparison: S1, S2 (p50, p99), S3.
+struct Path {
+    s1: f64,
+    s2: (Duration, Duration),
+    s3: f64,
+}
+
+async fn measure_path(p: &Params, base: &str) -> Path {
+    let http = http_client(None);
+    wait_ready(&http, base).await;
+    let _ = serial(&http, base, 50).await; // warm-up
+    Path {
+        s1: median(|| download(&http, base, p.mib)).await,
+        s2: serial(&http, base, p.serial).await,
+        s3: median(|| concurrent(&http, base, p.concurrent)).await,
+    }
+}
+
+/// A port that was free a moment ago (the Go server takes a port number,
+/// not a listener).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// The Go relay-client for backend `bench` of the server at `relay`
+/// (host:port), on its defaults but for the log level: WARN, as quiet as
+/// our processes are on the hot path.
+fn go_client(go: &std::path::Path, relay: &str, backend: &str) -> Proc {
+    let child = Command::new(go.join("bin/http-relay-client"))
+        .args(["-relay_scheme", "http", "-relay_address", relay])
+        .args(["-backend_scheme", "http", "-backend_address", backend])
+        .args(["-server_name", "bench", "-disable_auth_for_remote"])
+        .args(["-log_level", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Go relay-client starts");
+    Proc(child)
+}
+
+/// The fleet comparison (config `go`), v1, cleartext.
+async fn measure_fleet(p: &Params, backend: &Backend) {
+    let Some(go) = std::env::var_os("RELAY_BENCH_GO_DIR").map(std::path::PathBuf::from) else {
+        println!(
+            "\n### fleet comparison: not run (RELAY_BENCH_GO_DIR names no directory with the Go binaries)"
+        );
+        return;
+    };
+    let backend_addr = backend.url.trim_start_matches("http://").to_owned();
+    let mut rows = Vec::new();
+    {
+        let dir = tempfile::tempdir().expect("dir");
+        let stack = start_stack(false, "v1", &backend.url, None, &[], dir.path());
+        rows.push((
+            "our server + our relay-client (v1)",
+            measure_path(p, &format!("{}/client/bench", stack.url)).await,
+        ));
+        drop(stack);
+    }
+    {
+        let dir = tempfile::tempdir().expect("dir");
+        // The stack's own relay-client serves another name and stays idle.
+        let stack = start_stack(false, "v1", "http://127.0.0.1:9", None, &[], dir.path());
+        let relay = stack.url.trim_start_matches("http://").to_owned();
+        let _client = go_client(&go, &relay, &backend_addr);
+        rows.push((
+            "our server + Go relay-client",
+            measure_path(p, &format!("{}/client/bench", stack.url)).await,
+        ));
+        drop(stack);
+    }
+    {
+        let port = free_port();
+        let _server = Proc(
+            Command::new(go.join("bin/http-relay-server"))
+                .args(["-port", &port.to_string(), "-log_level", "4"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("Go relay server starts"),
+        );
+        let relay = format!("127.0.0.1:{port}");
+        // The Go relay-client gives up when its first poll is refused.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&relay).is_err() {
+            assert!(Instant::now() < deadline, "Go relay server not listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _client = go_client(&go, &relay, &backend_addr);
+        rows.push((
+            "Go relay server + Go relay-client",
+            measure_path(p, &format!("http://{relay}/client/bench")).await,
+        ));
+    }
+    let direct = measure_path(p, &backend.url).await;
+    println!("\n### Fleet comparison (v1, cleartext)\n");
+    println!(
+        "| path | S1 download {} MiB | S2 added p50 / p99 | S3 1 KiB, 64 concurrent |",
+        p.mib
+    );
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| direct | {:.0} MiB/s | ({:.3} / {:.3} ms) | {:.0} req/s |",
+        direct.s1,
+        ms(direct.s2.0),
+        ms(direct.s2.1),
+        direct.s3
+    );
+    let added = |x: &Path| {
+        (
+            (ms(x.s2.0) - ms(direct.s2.0)) * 1000.0,
+            (ms(x.s2.1) - ms(direct.s2.1)) * 1000.0,
+        )
+    };
+    for (name, x) in &rows {
+        let (p50, p99) = added(x);
+        println!(
+            "| {name} | {:.0} MiB/s ({:.3}) | +{p50:.0} / +{p99:.0} µs | {:.0} req/s ({:.2}) |",
+            x.s1,
+            x.s1 / direct.s1,
+            x.s3,
+            x.s3 / direct.s3
+        );
+    }
+    let (ours, go_relay) = (&rows[1].1, &rows[2].1);
+    println!(
+        "\nour server + Go relay-client against the Go relay: S2 added p50 {:.2}x smaller, S3 {:.2}x the throughput, S1 {:.2}x",
+        added(go_relay).0 / added(ours).0,
+        ours.s3 / go_relay.s3,
+        ours.s1 / go_relay.s1
+    );
+}
+
 fn main() {
     let p = Params::from_env();
     let configs = std::env::var("RELAY_BENCH_CONFIGS")
@@ -720,6 +863,7 @@ fn main() {
         for config in configs.split(',') {
             match config.trim() {
                 "tracing" => measure_tracing(&p, &backend).await,
+                "go" => measure_fleet(&p, &backend).await,
                 "idle" => measure_idle(&p).await,
                 c => {
                     let Some((transport, side)) = c.split_once('-') else {

@@ -490,3 +490,53 @@ async fn the_unsampled_decision_travels_to_the_backend() {
         "unsampled requests exported spans: {others:#?}"
     );
 }
+
+/// A log line written inside an exported span names that span's trace and
+/// span ids, in both log formats (`docs/telemetry.md`).
+#[tokio::test(flavor = "multi_thread")]
+async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
+    for format in ["json", "human"] {
+        let otlp = Receiver::start().await;
+        let (server, url) = start_server(&otlp, &[]);
+        // Nothing listens on the backend port: the relay-client answers
+        // 502 and logs a warning inside its `relay.client.request` span.
+        let mut client = Proc(
+            Command::new(common::binary())
+                .args(["--log-format", format, "client", "--relay-url", &url])
+                .args(["--backend-name", "robot-1"])
+                .args(["--backend-url", "http://127.0.0.1:9"])
+                .env("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", otlp.endpoint())
+                .env("HTTP_RELAY_TRANSPORT", "v1")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        wait_backend(&http, &url, "robot-1").await;
+        let line = wait_for_line(&mut client.0, "answering with an error");
+        let stack = Stack {
+            url,
+            server,
+            clients: vec![client],
+        };
+        stack.stop();
+        let spans = otlp.spans();
+        let job = one(&spans, "relay.client.request");
+        let (trace, span) = (job.trace_id(), job.span_id());
+        match format {
+            "json" => {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(v["trace_id"], trace.as_str(), "{line}");
+                assert_eq!(v["span_id"], span.as_str(), "{line}");
+                assert_eq!(v["fields"]["message"], "answering with an error");
+            }
+            _ => assert!(
+                line.trim_end()
+                    .ends_with(&format!(" trace_id={trace} span_id={span}")),
+                "{line}"
+            ),
+        }
+    }
+}

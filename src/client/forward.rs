@@ -34,22 +34,16 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
     let id = req.id.clone().unwrap_or_default();
     // Continue the trace the server put into the relayed headers.
     let trace = trace_headers(&req);
-    let span = if telemetry::wants_span(&trace) {
+    let span = telemetry::request_span(&trace, || {
         tracing::info_span!(
             "relay.client.request",
-            relay.request_id = %id,
+            relay.request_id = id.as_str(),
             http.request.method = req.method.as_deref().unwrap_or(""),
             url.path = Empty,
             http.response.status_code = Empty,
             otel.status_code = Empty,
-            trace_id = Empty,
-            span_id = Empty,
         )
-    } else {
-        tracing::Span::none()
-    };
-    telemetry::continue_trace(&span, &trace);
-    telemetry::record_trace_id(&span);
+    });
     match forward_inner(ctx, req, &span)
         .instrument(span.clone())
         .await
@@ -109,7 +103,7 @@ async fn forward_inner(
         tracing::info_span!(
             "relay.backend_request",
             otel.kind = "client",
-            http.request.method = %backend_req.method(),
+            http.request.method = backend_req.method().as_str(),
             url.path = backend_req.uri().path(),
             http.response.status_code = Empty,
             otel.status_code = Empty,

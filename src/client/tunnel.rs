@@ -365,19 +365,16 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
-    let span = if telemetry::wants_span(req.headers()) {
+    let span = telemetry::request_span(req.headers(), || {
         tracing::info_span!(
             "relay.client.request",
-            relay.request_id = %id,
-            http.request.method = %req.method(),
+            relay.request_id = id.as_str(),
+            http.request.method = req.method().as_str(),
             url.path = req.uri().path(),
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         )
-    } else {
-        tracing::Span::none()
-    };
-    telemetry::continue_trace(&span, req.headers());
+    });
     let resp = forward(&ctx, req, &span).instrument(span.clone()).await;
     span.record(
         "http.response.status_code",
@@ -476,7 +473,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
         tracing::info_span!(
             "relay.backend_request",
             otel.kind = "client",
-            http.request.method = %parts.method,
+            http.request.method = parts.method.as_str(),
             url.path = parts.uri.path(),
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,

@@ -116,28 +116,21 @@ pub(super) fn upgrade_token(req: &Request<Incoming>) -> Option<http::HeaderValue
 pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
     let route = route(req.uri().path(), req.headers())?;
     let started = std::time::Instant::now();
-    let span = if telemetry::wants_span(req.headers()) {
+    let span = telemetry::request_span(req.headers(), || {
         tracing::info_span!(
             "relay.request",
             otel.kind = "server",
-            http.request.method = %req.method(),
-            url.path = %req.uri().path(),
-            relay.backend = %route.backend,
+            http.request.method = req.method().as_str(),
+            url.path = req.uri().path(),
+            relay.backend = route.backend.as_str(),
             relay.request_id = Empty,
             http.response.status_code = Empty,
             enduser.id = Empty,
             relay.bytes_in = Empty,
             relay.bytes_out = Empty,
             otel.status_code = Empty,
-            trace_id = Empty,
-            span_id = Empty,
         )
-    } else {
-        tracing::Span::none()
-    };
-    // A `traceparent` from the user-client is continued.
-    telemetry::continue_trace(&span, req.headers());
-    telemetry::record_trace_id(&span);
+    });
     // Names nobody polls for are one series: user-clients choose them, and
     // must not grow the metric set without bound.
     let backend = if state.broker.knows_backend(&route.backend) {
