@@ -540,3 +540,67 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
         }
     }
 }
+
+/// A relay that exports nothing makes no sampling decision: the trace
+/// context reaches the backend as the user-client sent it, over v1 and v2,
+/// and none appears where none was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_exporter_the_trace_context_passes_through_untouched() {
+    let backend = Backend::start().await;
+    let mut server = Proc(
+        Command::new(common::binary())
+            .args(["server", "--listen", "127.0.0.1:0", "--no-tls"])
+            .env("HTTP_RELAY_AUTH__MODE", "none")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = wait_for_line(&mut server.0, "listening on http://");
+    let url = line[line.find("http://").unwrap()..].trim().to_owned();
+    let client = |name: &str, transport: &str| {
+        Proc(
+            Command::new(common::binary())
+                .args(["client", "--relay-url", &url, "--backend-name", name])
+                .args(["--backend-url", &backend.url])
+                .env("HTTP_RELAY_TRANSPORT", transport)
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let clients = vec![client("robot-v1", "v1"), client("robot-v2", "v2")];
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for name in ["robot-v1", "robot-v2"] {
+        wait_backend(&http, &url, name).await;
+        let sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let r = http
+            .get(format!("{url}/client/{name}/x"))
+            .header("traceparent", sent)
+            .header("tracestate", "vendor=x1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert_eq!(backend_traceparent(&text), sent, "{name}");
+        assert!(text.contains("tracestate: vendor=x1"), "{name}: {text}");
+        let r = http
+            .get(format!("{url}/client/{name}/x"))
+            .send()
+            .await
+            .unwrap();
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("traceparent"), "{name}: {text}");
+    }
+    Stack {
+        url,
+        server,
+        clients,
+    }
+    .stop();
+}

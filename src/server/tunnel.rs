@@ -21,8 +21,7 @@ use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
 use super::user::{
-    Route, announce_trailers, child, pass_trace_context, refuse_declared_oversize,
-    strip_hop_by_hop, take_host,
+    Route, announce_trailers, child, refuse_declared_oversize, strip_hop_by_hop, take_host,
 };
 use super::{State, gate, relay};
 use crate::auth::Claims;
@@ -163,7 +162,7 @@ pub async fn relay(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, false);
-    pass_trace_context(span, &mut headers);
+    telemetry::pass_on(span, &mut headers);
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(HeaderName::from_static(v2::REQUEST_ID), v);
     }

@@ -221,7 +221,7 @@ async fn relay_admitted(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, on_upgrade.is_some());
-    pass_trace_context(&span, &mut headers);
+    telemetry::pass_on(&span, &mut headers);
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
@@ -285,16 +285,6 @@ pub(super) fn take_host(headers: &mut HeaderMap, uri: &http::Uri) -> Option<Stri
         .remove(header::HOST)
         .and_then(|v| v.to_str().ok().map(str::to_owned))
         .or_else(|| uri.authority().map(|a| a.to_string()))
-}
-
-/// Writes the trace context the relay-client continues from: the
-/// request span's, or, for a request without a span, an unsampled one.
-pub(super) fn pass_trace_context(span: &tracing::Span, headers: &mut HeaderMap) {
-    if span.is_disabled() {
-        telemetry::propagate_unsampled(headers);
-    } else {
-        telemetry::inject(span, headers);
-    }
 }
 
 /// A child span, or none when the request is not traced.
