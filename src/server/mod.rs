@@ -653,7 +653,9 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
     } else if path.starts_with("/server/") {
         relay::handle(state, req).await
     } else {
-        user::handle(state, req).await
+        // Boxed: an idle v1 poll holds this future for up to a minute and
+        // must not pay for the user path's larger state.
+        Box::pin(user::handle(state, req)).await
     };
     result.unwrap_or_else(|e: RelayError| {
         // Unknown names and timeouts are routine on a public relay; only

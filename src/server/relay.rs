@@ -14,12 +14,17 @@ use crate::proto::{self, HttpResponse, ResponseChunk};
 use crate::telemetry::metrics::{method, result};
 
 /// Dispatches `/server/<what>`.
+///
+/// Only the poll runs inline: thousands of idle polls each hold this
+/// future, so the other (larger) handlers are boxed to keep it small.
 pub async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Body>, RelayError> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/server/request") => poll(state, &req).await,
-        (&Method::POST, "/server/response") => response(state, req).await,
-        (&Method::POST, "/server/requeststream") => request_stream(state, &req).await,
-        (&Method::GET, proto::v2::CONNECT_PATH) => super::tunnel::connect(state, req).await,
+        (&Method::POST, "/server/response") => Box::pin(response(state, req)).await,
+        (&Method::POST, "/server/requeststream") => Box::pin(request_stream(state, &req)).await,
+        (&Method::GET, proto::v2::CONNECT_PATH) => {
+            Box::pin(super::tunnel::connect(state, req)).await
+        }
         (
             _,
             "/server/request" | "/server/response" | "/server/requeststream" | "/server/connect",
@@ -59,7 +64,9 @@ fn ok_with(content_type: &'static str, body: Bytes) -> Response<Body> {
 /// `GET /server/request?server=<name>`: long poll for the next request.
 async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, RelayError> {
     let backend = backend_param(req)?;
-    let claims = gate::relay_token(state, req.headers(), &backend).await?;
+    // Boxed while it runs (a key refresh may be behind it), so the idle
+    // wait below holds only what it needs.
+    let claims = Box::pin(gate::relay_token(state, req.headers(), &backend)).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
     gate::relay_cert(state, req.extensions(), &backend)?;
     gate::backend_room(state, &backend)?;

@@ -90,6 +90,8 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             return;
         }
     };
+    // Boxed while it runs: the task of every idle tunnel then holds only
+    // the connection, not room for the handshake's state too.
     let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(v2::STREAM_WINDOW)
@@ -99,8 +101,8 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
         .keep_alive_interval(v2::PING_INTERVAL)
         .keep_alive_timeout(v2::PING_TIMEOUT)
         .keep_alive_while_idle(true)
-        .handshake::<_, TunnelBody>(upgraded)
-        .await;
+        .handshake::<_, TunnelBody>(upgraded);
+    let handshake = Box::pin(handshake).await;
     let (sender, conn) = match handshake {
         Ok(pair) => pair,
         Err(e) => {
