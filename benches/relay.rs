@@ -111,6 +111,7 @@ fn start_stack(
     for (k, v) in env {
         cmd.env(k, v);
     }
+    workers(&mut cmd);
     let mut server = Proc(cmd.spawn().expect("server starts"));
     let stderr = server.0.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -149,6 +150,7 @@ fn start_stack(
                 cmd.env(k, v);
             }
         }
+        workers(&mut cmd);
         Proc(cmd.spawn().expect("client starts"))
     };
     Stack {
@@ -156,6 +158,14 @@ fn start_stack(
         _ws_client: ws_backend.map(|ws| client("bench-ws", ws)),
         url,
         server,
+    }
+}
+
+/// `RELAY_BENCH_WORKERS=n`: the relay processes run `n` runtime workers
+/// (default: one per core).
+fn workers(cmd: &mut Command) {
+    if let Ok(n) = std::env::var("RELAY_BENCH_WORKERS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
     }
 }
 

@@ -263,16 +263,20 @@ impl<'a> Chunker<'a> {
         B::Error: std::fmt::Display,
     {
         let max = usize::try_from(self.ctx.cfg.max_chunk_size.as_u64()).unwrap_or(usize::MAX);
-        let flush = if self.immediate {
-            std::time::Duration::ZERO
-        } else {
-            self.ctx.cfg.flush_interval
-        };
+        let flush = self.ctx.cfg.flush_interval;
         let keepalive = self.ctx.cfg.keepalive_interval;
         let mut body = body;
         // The first chunk waits one flush interval, so a small answer
-        // travels as one post: headers, body and eof together.
+        // travels as one post: headers, body and eof together. An upgraded
+        // connection sends its head at once, and then every read as it
+        // comes, never through a timer: tokio's timers tick in whole
+        // milliseconds, and each round trip of an interactive session
+        // would wait for one.
         let mut deadline = Some(crate::clock::from_now(flush));
+        if self.immediate {
+            self.send(false).await?;
+            deadline = None;
+        }
         let mut idle_since = Instant::now();
         loop {
             let wake = deadline.unwrap_or_else(|| crate::clock::after(idle_since, keepalive));
@@ -302,11 +306,16 @@ impl<'a> Chunker<'a> {
                 Some(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         self.buf.extend_from_slice(&data);
-                        deadline.get_or_insert_with(|| crate::clock::from_now(flush));
+                        if !self.immediate {
+                            deadline.get_or_insert_with(|| crate::clock::from_now(flush));
+                        }
                         while self.buf.len() >= max {
                             let rest = self.buf.split_off(max);
                             self.send(false).await?;
                             self.buf = rest;
+                        }
+                        if self.immediate && !self.buf.is_empty() {
+                            self.send(false).await?;
                         }
                         if self.buf.is_empty() && self.first.is_none() {
                             deadline = None;
