@@ -25,14 +25,22 @@ struct Stack {
     clients: Vec<Proc>,
 }
 
-fn start_server(otlp: &Receiver, extra_env: &[(&str, &str)]) -> (Proc, String) {
+/// Exports to `otlp`; with `None`, to nothing at all.
+fn export_to(cmd: &mut Command, otlp: Option<&Receiver>) {
+    match otlp {
+        Some(otlp) => cmd.env("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", otlp.endpoint()),
+        None => cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    };
+}
+
+fn start_server(otlp: Option<&Receiver>, extra_env: &[(&str, &str)]) -> (Proc, String) {
     let mut cmd = Command::new(common::binary());
     cmd.args(["server", "--listen", "127.0.0.1:0", "--no-tls"])
         .env("HTTP_RELAY_AUTH__MODE", "none")
-        .env("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", otlp.endpoint())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    export_to(&mut cmd, otlp);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -43,7 +51,7 @@ fn start_server(otlp: &Receiver, extra_env: &[(&str, &str)]) -> (Proc, String) {
 }
 
 fn start_client(
-    otlp: &Receiver,
+    otlp: Option<&Receiver>,
     url: &str,
     name: &str,
     backend: &str,
@@ -59,9 +67,9 @@ fn start_client(
         "--backend-url",
         backend,
     ])
-    .env("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", otlp.endpoint())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    export_to(&mut cmd, otlp);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -87,10 +95,10 @@ impl Stack {
         client_env: &[(&str, &str)],
         backends: &[(&str, &str)],
     ) -> (Stack, reqwest::Client) {
-        let (server, url) = start_server(otlp, server_env);
+        let (server, url) = start_server(Some(otlp), server_env);
         let clients = backends
             .iter()
-            .map(|(name, backend)| start_client(otlp, &url, name, backend, client_env))
+            .map(|(name, backend)| start_client(Some(otlp), &url, name, backend, client_env))
             .collect();
         let stack = Stack {
             url,
@@ -429,8 +437,8 @@ async fn the_unsampled_decision_travels_to_the_backend() {
     let otlp = Receiver::start().await;
     let backend = Backend::start().await;
     // The server samples nothing; the relay-client runs on its defaults.
-    let (server, url) = start_server(&otlp, &[("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", "0")]);
-    let client = start_client(&otlp, &url, "robot-1", &backend.url, &[]);
+    let (server, url) = start_server(Some(&otlp), &[("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", "0")]);
+    let client = start_client(Some(&otlp), &url, "robot-1", &backend.url, &[]);
     let stack = Stack {
         url,
         server,
@@ -497,22 +505,19 @@ async fn the_unsampled_decision_travels_to_the_backend() {
 async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
     for format in ["json", "human"] {
         let otlp = Receiver::start().await;
-        let (server, url) = start_server(&otlp, &[]);
+        let (server, url) = start_server(Some(&otlp), &[]);
         // Nothing listens on the backend port: the relay-client answers
         // 502 and logs a warning inside its `relay.client.request` span.
-        let mut client = Proc(
-            Command::new(common::binary())
-                .args(["--log-format", format, "client", "--relay-url", &url])
-                .args(["--backend-name", "robot-1"])
-                .args(["--backend-url", "http://127.0.0.1:9"])
-                .env("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", otlp.endpoint())
-                .env("HTTP_RELAY_TRANSPORT", "v1")
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        let mut cmd = Command::new(common::binary());
+        cmd.args(["--log-format", format, "client", "--relay-url", &url])
+            .args(["--backend-name", "robot-1"])
+            .args(["--backend-url", "http://127.0.0.1:9"])
+            .env("HTTP_RELAY_TRANSPORT", "v1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        export_to(&mut cmd, Some(&otlp));
+        let mut client = Proc(cmd.spawn().unwrap());
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         wait_backend(&http, &url, "robot-1").await;
         let line = wait_for_line(&mut client.0, "answering with an error");
@@ -547,30 +552,14 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_an_exporter_the_trace_context_passes_through_untouched() {
     let backend = Backend::start().await;
-    let mut server = Proc(
-        Command::new(common::binary())
-            .args(["server", "--listen", "127.0.0.1:0", "--no-tls"])
-            .env("HTTP_RELAY_AUTH__MODE", "none")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = wait_for_line(&mut server.0, "listening on http://");
-    let url = line[line.find("http://").unwrap()..].trim().to_owned();
+    let (server, url) = start_server(None, &[]);
     let client = |name: &str, transport: &str| {
-        Proc(
-            Command::new(common::binary())
-                .args(["client", "--relay-url", &url, "--backend-name", name])
-                .args(["--backend-url", &backend.url])
-                .env("HTTP_RELAY_TRANSPORT", transport)
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+        start_client(
+            None,
+            &url,
+            name,
+            &backend.url,
+            &[("HTTP_RELAY_TRANSPORT", transport)],
         )
     };
     let clients = vec![client("robot-v1", "v1"), client("robot-v2", "v2")];
