@@ -677,38 +677,58 @@ async fn otlp_sink() -> (String, tokio::task::JoinHandle<()>) {
     (format!("http://{addr}"), task)
 }
 
-/// S8: S3 with the server and relay-client exporting spans.
+/// S8: S3 with the server and relay-client exporting spans. The three
+/// stacks run side by side (idle ones cost nothing) and are measured in
+/// turns, `S8_ROUNDS` times, each figure the median of its turns: on a
+/// shared machine, stacks measured one after the other drifted apart by
+/// a fifth with nothing changed.
 async fn measure_tracing(p: &Params, backend: &Backend) {
     let (endpoint, _sink) = otlp_sink().await;
-    let mut rows = Vec::new();
-    for (label, ratio) in [("off", None), ("0 %", Some("0")), ("100 %", Some("1"))] {
-        let dir = tempfile::tempdir().expect("dir");
+    let configs = [("off", None), ("0 %", Some("0")), ("100 %", Some("1"))];
+    let dir = tempfile::tempdir().expect("dir");
+    let http = http_client(None);
+    let mut stacks = Vec::new();
+    for (label, ratio) in configs {
         let mut env = Vec::new();
         if let Some(r) = ratio {
             env.push(("HTTP_RELAY_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()));
             env.push(("HTTP_RELAY_TELEMETRY__SAMPLE_RATIO", r));
         }
-        let stack = start_stack(false, "v2", &backend.url, None, &env, dir.path());
-        let http = http_client(None);
+        let sub = dir.path().join(label.replace([' ', '%'], ""));
+        std::fs::create_dir_all(&sub).expect("dir");
+        let stack = start_stack(false, "v2", &backend.url, None, &env, &sub);
         let base = format!("{}/client/bench", stack.url);
         wait_ready(&http, &base).await;
         let _ = concurrent(&http, &base, 200).await;
-        let rps = median(|| concurrent(&http, &base, p.concurrent)).await;
-        let (p50, _) = serial(&http, &base, p.serial).await;
-        rows.push((label, rps, p50));
+        stacks.push((label, stack, base, Vec::new(), Vec::new()));
     }
-    println!("\n### S8 tracing (v2, cleartext)\n");
+    for _ in 0..S8_ROUNDS {
+        for (_, _, base, rps, p50) in &mut stacks {
+            rps.push(concurrent(&http, base, p.concurrent).await);
+            p50.push(serial(&http, base, p.serial / 4).await.0);
+        }
+    }
+    println!("\n### S8 tracing (v2, cleartext; medians of {S8_ROUNDS} interleaved rounds)\n");
     println!("| tracing | S3 req/s | cost | S2 p50 |");
     println!("| --- | --- | --- | --- |");
-    let base = rows[0].1;
-    for (label, rps, p50) in rows {
+    let mid = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut base = None;
+    for (label, _stack, _, rps, p50) in stacks {
+        let rps = mid(rps);
+        let p50 = mid(p50.iter().map(|d| ms(*d)).collect());
+        let off = *base.get_or_insert(rps);
         println!(
-            "| {label} | {rps:.0} | {:+.0} % | {:.3} ms |",
-            (rps / base - 1.0) * 100.0,
-            ms(p50)
+            "| {label} | {rps:.0} | {:+.0} % | {p50:.3} ms |",
+            (rps / off - 1.0) * 100.0
         );
     }
 }
+
+/// Turns of S8 (each one S3 run and a quarter of S2 per configuration).
+const S8_ROUNDS: usize = 7;
 
 /// One relayed path of the fleet comparison: S1, S2 (p50, p99), S3.
 struct Path {
