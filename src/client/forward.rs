@@ -268,10 +268,10 @@ impl<'a> Chunker<'a> {
         let mut body = body;
         // The first chunk waits one flush interval, so a small answer
         // travels as one post: headers, body and eof together. An upgraded
-        // connection sends its head at once, and then every read as it
-        // comes, never through a timer: tokio's timers tick in whole
-        // milliseconds, and each round trip of an interactive session
-        // would wait for one.
+        // connection sends its head at once, and then what it read as soon
+        // as nothing more is ready, never through a timer: tokio's timers
+        // tick in whole milliseconds, and each round trip of an
+        // interactive session would wait for one.
         let mut deadline = Some(crate::clock::from_now(flush));
         if self.immediate {
             self.send(false).await?;
@@ -282,6 +282,17 @@ impl<'a> Chunker<'a> {
             let wake = deadline.unwrap_or_else(|| crate::clock::after(idle_since, keepalive));
             let frame = if body.is_end_stream() {
                 None
+            } else if self.immediate && !self.buf.is_empty() {
+                // An upgraded stream coalesces what is ready now (a bulk
+                // copy fills chunks) and posts as soon as nothing is.
+                match futures_util::FutureExt::now_or_never(body.frame()) {
+                    Some(f) => Some(f),
+                    None => {
+                        self.send(false).await?;
+                        idle_since = Instant::now();
+                        continue;
+                    }
+                }
             } else {
                 tokio::select! {
                     f = body.frame() => Some(f),
@@ -313,9 +324,6 @@ impl<'a> Chunker<'a> {
                             let rest = self.buf.split_off(max);
                             self.send(false).await?;
                             self.buf = rest;
-                        }
-                        if self.immediate && !self.buf.is_empty() {
-                            self.send(false).await?;
                         }
                         if self.buf.is_empty() && self.first.is_none() {
                             deadline = None;

@@ -74,6 +74,10 @@ where
 /// log filter (`RUST_LOG=warn`, say) may hide the request spans from the
 /// log layer, but a line must name its trace whatever the log level.
 fn ids(event: &Event<'_>) -> Option<(opentelemetry::TraceId, opentelemetry::SpanId)> {
+    if !super::exporting() {
+        return None;
+    }
+    // The global subscriber: a scoped one (tests) is not seen from here.
     let dispatch = tracing::dispatcher::get_default(tracing::Dispatch::clone);
     let registry = dispatch.downcast_ref::<Registry>()?;
     let start = match event.parent() {

@@ -300,6 +300,11 @@ const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate")
 /// cost about a sixth of the relay's CPU on small requests.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// Whether spans are exported (an exporter was configured).
+pub(crate) fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// `false` when `sample_ratio = 0`: request spans are then created only
 /// under a sampled parent, so unsampled traffic pays nothing for tracing.
 static ROOT_SPANS: AtomicBool = AtomicBool::new(true);
