@@ -272,11 +272,12 @@ impl<'a> Chunker<'a> {
         // as nothing more is ready, never through a timer: tokio's timers
         // tick in whole milliseconds, and each round trip of an
         // interactive session would wait for one.
-        let mut deadline = Some(crate::clock::from_now(flush));
-        if self.immediate {
+        let mut deadline = if self.immediate {
             self.send(false).await?;
-            deadline = None;
-        }
+            None
+        } else {
+            Some(crate::clock::from_now(flush))
+        };
         let mut idle_since = Instant::now();
         loop {
             let wake = deadline.unwrap_or_else(|| crate::clock::after(idle_since, keepalive));
