@@ -337,6 +337,23 @@ struct Backends {
     tls: Backend,
 }
 
+/// S1, S2 (p50, p99) and S3 of one path, direct or relayed.
+struct Path {
+    s1: f64,
+    s2: (Duration, Duration),
+    s3: f64,
+}
+
+async fn measure_path(p: &Params, http: &reqwest::Client, base: &str) -> Path {
+    wait_ready(http, base).await;
+    let _ = serial(http, base, 50).await; // warm-up
+    Path {
+        s1: median(|| download(http, base, p.mib)).await,
+        s2: serial(http, base, p.serial).await,
+        s3: median(|| concurrent(http, base, p.concurrent)).await,
+    }
+}
+
 /// What the direct path of one configuration measured.
 struct Direct {
     s1: f64,
@@ -357,12 +374,11 @@ async fn measure_direct(
 ) -> Direct {
     let http = http_client(ca);
     let base = backend.url.clone();
-    wait_ready(&http, &base).await;
-    let _ = serial(&http, &base, 50).await; // warm-up
+    let Path { s1, s2, s3 } = measure_path(p, &http, &base).await;
     Direct {
-        s1: median(|| download(&http, &base, p.mib)).await,
-        s2: serial(&http, &base, p.serial).await,
-        s3: median(|| concurrent(&http, &base, p.concurrent)).await,
+        s1,
+        s2,
+        s3,
         s4: median(|| upload(&http, &base, data)).await,
         s7: ws_echo(
             ws.url.trim_start_matches("http://"),
@@ -400,10 +416,7 @@ async fn measure_relayed(
         assert!(Instant::now() < deadline, "bench-ws not ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = serial(&http, &base, 50).await; // warm-up
-    let s1 = median(|| download(&http, &base, p.mib)).await;
-    let s2 = serial(&http, &base, p.serial).await;
-    let s3 = median(|| concurrent(&http, &base, p.concurrent)).await;
+    let Path { s1, s2, s3 } = measure_path(p, &http, &base).await;
     let (server_before, _) = rss_kib(stack.server.0.id());
     let (client_before, _) = rss_kib(stack.client.0.id());
     reset_peak(stack.server.0.id());
@@ -736,24 +749,6 @@ async fn measure_tracing(p: &Params, backend: &Backend) {
 /// Turns of S8 (each one S3 run and a quarter of S2 per configuration).
 const S8_ROUNDS: usize = 7;
 
-/// One relayed path of the fleet comparison: S1, S2 (p50, p99), S3.
-struct Path {
-    s1: f64,
-    s2: (Duration, Duration),
-    s3: f64,
-}
-
-async fn measure_path(p: &Params, base: &str) -> Path {
-    let http = http_client(None);
-    wait_ready(&http, base).await;
-    let _ = serial(&http, base, 50).await; // warm-up
-    Path {
-        s1: median(|| download(&http, base, p.mib)).await,
-        s2: serial(&http, base, p.serial).await,
-        s3: median(|| concurrent(&http, base, p.concurrent)).await,
-    }
-}
-
 /// A port that was free a moment ago (the Go server takes a port number,
 /// not a listener).
 fn free_port() -> u16 {
@@ -788,13 +783,14 @@ async fn measure_fleet(p: &Params, backend: &Backend) {
         return;
     };
     let backend_addr = backend.url.trim_start_matches("http://").to_owned();
+    let http = http_client(None);
     let mut rows = Vec::new();
     {
         let dir = tempfile::tempdir().expect("dir");
         let stack = start_stack(false, "v1", &backend.url, None, &[], dir.path());
         rows.push((
             "our server + our relay-client (v1)",
-            measure_path(p, &format!("{}/client/bench", stack.url)).await,
+            measure_path(p, &http, &format!("{}/client/bench", stack.url)).await,
         ));
         drop(stack);
     }
@@ -814,7 +810,7 @@ async fn measure_fleet(p: &Params, backend: &Backend) {
         let _client = go_client(&go, &relay, &backend_addr);
         rows.push((
             "our server + Go relay-client",
-            measure_path(p, &format!("{url}/client/bench")).await,
+            measure_path(p, &http, &format!("{url}/client/bench")).await,
         ));
         drop(server);
     }
@@ -838,10 +834,10 @@ async fn measure_fleet(p: &Params, backend: &Backend) {
         let _client = go_client(&go, &relay, &backend_addr);
         rows.push((
             "Go relay server + Go relay-client",
-            measure_path(p, &format!("http://{relay}/client/bench")).await,
+            measure_path(p, &http, &format!("http://{relay}/client/bench")).await,
         ));
     }
-    let direct = measure_path(p, &backend.url).await;
+    let direct = measure_path(p, &http, &backend.url).await;
     println!("\n### Fleet comparison (v1, cleartext)\n");
     println!(
         "| path | S1 download {} MiB | S2 added p50 / p99 | S3 1 KiB, 64 concurrent |",

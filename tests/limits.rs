@@ -327,11 +327,7 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
         assert_eq!(http1_get(s, "/healthz").await.0, 200);
     }
     drop(held.pop());
-    let http = relay.http();
-    let refused = within(Duration::from_secs(10), "a freed slot", || {
-        gauge(&http, &relay.url, "relay_connections_refused_total")
-    })
-    .await;
+    let refused = refused_connections(&relay).await;
     assert!(refused >= 3.0, "relay_connections_refused_total {refused}");
 }
 
@@ -380,12 +376,17 @@ async fn upgraded_connections_count_against_max_connections() {
         assert_eq!(&echo, b"ping");
     }
     drop(upgraded);
+    let refused = refused_connections(&relay).await;
+    assert!(refused >= 1.0, "relay_connections_refused_total {refused}");
+}
+
+/// `relay_connections_refused_total`, once the server exposes it.
+async fn refused_connections(relay: &Relay) -> f64 {
     let http = relay.http();
-    let refused = within(Duration::from_secs(10), "places given back", || {
+    within(Duration::from_secs(10), "the refusal counter", || {
         gauge(&http, &relay.url, "relay_connections_refused_total")
     })
-    .await;
-    assert!(refused >= 1.0, "relay_connections_refused_total {refused}");
+    .await
 }
 
 /// Out of file descriptors, the server backs off instead of spinning or
@@ -652,15 +653,7 @@ async fn requests_beyond_max_requests_per_backend_get_503() {
     for h in held {
         h.abort();
     }
-    eventually(|| async {
-        let r = http
-            .get(format!("{}/client/robot-1/x", relay.url))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    common::observe::until_ok(&http, &format!("{}/client/robot-1/x", relay.url)).await;
 }
 
 /// v1 request bodies held in memory are bounded by

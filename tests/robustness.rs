@@ -321,13 +321,5 @@ async fn requests_over_the_relay_clients_cap_are_refused_at_once() {
     for h in held {
         assert_eq!(bounded(h).await.unwrap().unwrap().status(), 504);
     }
-    eventually(|| async {
-        let r = http
-            .get(format!("{}/client/robot-1/x", relay.url))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    common::observe::until_ok(&http, &format!("{}/client/robot-1/x", relay.url)).await;
 }

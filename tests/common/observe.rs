@@ -57,3 +57,13 @@ pub async fn wait_gauge(
     })
     .await
 }
+
+/// Waits until a GET of `url` answers 200 (e.g. once freed capacity is
+/// back), within the test timeout.
+pub async fn until_ok(http: &reqwest::Client, url: &str) {
+    super::eventually(|| async {
+        let r = http.get(url).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await
+}
