@@ -85,13 +85,13 @@ pub type TunnelBody =
 /// HTTP/2 client handle on the relay-client's connection. Requests are
 /// sent on it by the user side; the broker only hands it out.
 pub struct Tunnel {
-    sender: hyper::client::conn::http2::SendRequest<TunnelBody>,
+    sender: h2::client::SendRequest<Bytes>,
     in_flight: AtomicUsize,
     closed: CancellationToken,
 }
 
 impl Tunnel {
-    pub fn new(sender: hyper::client::conn::http2::SendRequest<TunnelBody>) -> Arc<Self> {
+    pub fn new(sender: h2::client::SendRequest<Bytes>) -> Arc<Self> {
         Arc::new(Self {
             sender,
             in_flight: AtomicUsize::new(0),
@@ -100,11 +100,12 @@ impl Tunnel {
     }
 
     /// A handle to send one request on.
-    pub fn sender(&self) -> hyper::client::conn::http2::SendRequest<TunnelBody> {
+    pub fn sender(&self) -> h2::client::SendRequest<Bytes> {
         self.sender.clone()
     }
 
-    /// Takes no new requests from now on (expiry, shutdown).
+    /// Takes no new requests from now on (expiry, shutdown, and the end of
+    /// the connection, which closes it).
     pub fn close(&self) {
         self.closed.cancel();
     }
@@ -115,7 +116,7 @@ impl Tunnel {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.sender.is_closed()
+        self.closed.is_cancelled()
     }
 
     /// Requests in flight on this tunnel.

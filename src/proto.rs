@@ -338,6 +338,9 @@ pub mod v2 {
     pub const CONNECTION_WINDOW: u32 = 32 << 20;
     pub const MAX_FRAME: u32 = 64 << 10;
     pub const MAX_HEADER_LIST: u32 = 1 << 20;
+    /// What one stream's sender may queue beyond the peer's window: one
+    /// read of the body it relays, with room to spare.
+    pub const SEND_BUFFER: usize = 1 << 20;
     /// Server-side ping of a tunnel (the relay-client pings on its own
     /// `relay_ping_interval`).
     pub const PING_INTERVAL: Duration = Duration::from_secs(10);

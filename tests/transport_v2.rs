@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::backend::Backend;
 use common::observe::{gauge, wait_gauge};
-use common::{Relay, RelayClient, bounded, client_config, eventually, pattern, sha256_hex};
+use common::{Relay, RelayClient, bounded, client_config, eventually, h2raw, pattern, sha256_hex};
 use futures::StreamExt as _;
 use http_relay::config::Transport;
 
@@ -721,4 +721,112 @@ async fn a_gibibyte_each_way_costs_the_processes_bounded_memory() {
             "{who} peak RSS grew by {growth_mib} MiB for 1 GiB each way"
         );
     }
+}
+
+/// Opens a tunnel for `name` by hand, as a relay-client that speaks just
+/// enough HTTP/2 to be connected: the upgrade, the preface read, SETTINGS
+/// sent and acknowledged. Frames after that are the caller's.
+async fn hand_made_tunnel(relay: &Relay, name: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!(
+        "GET /server/connect?server={name} HTTP/1.1\r\nhost: relay\r\n\
+         connection: upgrade\r\nupgrade: http-relay-v2\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the 101");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface[..], h2raw::PREFACE);
+    s.write_all(&h2raw::frame(h2raw::SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    s.write_all(&h2raw::frame(h2raw::SETTINGS, h2raw::ACK, 0, &[]))
+        .await
+        .unwrap();
+    s
+}
+
+/// A relay-client whose connection stays open but that no longer answers
+/// the server's pings (a NAT that dropped the connection's state, a hung
+/// machine) loses its tunnel within a ping interval and a ping timeout
+/// (10 s each); one that answers keeps its tunnel.
+#[tokio::test]
+async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
+    use tokio::io::AsyncWriteExt as _;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    let started = tokio::time::Instant::now();
+    let mut silent = hand_made_tunnel(&relay, "robot-1").await;
+    let live = hand_made_tunnel(&relay, "robot-2").await;
+    let http = relay.http();
+    wait_gauge(
+        &http,
+        &relay.url,
+        "relay_tunnels",
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    let live = tokio::spawn(async move {
+        let (mut rd, mut wr) = live.into_split();
+        while let Ok(f) = h2raw::read_frame(&mut rd).await {
+            if f.kind == h2raw::PING && f.flags & h2raw::ACK == 0 {
+                let pong = h2raw::frame(h2raw::PING, h2raw::ACK, 0, &f.payload);
+                if wr.write_all(&pong).await.is_err() {
+                    break;
+                }
+                count.fetch_add(1, SeqCst);
+            }
+        }
+    });
+
+    let mut pings = 0;
+    let end = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            match h2raw::read_frame(&mut silent).await {
+                Ok(f) if f.kind == h2raw::PING && f.flags & h2raw::ACK == 0 => pings += 1,
+                Ok(f) if f.kind == h2raw::GOAWAY => return "GOAWAY",
+                Ok(_) => {}
+                Err(_) => return "EOF",
+            }
+        }
+    })
+    .await
+    .expect("a relay-client that answers no ping still connected after 40 s");
+    let took = started.elapsed();
+    assert!(pings >= 1, "closed ({end}) without a ping, after {took:?}");
+    assert!(
+        took >= Duration::from_secs(15),
+        "closed ({end}) after {took:?}, before a ping could go unanswered"
+    );
+    wait_gauge(
+        &http,
+        &relay.url,
+        "relay_tunnels",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        !live.is_finished(),
+        "the relay-client that answers lost its tunnel"
+    );
+    assert!(
+        answered.load(SeqCst) >= 1,
+        "the live tunnel was never pinged"
+    );
+    live.abort();
 }

@@ -10,6 +10,7 @@ mod gate;
 mod load;
 mod pipe;
 mod relay;
+mod stream;
 mod tunnel;
 mod user;
 

@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
@@ -90,26 +90,31 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             return;
         }
     };
-    // Boxed while it runs: the task of every idle tunnel then holds only
-    // the connection, not room for the handshake's state too.
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(v2::STREAM_WINDOW)
+    // The handshake is boxed while it runs and the connection after it:
+    // the task of every idle tunnel then holds a pointer, not room for
+    // the handshake's state and the connection (moved, it takes room
+    // twice in an async fn's state).
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(v2::STREAM_WINDOW)
         .initial_connection_window_size(v2::CONNECTION_WINDOW)
         .max_frame_size(v2::MAX_FRAME)
         .max_header_list_size(v2::MAX_HEADER_LIST)
-        .keep_alive_interval(v2::PING_INTERVAL)
-        .keep_alive_timeout(v2::PING_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake::<_, TunnelBody>(upgraded);
-    let handshake = Box::pin(handshake).await;
-    let (sender, conn) = match handshake {
+        .max_send_buffer_size(v2::SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<_, Bytes>(TokioIo::new(upgraded));
+    let handshake = Box::pin(async move {
+        let (sender, conn) = handshake.await?;
+        Ok::<_, h2::Error>((sender, Box::new(conn)))
+    })
+    .await;
+    let (sender, mut conn) = match handshake {
         Ok(pair) => pair,
         Err(e) => {
             tracing::info!(backend, error = %e, "v2 handshake with relay-client failed");
             return;
         }
     };
+    let pings = conn.ping_pong();
     let tunnel = Tunnel::new(sender);
     state.broker.register_tunnel(&backend, tunnel.clone());
     state.metrics.tunnels.inc();
@@ -126,6 +131,9 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
                 tracing::info!(backend, error = %e, "v2 connection of relay-client ended");
             }
         }
+        e = keep_alive(pings) => {
+            tracing::info!(backend, error = %e, "v2 relay-client stopped answering pings; its connection is closed");
+        }
         () = tunnel.closing() => {}
         () = expiry => {
             tracing::info!(backend, "relay-client token expired; its v2 connection is closed");
@@ -138,6 +146,24 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
 }
 
 use crate::lock;
+
+/// Pings the relay-client every `v2::PING_INTERVAL`; returns when one is
+/// not answered within `v2::PING_TIMEOUT`: a connection that died without
+/// a FIN (NAT state dropped, cable pulled) must not keep the name.
+async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+    // h2 hands the handle out once, to the one caller: `run`.
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(v2::PING_INTERVAL).await;
+        match tokio::time::timeout(v2::PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return e.to_string(),
+            Err(_) => return format!("no answer within {:?}", v2::PING_TIMEOUT),
+        }
+    }
+}
 
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;
@@ -216,19 +242,31 @@ pub async fn relay(
     let mut out = Request::builder()
         .method(parts.method)
         .uri(&uri)
-        .body(body)
+        .body(())
         .map_err(|e| RelayError::Tunnel(format!("cannot build request {uri:?}: {e}")))?;
     *out.headers_mut() = headers;
 
     let traced = telemetry::is_sampled(span);
-    let mut sender = treq.tunnel().sender();
-    sender
+    let mut sender = treq
+        .tunnel()
+        .sender()
         .ready()
         .instrument(child(traced, || tracing::info_span!("relay.enqueue")))
         .await
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
+    let body_done = http_body::Body::is_end_stream(&body);
+    let (response, send) = sender
+        .send_request(out, body_done)
+        .map_err(|e| RelayError::Tunnel(e.to_string()))?;
+    // The body is sent beside the response, on its own task: a full-duplex
+    // call reads answers while it still sends.
+    let exchange = (!body_done).then(|| {
+        let (exchange, abandoned) = tokio::sync::oneshot::channel();
+        tokio::spawn(super::stream::send_body(body, send, abandoned));
+        exchange
+    });
     let inactive = state.cfg.timeouts.inactive_request;
-    let resp = tokio::time::timeout(inactive, sender.send_request(out))
+    let resp = tokio::time::timeout(inactive, response)
         .instrument(child(traced, || tracing::info_span!("relay.first_chunk")))
         .await
         .map_err(|_| BrokerError::Inactive(inactive))?;
@@ -239,6 +277,7 @@ pub async fn relay(
         }
         Err(e) => return Err(RelayError::Tunnel(e.to_string())),
     };
+    let resp = resp.map(|recv| super::stream::RecvBody::new(recv, exchange));
     let (mut head, body) = resp.into_parts();
     let switched = head
         .headers
@@ -397,7 +436,7 @@ impl Drop for ChunkSpans {
 /// response body, each written as soon as it is read.
 async fn pipe(
     on_upgrade: OnUpgrade,
-    mut from_backend: Incoming,
+    mut from_backend: super::stream::RecvBody,
     to_backend: mpsc::Sender<Bytes>,
     treq: TunnelRequest,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,

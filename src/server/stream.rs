@@ -1,0 +1,138 @@
+//! One user request as an HTTP/2 stream on a tunnel (`docs/transport-v2.md`,
+//! "Flow control" and "Cancellation"): its request body sent under the
+//! stream's flow control, its response body read with the window given
+//! back only as the user-client takes the bytes.
+//!
+//! The server drives the `h2` client directly instead of through hyper's
+//! client connection: hyper's adds a dispatch task and channel between
+//! the handler and the connection, paid on every request and, in memory,
+//! by every idle tunnel.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use tokio::sync::oneshot;
+
+use crate::broker::TunnelBody;
+
+/// Sends `body` on `tx` as the user-client delivers it, never more than
+/// the stream's window ahead of the relay-client. A body that fails (the
+/// user went away, the limit was passed) resets the stream, and so does
+/// `abandoned`: the response side is gone, nobody waits for the exchange.
+pub async fn send_body(
+    mut body: TunnelBody,
+    mut tx: SendStream<Bytes>,
+    abandoned: oneshot::Receiver<Infallible>,
+) {
+    let pump = async {
+        loop {
+            // Room for at least one byte before a frame is taken from the
+            // user: the frame then waits in h2's send buffer, not here.
+            tx.reserve_capacity(1);
+            while tx.capacity() == 0 {
+                match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    // The stream is closed or reset: nothing more to send.
+                    Some(Err(_)) | None => return Err(None),
+                }
+            }
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                reason = std::future::poll_fn(|cx| tx.poll_reset(cx)) => {
+                    tracing::debug!(?reason, "tunnel stream reset by the relay-client");
+                    return Err(None);
+                }
+            };
+            match frame {
+                None => return tx.send_data(Bytes::new(), true).map_err(|_| None),
+                Some(Err(e)) => return Err(Some(e)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = body.is_end_stream();
+                        tx.send_data(data, end).map_err(|_| None)?;
+                        if end {
+                            return Ok(());
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            return tx.send_trailers(trailers).map_err(|_| None);
+                        }
+                    }
+                },
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = pump => outcome,
+        // Never sent on: the sender's drop is the signal.
+        _ = abandoned => Err(None),
+    };
+    if let Err(error) = outcome {
+        if let Some(e) = error {
+            tracing::debug!(error = %e, "user request body failed; tunnel stream reset");
+        }
+        tx.send_reset(Reason::CANCEL);
+    }
+}
+
+/// The response body of a tunnel stream, as the user side reads it.
+#[derive(Debug)]
+pub struct RecvBody {
+    stream: RecvStream,
+    data_done: bool,
+    /// Dropped with the body: a request body still being sent is reset
+    /// (see [`send_body`]), the exchange is over.
+    _exchange: Option<oneshot::Sender<Infallible>>,
+}
+
+impl RecvBody {
+    pub fn new(stream: RecvStream, exchange: Option<oneshot::Sender<Infallible>>) -> Self {
+        Self {
+            stream,
+            data_done: false,
+            _exchange: exchange,
+        }
+    }
+}
+
+impl HttpBody for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The window reopens as the user takes the bytes: a
+                    // slow reader slows the backend, nothing piles up here.
+                    let _ = self.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
