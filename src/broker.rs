@@ -88,6 +88,9 @@ pub struct Tunnel {
     sender: h2::client::SendRequest<Bytes>,
     in_flight: AtomicUsize,
     closed: CancellationToken,
+    /// The relay-client said GOAWAY: the streams in flight go on, new
+    /// requests go elsewhere.
+    refusing: AtomicBool,
 }
 
 impl Tunnel {
@@ -96,6 +99,7 @@ impl Tunnel {
             sender,
             in_flight: AtomicUsize::new(0),
             closed: CancellationToken::new(),
+            refusing: AtomicBool::new(false),
         })
     }
 
@@ -115,8 +119,16 @@ impl Tunnel {
         self.closed.cancelled().await;
     }
 
+    /// Takes no new requests, but keeps the connection for the streams
+    /// in flight (the relay-client is going away gracefully). Returns
+    /// whether this call made the change.
+    pub fn refuse_new(&self) -> bool {
+        !self.refusing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the tunnel takes no new requests.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.closed.is_cancelled() || self.refusing.load(Ordering::Acquire)
     }
 
     /// Requests in flight on this tunnel.

@@ -760,7 +760,9 @@ async fn hand_made_tunnel(relay: &Relay, name: &str) -> tokio::net::TcpStream {
 /// A relay-client whose connection stays open but that no longer answers
 /// the server's pings (a NAT that dropped the connection's state, a hung
 /// machine) loses its tunnel within a ping interval and a ping timeout
-/// (10 s each); one that answers keeps its tunnel.
+/// (10 s each); one that answers keeps its tunnel, and so does one that
+/// is heard from all along (on a busy slow link the answer waits behind
+/// the data).
 #[tokio::test]
 async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
     use tokio::io::AsyncWriteExt as _;
@@ -768,15 +770,8 @@ async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
     let started = tokio::time::Instant::now();
     let mut silent = hand_made_tunnel(&relay, "robot-1").await;
     let live = hand_made_tunnel(&relay, "robot-2").await;
-    let http = relay.http();
-    wait_gauge(
-        &http,
-        &relay.url,
-        "relay_tunnels",
-        2.0,
-        Duration::from_secs(5),
-    )
-    .await;
+    let chatty = hand_made_tunnel(&relay, "robot-3").await;
+    wait_tunnels(&relay, 3.0).await;
 
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = answered.clone();
@@ -792,9 +787,24 @@ async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
             }
         }
     });
+    // Sends a frame every 500 ms and never answers a ping.
+    let chatty = tokio::spawn(async move {
+        let (mut rd, mut wr) = chatty.into_split();
+        let drain = async { while h2raw::read_frame(&mut rd).await.is_ok() {} };
+        let talk = async {
+            let ping = h2raw::frame(h2raw::PING, 0, 0, &[7; 8]);
+            while wr.write_all(&ping).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::select! {
+            () = drain => {}
+            () = talk => {}
+        }
+    });
 
     let mut pings = 0;
-    let end = tokio::time::timeout(Duration::from_secs(40), async {
+    let end = tokio::time::timeout(Duration::from_secs(45), async {
         loop {
             match h2raw::read_frame(&mut silent).await {
                 Ok(f) if f.kind == h2raw::PING && f.flags & h2raw::ACK == 0 => pings += 1,
@@ -805,21 +815,14 @@ async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
         }
     })
     .await
-    .expect("a relay-client that answers no ping still connected after 40 s");
+    .expect("a relay-client that answers no ping still connected after 45 s");
     let took = started.elapsed();
     assert!(pings >= 1, "closed ({end}) without a ping, after {took:?}");
     assert!(
         took >= Duration::from_secs(15),
         "closed ({end}) after {took:?}, before a ping could go unanswered"
     );
-    wait_gauge(
-        &http,
-        &relay.url,
-        "relay_tunnels",
-        1.0,
-        Duration::from_secs(5),
-    )
-    .await;
+    wait_tunnels(&relay, 2.0).await;
     assert!(
         !live.is_finished(),
         "the relay-client that answers lost its tunnel"
@@ -828,5 +831,71 @@ async fn a_tunnel_whose_relay_client_stops_answering_pings_is_closed() {
         answered.load(SeqCst) >= 1,
         "the live tunnel was never pinged"
     );
+    assert!(
+        !chatty.is_finished(),
+        "the relay-client that is heard from lost its tunnel"
+    );
     live.abort();
+    chatty.abort();
+}
+
+/// A relay-client that says GOAWAY (it rotates its token, or stops) keeps
+/// the streams it has, and new requests for its name go to its other
+/// routes at once (here a v1 relay-client), not to a connection that
+/// refuses them.
+#[tokio::test]
+async fn a_tunnel_that_said_goaway_takes_no_new_requests_and_keeps_its_streams() {
+    use tokio::io::AsyncWriteExt as _;
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V1;
+    let _v1 = RelayClient::start(cfg);
+    let http = relay.http();
+    let url = format!("{}/client/robot-1/hello", relay.url);
+    eventually(|| async {
+        let ok = http.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+        ok.then_some(())
+    })
+    .await;
+
+    let tunnel = hand_made_tunnel(&relay, "robot-1").await;
+    wait_tunnels(&relay, 1.0).await;
+    let (mut rd, mut wr) = tunnel.into_split();
+    // The tunnel is preferred: this request becomes a stream on it, which
+    // the hand-made relay-client leaves unanswered for now.
+    let held = tokio::spawn({
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let stream = loop {
+        let f = bounded(h2raw::read_frame(&mut rd)).await.unwrap();
+        if f.kind == h2raw::HEADERS {
+            break f.stream;
+        }
+    };
+    let mut goaway = stream.to_be_bytes().to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes());
+    wr.write_all(&h2raw::frame(h2raw::GOAWAY, 0, 0, &goaway))
+        .await
+        .unwrap();
+    wait_tunnels(&relay, 0.0).await;
+    for _ in 0..3 {
+        let resp = bounded(http.get(&url).send()).await.unwrap();
+        assert_eq!(resp.status(), 200, "a new request after the GOAWAY");
+    }
+    assert!(!held.is_finished(), "the stream in flight was cut");
+    // The stream in flight still gets its answer.
+    let mut head = h2raw::literal(":status", b"200");
+    head.extend(h2raw::literal("content-length", b"0"));
+    wr.write_all(&h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS | h2raw::END_STREAM,
+        stream,
+        &head,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(bounded(held).await.unwrap().unwrap(), 200);
 }

@@ -23,11 +23,13 @@ use crate::broker::TunnelBody;
 /// Sends `body` on `tx` as the user-client delivers it, never more than
 /// the stream's window ahead of the relay-client. A body that fails (the
 /// user went away, the limit was passed) resets the stream, and so does
-/// `abandoned`: the response side is gone, nobody waits for the exchange.
+/// `abandoned` when its sender is dropped: the response side is gone,
+/// nobody waits for the exchange. Without it (an upgraded connection) the
+/// body's end is the stream's end.
 pub async fn send_body(
     mut body: TunnelBody,
     mut tx: SendStream<Bytes>,
-    abandoned: oneshot::Receiver<Infallible>,
+    abandoned: Option<oneshot::Receiver<Infallible>>,
 ) {
     let pump = async {
         loop {
@@ -68,10 +70,18 @@ pub async fn send_body(
             }
         }
     };
+    // Never sent on: the sender's drop is the signal.
+    let abandoned = async move {
+        match abandoned {
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         outcome = pump => outcome,
-        // Never sent on: the sender's drop is the signal.
-        _ = abandoned => Err(None),
+        () = abandoned => Err(None),
     };
     if let Err(error) = outcome {
         if let Some(e) = error {

@@ -7,16 +7,21 @@
 //! connection to the other, so HTTP/2 flow control reaches from the
 //! user-client to the backend and nothing buffers a whole body.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
@@ -90,6 +95,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             return;
         }
     };
+    let heard = Arc::new(AtomicU64::new(0));
     // The handshake is boxed while it runs and the connection after it:
     // the task of every idle tunnel then holds a pointer, not room for
     // the handshake's state and the connection (moved, it takes room
@@ -101,7 +107,10 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
         .max_header_list_size(v2::MAX_HEADER_LIST)
         .max_send_buffer_size(v2::SEND_BUFFER)
         .enable_push(false)
-        .handshake::<_, Bytes>(TokioIo::new(upgraded));
+        .handshake::<_, Bytes>(Heard {
+            io: TokioIo::new(upgraded),
+            reads: heard.clone(),
+        });
     let handshake = Box::pin(async move {
         let (sender, conn) = handshake.await?;
         Ok::<_, h2::Error>((sender, Box::new(conn)))
@@ -115,6 +124,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
         }
     };
     let pings = conn.ping_pong();
+    let mut watch = sender.clone();
     let tunnel = Tunnel::new(sender);
     state.broker.register_tunnel(&backend, tunnel.clone());
     state.metrics.tunnels.inc();
@@ -125,43 +135,147 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        r = conn => {
-            if let Err(e) = r {
-                tracing::info!(backend, error = %e, "v2 connection of relay-client ended");
+    let alive = keep_alive(pings, heard);
+    let closing = tunnel.closing();
+    tokio::pin!(expiry, alive, closing);
+    loop {
+        tokio::select! {
+            // The connection first: it reads the frames (a GOAWAY among
+            // them) that the branches below look at.
+            biased;
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::info!(backend, error = %e, "v2 connection of relay-client ended");
+                }
+                break;
+            }
+            e = goaway(&mut watch), if !tunnel.is_closed() => {
+                // Streams in flight finish; new requests go to the name's
+                // other routes. The connection ends with its last stream.
+                if tunnel.refuse_new() {
+                    state.metrics.tunnels.dec();
+                }
+                tracing::info!(backend, reason = %e, "relay-client going away; its tunnel takes no new requests");
+            }
+            e = &mut alive => {
+                tracing::info!(backend, error = %e, "v2 relay-client stopped answering pings; its connection is closed");
+                break;
+            }
+            () = &mut closing => break,
+            () = &mut expiry => {
+                tracing::info!(backend, "relay-client token expired; its v2 connection is closed");
+                break;
             }
         }
-        e = keep_alive(pings) => {
-            tracing::info!(backend, error = %e, "v2 relay-client stopped answering pings; its connection is closed");
-        }
-        () = tunnel.closing() => {}
-        () = expiry => {
-            tracing::info!(backend, "relay-client token expired; its v2 connection is closed");
-        }
+    }
+    if tunnel.refuse_new() {
+        state.metrics.tunnels.dec();
     }
     tunnel.close();
     state.broker.unregister_tunnel(&backend, &tunnel);
-    state.metrics.tunnels.dec();
     tracing::info!(backend, "relay-client v2 connection closed");
+}
+
+/// Resolves once the relay-client sent GOAWAY: from then on h2 refuses
+/// new streams on the connection. `SendRequest::poll_ready` registers no
+/// wakeup for that; `run` polls this right after the connection, which
+/// has just read the frame.
+fn goaway(sender: &mut h2::client::SendRequest<Bytes>) -> impl Future<Output = h2::Error> + '_ {
+    std::future::poll_fn(move |cx| match sender.poll_ready(cx) {
+        Poll::Ready(Err(e)) => Poll::Ready(e),
+        _ => Poll::Pending,
+    })
+}
+
+/// The relay-client's connection, counting the reads that brought bytes:
+/// a connection that is heard from needs no ping to prove it alive.
+struct Heard<T> {
+    io: T,
+    reads: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 use crate::lock;
 
-/// Pings the relay-client every `v2::PING_INTERVAL`; returns when one is
-/// not answered within `v2::PING_TIMEOUT`: a connection that died without
-/// a FIN (NAT state dropped, cable pulled) must not keep the name.
-async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+/// Keeps a tunnel honest: after `v2::PING_INTERVAL` with nothing read
+/// from the relay-client, pings it; returns when the answer does not come
+/// within `v2::PING_TIMEOUT` and nothing else was read meanwhile. A
+/// connection that died without a FIN (NAT state dropped, cable pulled)
+/// must not keep the name; a busy one on a slow link, whose answer waits
+/// behind megabytes of data, is alive.
+async fn keep_alive(pings: Option<h2::PingPong>, heard: Arc<AtomicU64>) -> String {
     // h2 hands the handle out once, to the one caller: `run`.
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
+    let mut seen = heard.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(v2::PING_INTERVAL).await;
-        match tokio::time::timeout(v2::PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return e.to_string(),
-            Err(_) => return format!("no answer within {:?}", v2::PING_TIMEOUT),
+        let now = heard.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            continue;
         }
+        let pong = pings.ping(h2::Ping::opaque());
+        tokio::pin!(pong);
+        loop {
+            match tokio::time::timeout(v2::PING_TIMEOUT, &mut pong).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => return e.to_string(),
+                Err(_) => {
+                    let now = heard.load(Ordering::Relaxed);
+                    if now == seen {
+                        return format!("no answer within {:?}", v2::PING_TIMEOUT);
+                    }
+                    seen = now;
+                }
+            }
+        }
+        seen = heard.load(Ordering::Relaxed);
     }
 }
 
@@ -255,16 +369,38 @@ pub async fn relay(
         .await
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
     let body_done = http_body::Body::is_end_stream(&body);
+    // As hyper's client does: a body of known size gets its length, so
+    // that a backend that insists on `content-length` sees an empty POST
+    // as one (an HTTP/2 user-client need not send the header).
+    if let Some(len) = http_body::Body::size_hint(&body).exact()
+        && (len != 0
+            || !matches!(
+                *out.method(),
+                Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+            ))
+    {
+        out.headers_mut()
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+    }
     let (response, send) = sender
         .send_request(out, body_done)
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
     // The body is sent beside the response, on its own task: a full-duplex
-    // call reads answers while it still sends.
-    let exchange = (!body_done).then(|| {
+    // call reads answers while it still sends. The response side going
+    // away ends it, except for an upgraded connection: there the user's
+    // bytes already read still go to the backend, then END_STREAM (a
+    // half-close), as on a TCP connection.
+    let exchange = if body_done {
+        None
+    } else if upgrade.is_some() {
+        tokio::spawn(super::stream::send_body(body, send, None));
+        None
+    } else {
         let (exchange, abandoned) = tokio::sync::oneshot::channel();
-        tokio::spawn(super::stream::send_body(body, send, abandoned));
-        exchange
-    });
+        tokio::spawn(super::stream::send_body(body, send, Some(abandoned)));
+        Some(exchange)
+    };
     let inactive = state.cfg.timeouts.inactive_request;
     let resp = tokio::time::timeout(inactive, response)
         .instrument(child(traced, || tracing::info_span!("relay.first_chunk")))
