@@ -1,8 +1,9 @@
 //! The in-memory rendezvous of user-client requests and relay-clients.
 //!
 //! A relay-client's long poll waits in its backend's queue; a user-client
-//! request is handed to the first waiting poll (`PROTOCOL.md`, "Relay-client
-//! endpoints"). Every per-request resource lives in one [`Exchange`], whose
+//! request is handed to the newest waiting poll, or, when none waits,
+//! queued until a poll arrives and takes it directly (`PROTOCOL.md`,
+//! "Relay-client endpoints"). Every per-request resource lives in one [`Exchange`], whose
 //! `Drop` forgets the request id at once: when the user-client goes away,
 //! hyper drops the response body, the body drops the exchange, and the
 //! relay-client's next post for that id gets 400.
@@ -192,13 +193,61 @@ struct Inner {
     tunnel_requests: AtomicUsize,
 }
 
-/// One backend name and the polls waiting for its requests.
+/// One backend name: its polls and requests waiting for each other.
 struct Backend {
-    waiting: Mutex<VecDeque<oneshot::Sender<HttpRequest>>>,
-    poll_arrived: Notify,
+    meeting: Mutex<Meeting>,
     last_seen: Mutex<Instant>,
     /// Connected v2 relay-clients of this name.
     tunnels: Mutex<Vec<Arc<Tunnel>>>,
+}
+
+/// At most one of the two queues is non-empty: a poll that arrives takes
+/// the oldest queued request, a request that arrives takes the newest
+/// waiting poll. One lock for both, so neither can miss the other.
+#[derive(Default)]
+struct Meeting {
+    polls: VecDeque<oneshot::Sender<HttpRequest>>,
+    requests: VecDeque<Queued>,
+    /// Names queued requests, so one that gives up can leave the queue.
+    next_ticket: u64,
+}
+
+/// A request that found no poll waiting. A poll that arrives takes it
+/// directly, in its own task: no wakeup of the user's task stands between
+/// the relay-client's poll and its answer. `taken` tells the user's task.
+struct Queued {
+    ticket: u64,
+    req: HttpRequest,
+    taken: oneshot::Sender<()>,
+}
+
+/// Removes a queued request from its backend's queue, at the latest when
+/// dropped (the user's task went away).
+struct Unqueue<'a> {
+    backend: &'a Backend,
+    ticket: u64,
+    left: bool,
+}
+
+impl Unqueue<'_> {
+    /// Takes the request out of the queue; `false` if a poll took it
+    /// first. Under the queue's lock, so the answer is final.
+    fn leave(&mut self) -> bool {
+        self.left = true;
+        let ticket = self.ticket;
+        let mut m = lock(&self.backend.meeting);
+        let before = m.requests.len();
+        m.requests.retain(|q| q.ticket != ticket);
+        m.requests.len() < before
+    }
+}
+
+impl Drop for Unqueue<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.leave();
+        }
+    }
 }
 
 /// What the relay-client side needs to reach a live request.
@@ -244,8 +293,7 @@ use crate::lock;
 impl Backend {
     fn new() -> Self {
         Self {
-            waiting: Mutex::new(VecDeque::new()),
-            poll_arrived: Notify::new(),
+            meeting: Mutex::new(Meeting::default()),
             last_seen: Mutex::new(Instant::now()),
             tunnels: Mutex::new(Vec::new()),
         }
@@ -256,7 +304,7 @@ impl Backend {
     }
 
     fn has_waiting_poll(&self) -> bool {
-        lock(&self.waiting).iter().any(|tx| !tx.is_closed())
+        lock(&self.meeting).polls.iter().any(|tx| !tx.is_closed())
     }
 
     fn has_tunnel(&self) -> bool {
@@ -303,11 +351,18 @@ impl Broker {
         };
         let (tx, mut rx) = oneshot::channel();
         {
-            let mut q = lock(&b.waiting);
-            q.retain(|t| !t.is_closed());
-            q.push_back(tx);
+            let mut m = lock(&b.meeting);
+            while let Some(q) = m.requests.pop_front() {
+                // A request whose user gave up in the meantime is skipped.
+                if q.taken.send(()).is_ok() {
+                    drop(m);
+                    b.touch();
+                    return Ok(q.req);
+                }
+            }
+            m.polls.retain(|t| !t.is_closed());
+            m.polls.push_back(tx);
         }
-        b.poll_arrived.notify_one();
         let outcome = tokio::select! {
             r = &mut rx => r.map_err(|_| BrokerError::PollTimeout),
             () = tokio::time::sleep(self.inner.cfg.poll_timeout) => Err(BrokerError::PollTimeout),
@@ -441,30 +496,48 @@ impl Broker {
         name: &str,
         mut req: HttpRequest,
     ) -> Result<(), BrokerError> {
-        let deadline = crate::clock::from_now(self.inner.cfg.relay_timeout);
-        loop {
-            let notified = b.poll_arrived.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        let (taken, mut was_taken) = oneshot::channel();
+        let ticket = {
+            let mut m = lock(&b.meeting);
             // Newest poll first: after a relay-client's network changed, its
             // old polls may sit on a dead connection the server has not
             // noticed yet, while its fresh ones are live. Older polls that
             // lose out simply time out and poll again.
-            loop {
-                let Some(tx) = lock(&b.waiting).pop_back() else {
-                    break;
-                };
+            while let Some(tx) = m.polls.pop_back() {
                 match tx.send(req) {
                     Ok(()) => return Ok(()),
                     // That poll went away; try the next one.
                     Err(back) => req = back,
                 }
             }
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep_until(deadline) => return Err(BrokerError::NoFreePoll(name.to_owned())),
-                () = self.inner.draining.cancelled() => return Err(BrokerError::Draining),
+            m.next_ticket += 1;
+            let ticket = m.next_ticket;
+            m.requests.push_back(Queued { ticket, req, taken });
+            ticket
+        };
+        // Leaves the queue however this future ends, unless a poll took
+        // the request.
+        let mut queued = Unqueue {
+            backend: b,
+            ticket,
+            left: false,
+        };
+        let deadline = crate::clock::from_now(self.inner.cfg.relay_timeout);
+        let gave_up = tokio::select! {
+            // Only a poll removes the entry but this task, and it says so
+            // first: the request is on its way.
+            _ = &mut was_taken => {
+                queued.left = true;
+                return Ok(());
             }
+            () = tokio::time::sleep_until(deadline) => BrokerError::NoFreePoll(name.to_owned()),
+            () = self.inner.draining.cancelled() => BrokerError::Draining,
+        };
+        if queued.leave() {
+            Err(gave_up)
+        } else {
+            // Taken in the instant this gave up: it is on its way.
+            Ok(())
         }
     }
 
@@ -779,6 +852,65 @@ mod tests {
             Err(BrokerError::UnknownRequest(_))
         ));
         assert_eq!(b.active_requests(), 0);
+    }
+
+    /// Requests that find no poll wait in order; each poll that arrives
+    /// takes the oldest at once.
+    #[tokio::test]
+    async fn queued_requests_go_to_arriving_polls_in_order() {
+        let b = broker();
+        assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
+        let users: Vec<_> = (0..3)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let mut req = request();
+                    req.url = Some(format!("http://invalid/{i}"));
+                    let ex = b.relay("r", req, tracing::Span::none()).await?;
+                    Ok::<_, BrokerError>(ex.id().to_owned())
+                })
+            })
+            .collect();
+        // Each is queued before the next is made.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let got = b.poll("r").await.unwrap();
+            assert_eq!(
+                got.url.as_deref(),
+                Some(format!("http://invalid/{i}").as_str())
+            );
+            ids.push(got.id.unwrap());
+        }
+        for (user, id) in users.into_iter().zip(ids) {
+            assert_eq!(user.await.unwrap().unwrap(), id);
+        }
+    }
+
+    /// A queued request whose user-client went away, or that waited past
+    /// the relay timeout, leaves the queue: no poll gets it.
+    #[tokio::test]
+    async fn a_queued_request_given_up_reaches_no_poll() {
+        let b = broker();
+        assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
+        let gone = {
+            let b = b.clone();
+            tokio::spawn(async move { b.relay("r", request(), tracing::Span::none()).await })
+        };
+        tokio::task::yield_now().await;
+        gone.abort();
+        assert!(matches!(gone.await, Err(e) if e.is_cancelled()));
+        assert!(matches!(
+            b.relay("r", request(), tracing::Span::none()).await,
+            Err(BrokerError::NoFreePoll(_))
+        ));
+        assert_eq!(b.active_requests(), 0);
+        // Gone from the queue, bodies and all, not merely skipped later.
+        let backend = b.inner.backends.get("r").map(|e| e.clone()).unwrap();
+        assert_eq!(lock(&backend.meeting).requests.len(), 0);
+        assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
     }
 
     fn chunk(status: Option<u16>, trailers: HeaderMap) -> Delivery {
