@@ -899,3 +899,52 @@ async fn a_tunnel_that_said_goaway_takes_no_new_requests_and_keeps_its_streams()
     .unwrap();
     assert_eq!(bounded(held).await.unwrap().unwrap(), 200);
 }
+
+/// A user-client may send an empty POST without `content-length`: over
+/// HTTP/2 (END_STREAM on its HEADERS) or HTTP/1.1 (no framing header at
+/// all). The backend behind the tunnel sees `content-length: 0` either
+/// way, so one that insists on the header (411) does not refuse it.
+#[tokio::test]
+async fn an_empty_post_reaches_the_backend_with_its_length() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (relay, _client, _backend) = v2_stack(|c| c.tls.enabled = false).await;
+
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(
+        b"POST /client/robot-1/empty HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    bounded(s.read_to_end(&mut answer)).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.contains("\nmethod: POST\n"), "{text}");
+    assert!(text.contains("\ncontent-length: 0\n"), "HTTP/1.1: {text}");
+
+    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let post = h2raw::post("/client/robot-1/empty", "localhost");
+    let flags = h2raw::END_STREAM | h2raw::END_HEADERS;
+    wr.write_all(&h2raw::frame(h2raw::HEADERS, flags, 1, &post))
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    loop {
+        let f = bounded(h2raw::read_frame(&mut rd)).await.unwrap();
+        if f.stream != 1 {
+            continue;
+        }
+        assert_ne!(f.kind, h2raw::RST_STREAM, "the request was reset");
+        if f.kind == h2raw::DATA {
+            body.extend_from_slice(&f.payload);
+        }
+        if f.flags & h2raw::END_STREAM != 0 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("method: POST\n"), "{text}");
+    assert!(text.contains("\ncontent-length: 0\n"), "HTTP/2: {text}");
+}

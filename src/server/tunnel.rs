@@ -369,10 +369,17 @@ pub async fn relay(
         .await
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
     let body_done = http_body::Body::is_end_stream(&body);
-    // As hyper's client does: a body of known size gets its length, so
-    // that a backend that insists on `content-length` sees an empty POST
-    // as one (an HTTP/2 user-client need not send the header).
-    if let Some(len) = http_body::Body::size_hint(&body).exact()
+    // A body of known size gets its length (as hyper's client does, and
+    // also when the user's HTTP/2 stream simply ended with its headers),
+    // so that a backend that insists on `content-length` sees an empty
+    // POST as one: neither an HTTP/1.1 nor an HTTP/2 user-client need
+    // send the header.
+    let known = if body_done && upgrade.is_none() {
+        Some(0)
+    } else {
+        http_body::Body::size_hint(&body).exact()
+    };
+    if let Some(len) = known
         && (len != 0
             || !matches!(
                 *out.method(),

@@ -134,6 +134,16 @@ fn literal_indexed_name(index: usize, value: &str) -> Vec<u8> {
     out
 }
 
+/// The header block of `POST http://<authority><path>`, with no other
+/// header (no `content-length`).
+pub fn post(path: &str, authority: &str) -> Vec<u8> {
+    // Static table: 3 = `:method POST`.
+    let mut out = vec![0x83, 0x86];
+    out.extend(literal_indexed_name(4, path));
+    out.extend(literal_indexed_name(1, authority));
+    out
+}
+
 /// The header block of `GET http://<authority><path>`.
 pub fn get(path: &str, authority: &str) -> Vec<u8> {
     // Static table: 2 = `:method GET`, 6 = `:scheme http`, 4 = `:path`,
