@@ -129,7 +129,14 @@ impl Tunnel {
 
     /// Whether the tunnel takes no new requests.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.refusing.load(Ordering::Acquire)
+        self.is_gone() || self.refusing.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection is over. A tunnel that only refuses new
+    /// requests stays listed until then: its streams keep the backend
+    /// known, and shutdown must still find it to close it.
+    fn is_gone(&self) -> bool {
+        self.closed.is_cancelled()
     }
 
     /// Requests in flight on this tunnel.
@@ -236,9 +243,12 @@ impl Unqueue<'_> {
         self.left = true;
         let ticket = self.ticket;
         let mut m = lock(&self.backend.meeting);
-        let before = m.requests.len();
-        m.requests.retain(|q| q.ticket != ticket);
-        m.requests.len() < before
+        // Tickets grow in queue order: a binary search, not a scan, when
+        // many requests give up together (their relay-client went away).
+        match m.requests.binary_search_by_key(&ticket, |q| q.ticket) {
+            Ok(i) => m.requests.remove(i).is_some(),
+            Err(_) => false,
+        }
     }
 }
 
@@ -307,8 +317,13 @@ impl Backend {
         lock(&self.meeting).polls.iter().any(|tx| !tx.is_closed())
     }
 
+    /// A request waits for a poll: the relay-client is expected back.
+    fn has_queued_request(&self) -> bool {
+        !lock(&self.meeting).requests.is_empty()
+    }
+
     fn has_tunnel(&self) -> bool {
-        lock(&self.tunnels).iter().any(|t| !t.is_closed())
+        lock(&self.tunnels).iter().any(|t| !t.is_gone())
     }
 }
 
@@ -390,7 +405,7 @@ impl Broker {
             .or_insert_with(|| Arc::new(Backend::new()));
         entry.touch();
         let mut tunnels = lock(&entry.tunnels);
-        tunnels.retain(|t| !t.is_closed());
+        tunnels.retain(|t| !t.is_gone());
         tunnels.push(tunnel);
     }
 
@@ -399,7 +414,7 @@ impl Broker {
     pub fn unregister_tunnel(&self, backend: &str, tunnel: &Arc<Tunnel>) {
         if let Some(b) = self.inner.backends.get(backend) {
             b.touch();
-            lock(&b.tunnels).retain(|t| !Arc::ptr_eq(t, tunnel) && !t.is_closed());
+            lock(&b.tunnels).retain(|t| !Arc::ptr_eq(t, tunnel) && !t.is_gone());
         }
     }
 
@@ -526,7 +541,7 @@ impl Broker {
         let gave_up = tokio::select! {
             // Only a poll removes the entry but this task, and it says so
             // first: the request is on its way.
-            _ = &mut was_taken => {
+            Ok(()) = &mut was_taken => {
                 queued.left = true;
                 return Ok(());
             }
@@ -660,8 +675,10 @@ impl Broker {
         let limit = self.inner.cfg.inactive_backend;
         let mut reaped = Vec::new();
         self.inner.backends.retain(|name, b| {
-            let keep =
-                b.has_waiting_poll() || b.has_tunnel() || lock(&b.last_seen).elapsed() < limit;
+            let keep = b.has_waiting_poll()
+                || b.has_queued_request()
+                || b.has_tunnel()
+                || lock(&b.last_seen).elapsed() < limit;
             if !keep {
                 reaped.push(name.clone());
             }
@@ -1013,6 +1030,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(b.reap_backends(), vec!["r".to_owned()]);
         assert!(!b.knows_backend("r"));
+    }
+
+    /// A request waiting for its relay-client's next poll keeps the name
+    /// known past the inactive-backend timeout; that poll then takes it.
+    #[tokio::test]
+    async fn a_queued_request_keeps_its_backend() {
+        let b = broker();
+        let _ = b.poll("r").await;
+        let user = {
+            let b = b.clone();
+            tokio::spawn(async move { b.relay("r", request(), tracing::Span::none()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(b.reap_backends().is_empty());
+        assert!(b.poll("r").await.is_ok());
+        assert!(user.await.unwrap().is_ok());
     }
 
     #[tokio::test]

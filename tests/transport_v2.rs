@@ -221,7 +221,13 @@ async fn connect_ws(
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let stream = connector.connect(name, tcp).await.unwrap();
     let url = format!("wss://localhost:{}{path}", relay.addr.port());
-    let (ws, resp) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut req = url.into_client_request().unwrap();
+    // Some clients declare their empty handshake body; the length must
+    // not follow the request into the upgraded stream.
+    req.headers_mut()
+        .insert("content-length", http::HeaderValue::from_static("0"));
+    let (ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
     assert_eq!(resp.status(), 101);
     ws
 }

@@ -304,6 +304,12 @@ pub async fn relay(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, false);
+    if upgrade.is_some() {
+        // The stream's body is the connection's bytes after the switch: a
+        // declared length (a WebSocket GET may carry `content-length: 0`)
+        // would make HTTP/2 reset the stream at the first byte past it.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     telemetry::pass_on(span, &mut headers);
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(HeaderName::from_static(v2::REQUEST_ID), v);
