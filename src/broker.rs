@@ -78,10 +78,6 @@ pub enum BrokerError {
 /// chunk, or why the relay-client's answer cannot be relayed.
 pub type Delivery = Result<ResponseChunk, ProtoError>;
 
-/// Body of a request sent on a v2 tunnel.
-pub type TunnelBody =
-    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
 /// A connected v2 relay-client (`docs/transport-v2.md`): the server's
 /// HTTP/2 client handle on the relay-client's connection. Requests are
 /// sent on it by the user side; the broker only hands it out.

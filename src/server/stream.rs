@@ -18,7 +18,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
 
-use crate::broker::TunnelBody;
+use super::body::Body;
 
 /// Sends `body` on `tx` as the user-client delivers it, never more than
 /// the stream's window ahead of the relay-client. A body that fails (the
@@ -27,7 +27,7 @@ use crate::broker::TunnelBody;
 /// nobody waits for the exchange. Without it (an upgraded connection) the
 /// body's end is the stream's end.
 pub async fn send_body(
-    mut body: TunnelBody,
+    mut body: Body,
     mut tx: SendStream<Bytes>,
     abandoned: Option<oneshot::Receiver<Infallible>>,
 ) {

@@ -3,9 +3,10 @@
 //! as one HTTP/2 stream on it.
 //!
 //! After the upgrade the server is the HTTP/2 *client* of the connection
-//! the relay-client dialled. Bodies are hyper bodies piped from one
-//! connection to the other, so HTTP/2 flow control reaches from the
-//! user-client to the backend and nothing buffers a whole body.
+//! the relay-client dialled. Bodies are piped between the user's
+//! connection and the request's stream (`super::stream`), so HTTP/2 flow
+//! control reaches from the user-client to the backend and nothing
+//! buffers a whole body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,7 +31,7 @@ use super::user::{
 };
 use super::{State, gate, relay};
 use crate::auth::Claims;
-use crate::broker::{BrokerError, Tunnel, TunnelBody, TunnelRequest};
+use crate::broker::{BrokerError, Tunnel, TunnelRequest};
 use crate::error::RelayError;
 use crate::proto::v2;
 use crate::telemetry::{self, metrics::Direction};
@@ -135,6 +136,13 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             None => std::future::pending().await,
         }
     };
+    // The gauge counts tunnels that take requests: it drops once, when the
+    // tunnel stops taking them (GOAWAY, or the end of the connection).
+    let retire = || {
+        if tunnel.refuse_new() {
+            state.metrics.tunnels.dec();
+        }
+    };
     let alive = keep_alive(pings, heard);
     let closing = tunnel.closing();
     tokio::pin!(expiry, alive, closing);
@@ -152,9 +160,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             e = goaway(&mut watch), if !tunnel.is_closed() => {
                 // Streams in flight finish; new requests go to the name's
                 // other routes. The connection ends with its last stream.
-                if tunnel.refuse_new() {
-                    state.metrics.tunnels.dec();
-                }
+                retire();
                 tracing::info!(backend, reason = %e, "relay-client going away; its tunnel takes no new requests");
             }
             e = &mut alive => {
@@ -168,9 +174,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
             }
         }
     }
-    if tunnel.refuse_new() {
-        state.metrics.tunnels.dec();
-    }
+    retire();
     tunnel.close();
     state.broker.unregister_tunnel(&backend, &tunnel);
     tracing::info!(backend, "relay-client v2 connection closed");
@@ -332,7 +336,7 @@ pub async fn relay(
     // Set when the streamed body passes the limit: the stream is reset,
     // and the user-client is told why (413), not just that it failed.
     let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (body, to_backend): (TunnelBody, _) = if upgrade.is_some() {
+    let (body, to_backend): (Body, _) = if upgrade.is_some() {
         // The stream's request body is the user-to-backend direction of
         // the upgraded connection, fed once the user's side is upgraded.
         let (tx, rx) = mpsc::channel::<Bytes>(PIPE_QUEUE);
@@ -380,7 +384,7 @@ pub async fn relay(
     // so that a backend that insists on `content-length` sees an empty
     // POST as one: neither an HTTP/1.1 nor an HTTP/2 user-client need
     // send the header.
-    let known = if body_done && upgrade.is_none() {
+    let known = if body_done {
         Some(0)
     } else {
         http_body::Body::size_hint(&body).exact()

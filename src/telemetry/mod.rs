@@ -320,7 +320,7 @@ static ROOT_SPANS: AtomicBool = AtomicBool::new(true);
 /// the per-request cost of tracing.
 pub fn request_span(headers: &HeaderMap, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
-    if !EXPORTING.load(Ordering::Relaxed) {
+    if !exporting() {
         return tracing::Span::none();
     }
     let parent = extract(headers);
@@ -350,7 +350,7 @@ pub fn request_span(headers: &HeaderMap, make: impl FnOnce() -> tracing::Span) -
 pub fn pass_on(span: &tracing::Span, headers: &mut HeaderMap) {
     if !span.is_disabled() {
         inject(span, headers);
-    } else if EXPORTING.load(Ordering::Relaxed) {
+    } else if exporting() {
         propagate_unsampled(headers);
     }
 }
