@@ -522,9 +522,7 @@ async fn an_http2_connection_without_a_request_is_closed_at_the_header_deadline(
         c.timeouts.header_read = Duration::from_millis(500);
     })
     .await;
-    let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(relay.addr).await;
     let started = Instant::now();
     let pinger = tokio::spawn(async move {
         let ping = h2raw::frame(h2raw::PING, 0, 0, &[0; 8]);
@@ -571,14 +569,9 @@ async fn an_idle_connection_is_closed_after_idle_connection() {
     let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
 
     // HTTP/2: a 2.5 s request on a connection with a 1 s idle limit.
-    let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(relay.addr).await;
     let slow = h2raw::get("/client/robot-1/slow?ms=2500", "localhost");
-    let flags = h2raw::END_STREAM | h2raw::END_HEADERS;
-    wr.write_all(&h2raw::frame(h2raw::HEADERS, flags, 1, &slow))
-        .await
-        .unwrap();
+    wr.write_all(&h2raw::request(1, &slow)).await.unwrap();
     let mut body = Vec::new();
     loop {
         let f = bounded(h2raw::read_frame(&mut rd)).await.unwrap();
@@ -939,9 +932,7 @@ async fn http2_streams_beyond_the_limit_are_refused_and_refusals_end_the_connect
     })
     .await;
     let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
-    let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(relay.addr).await;
     let settings = bounded(async {
         loop {
             let f = h2raw::read_frame(&mut rd).await.unwrap();
@@ -962,9 +953,8 @@ async fn http2_streams_beyond_the_limit_are_refused_and_refusals_end_the_connect
         .await
         .unwrap();
     let hang = h2raw::get("/client/robot-1/hang", "localhost");
-    let flags = h2raw::END_STREAM | h2raw::END_HEADERS;
     for id in [1, 3, 5, 7] {
-        let headers = h2raw::frame(h2raw::HEADERS, flags, id, &hang);
+        let headers = h2raw::request(id, &hang);
         wr.write_all(&headers).await.unwrap();
     }
     eventually(|| async { (backend.hanging.load(SeqCst) == 4).then_some(()) }).await;
@@ -972,7 +962,7 @@ async fn http2_streams_beyond_the_limit_are_refused_and_refusals_end_the_connect
     // 400 more streams at once, all over the limit.
     let mut burst = Vec::new();
     for id in (9..).step_by(2).take(400) {
-        burst.extend(h2raw::frame(h2raw::HEADERS, flags, id, &hang));
+        burst.extend(h2raw::request(id, &hang));
     }
     let _ = wr.write_all(&burst).await;
     let (mut refused, mut first_refused, mut goaway) = (0, None, None);
@@ -1015,9 +1005,7 @@ async fn http2_streams_beyond_the_limit_are_refused_and_refusals_end_the_connect
 #[tokio::test]
 async fn http2_rapid_reset_gets_goaway_while_others_are_served() {
     let mut server = ServerProc::start(None, &[]).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(server.addr).await;
     let started = Instant::now();
     let reader = tokio::spawn(async move {
         loop {
@@ -1032,7 +1020,6 @@ async fn http2_rapid_reset_gets_goaway_while_others_are_served() {
         }
     });
     let request = h2raw::get("/client/robot-1/x", "localhost");
-    let flags = h2raw::END_STREAM | h2raw::END_HEADERS;
     let cancel = h2raw::CANCEL.to_be_bytes();
     let (mut id, mut resets) = (1u32, 0);
     // Batches of 50 opened-and-cancelled streams, as attack tools send
@@ -1040,7 +1027,7 @@ async fn http2_rapid_reset_gets_goaway_while_others_are_served() {
     while resets < 10_000 && !reader.is_finished() {
         let mut batch = Vec::new();
         for _ in 0..50 {
-            batch.extend(h2raw::frame(h2raw::HEADERS, flags, id, &request));
+            batch.extend(h2raw::request(id, &request));
             batch.extend(h2raw::frame(h2raw::RST_STREAM, 0, id, &cancel));
             id += 2;
         }
@@ -1074,9 +1061,7 @@ async fn http2_rapid_reset_gets_goaway_while_others_are_served() {
 #[tokio::test]
 async fn an_http2_continuation_flood_is_cut_off() {
     let mut server = ServerProc::start(None, &[]).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(server.addr).await;
     let reader = tokio::spawn(async move {
         loop {
             match h2raw::read_frame(&mut rd).await {

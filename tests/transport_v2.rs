@@ -928,14 +928,9 @@ async fn an_empty_post_reaches_the_backend_with_its_length() {
     assert!(text.contains("\nmethod: POST\n"), "{text}");
     assert!(text.contains("\ncontent-length: 0\n"), "HTTP/1.1: {text}");
 
-    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(&h2raw::client_start()).await.unwrap();
+    let (mut rd, mut wr) = h2raw::connect(relay.addr).await;
     let post = h2raw::post("/client/robot-1/empty", "localhost");
-    let flags = h2raw::END_STREAM | h2raw::END_HEADERS;
-    wr.write_all(&h2raw::frame(h2raw::HEADERS, flags, 1, &post))
-        .await
-        .unwrap();
+    wr.write_all(&h2raw::request(1, &post)).await.unwrap();
     let mut body = Vec::new();
     loop {
         let f = bounded(h2raw::read_frame(&mut rd)).await.unwrap();

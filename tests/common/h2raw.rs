@@ -2,7 +2,27 @@
 //! library never would: more streams than allowed, header floods.
 //! Header blocks use HPACK literals only (no table, no Huffman).
 
-use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Opens a prior-knowledge HTTP/2 connection to `addr`: connected, the
+/// preface and an empty SETTINGS sent, split into its two halves.
+pub async fn connect(
+    addr: std::net::SocketAddr,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (rd, mut wr) = tcp.into_split();
+    wr.write_all(&client_start()).await.unwrap();
+    (rd, wr)
+}
+
+/// A HEADERS frame that is a whole request without a body: `block` on
+/// `stream`, with END_HEADERS and END_STREAM.
+pub fn request(stream: u32, block: &[u8]) -> Vec<u8> {
+    frame(HEADERS, END_STREAM | END_HEADERS, stream, block)
+}
 
 /// The client connection preface.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
