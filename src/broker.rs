@@ -34,6 +34,9 @@ const RESPONSE_CHANNEL: usize = 4;
 const STREAM_CHANNEL: usize = 16;
 /// Largest answer to one `/server/requeststream` call.
 const MAX_STREAM_READ: usize = 1 << 20;
+/// Tunnels one request tries before it falls back to v1 polls, each one
+/// found refusing (`Broker::ready_tunnel`).
+const READY_TRIES: usize = 8;
 
 /// Why a broker operation failed. Mapped to HTTP in `crate::error`.
 #[derive(Debug, thiserror::Error)]
@@ -117,10 +120,9 @@ impl Tunnel {
     }
 
     /// Takes no new requests, but keeps the connection for the streams
-    /// in flight (the relay-client is going away gracefully). Returns
-    /// whether this call made the change.
-    pub fn refuse_new(&self) -> bool {
-        !self.refusing.swap(true, Ordering::AcqRel)
+    /// in flight (the relay-client is going away gracefully).
+    pub fn refuse_new(&self) {
+        self.refusing.store(true, Ordering::Release);
     }
 
     /// Whether the tunnel takes no new requests.
@@ -436,6 +438,40 @@ impl Broker {
                 tunnel,
             }
         }))
+    }
+
+    /// A tunnel of `backend` ready for one more stream, and the handle to
+    /// open it with; `None` when no tunnel takes it (the caller falls back
+    /// to v1 polls).
+    ///
+    /// A relay-client's GOAWAY is read by its connection's task, which
+    /// then takes the tunnel off the routes. A request that picked the
+    /// tunnel in between finds the handle refusing: the tunnel is flagged
+    /// here and the next route is tried, so that the request is not
+    /// failed for that race. Nothing was sent on the refusing connection.
+    ///
+    /// Each wait for a handle runs in a span from `waiting` (the
+    /// request's `relay.enqueue`); without a tunnel, none is made.
+    pub async fn ready_tunnel(
+        &self,
+        backend: &str,
+        waiting: impl Fn() -> tracing::Span,
+    ) -> Result<Option<(TunnelRequest, h2::client::SendRequest<Bytes>)>, BrokerError> {
+        // Each failed try takes one tunnel off the routes: the bound only
+        // matters if tunnels kept arriving and refusing at once.
+        for _ in 0..READY_TRIES {
+            let Some(treq) = self.tunnel(backend)? else {
+                return Ok(None);
+            };
+            match treq.tunnel.sender().ready().instrument(waiting()).await {
+                Ok(sender) => return Ok(Some((treq, sender))),
+                Err(e) => {
+                    tracing::debug!(backend, error = %e, "v2 tunnel refuses new streams; trying the next route");
+                    treq.tunnel.refuse_new();
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Number of open v2 tunnels.
@@ -818,6 +854,107 @@ mod tests {
             url: Some("http://invalid/".into()),
             ..Default::default()
         }
+    }
+
+    /// A tunnel over an in-memory connection, and the relay-client's end
+    /// of it: a bare HTTP/2 server (each side's connection is driven by
+    /// its own task; the server's hands its connection back on request).
+    async fn tunnel_pair() -> (
+        Arc<Tunnel>,
+        tokio::task::JoinHandle<h2::server::Connection<tokio::io::DuplexStream, Bytes>>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(theirs).await.expect("handshake");
+                // Answers pings and reads frames until told to stop.
+                tokio::select! {
+                    _ = conn.accept() => {}
+                    () = stop.cancelled() => {}
+                }
+                conn
+            })
+        };
+        let (sender, conn) = h2::client::handshake(ours).await.expect("handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (Tunnel::new(sender), server, stop)
+    }
+
+    /// Has the relay-client's end of a pair say GOAWAY, and waits until
+    /// our end has read it (its handle refuses new streams).
+    async fn go_away(
+        tunnel: &Tunnel,
+        server: tokio::task::JoinHandle<h2::server::Connection<tokio::io::DuplexStream, Bytes>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        stop.cancel();
+        let mut conn = server.await.expect("server task");
+        conn.graceful_shutdown();
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut sender = tunnel.sender();
+        for _ in 0..200 {
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(sender.poll_ready(cx))).await;
+            if matches!(polled, std::task::Poll::Ready(Err(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("GOAWAY not read within 2 s");
+    }
+
+    #[tokio::test]
+    async fn request_skips_a_tunnel_whose_goaway_was_just_read() {
+        let b = broker();
+        let (leaving, server, stop) = tunnel_pair().await;
+        let (staying, _server, _stop) = tunnel_pair().await;
+        b.register_tunnel("r", leaving.clone());
+        b.register_tunnel("r", staying.clone());
+        // The relay-client said GOAWAY, and the connection read it, but
+        // the tunnel is still on the routes (its task has not seen it):
+        // equally loaded, it is the first one picked.
+        go_away(&leaving, server, stop).await;
+        assert!(!leaving.is_closed());
+        let (treq, mut sender) = b
+            .ready_tunnel("r", tracing::Span::none)
+            .await
+            .expect("ready")
+            .expect("a tunnel takes it");
+        assert!(Arc::ptr_eq(&treq.tunnel, &staying));
+        assert!(leaving.is_closed(), "the refusing tunnel left the routes");
+        let (_response, _send) = sender
+            .send_request(
+                http::Request::get("http://relay.invalid/")
+                    .body(())
+                    .expect("request"),
+                true,
+            )
+            .expect("the stream opens on the tunnel that stays");
+        drop(treq);
+
+        // With no other tunnel, the request goes to v1 polls.
+        let b = broker();
+        let (leaving, server, stop) = tunnel_pair().await;
+        b.register_tunnel("r", leaving.clone());
+        go_away(&leaving, server, stop).await;
+        assert!(
+            b.ready_tunnel("r", tracing::Span::none)
+                .await
+                .expect("ready")
+                .is_none()
+        );
+        assert!(leaving.is_closed());
+        assert!(
+            b.ready_tunnel("other", tracing::Span::none)
+                .await
+                .expect("ready")
+                .is_none()
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,8 +138,12 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
     };
     // The gauge counts tunnels that take requests: it drops once, when the
     // tunnel stops taking them (GOAWAY, or the end of the connection).
+    // A user's request may flag it first, finding its handle refusing
+    // (`Broker::ready_tunnel`); the gauge keeps its own count.
+    let retired = AtomicBool::new(false);
     let retire = || {
-        if tunnel.refuse_new() {
+        tunnel.refuse_new();
+        if !retired.swap(true, Ordering::Relaxed) {
             state.metrics.tunnels.dec();
         }
     };
@@ -157,7 +161,7 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
                 }
                 break;
             }
-            e = goaway(&mut watch), if !tunnel.is_closed() => {
+            e = goaway(&mut watch), if !retired.load(Ordering::Relaxed) => {
                 // Streams in flight finish; new requests go to the name's
                 // other routes. The connection ends with its last stream.
                 retire();
@@ -292,6 +296,7 @@ pub async fn relay(
     mut req: Request<Incoming>,
     route: Route,
     treq: TunnelRequest,
+    mut sender: h2::client::SendRequest<Bytes>,
     span: &tracing::Span,
 ) -> Result<Response<Body>, RelayError> {
     let upgrade = super::user::upgrade_token(&req);
@@ -371,13 +376,6 @@ pub async fn relay(
     *out.headers_mut() = headers;
 
     let traced = telemetry::is_sampled(span);
-    let mut sender = treq
-        .tunnel()
-        .sender()
-        .ready()
-        .instrument(child(traced, || tracing::info_span!("relay.enqueue")))
-        .await
-        .map_err(|e| RelayError::Tunnel(e.to_string()))?;
     let body_done = http_body::Body::is_end_stream(&body);
     // A body of known size gets its length (as hyper's client does, and
     // also when the user's HTTP/2 stream simply ended with its headers),

@@ -197,8 +197,14 @@ async fn relay_admitted(
 ) -> Result<Response<Body>, RelayError> {
     // A relay-client connected over v2 takes the request as a stream; v1
     // polls are the fallback (`docs/transport-v2.md`).
-    if let Some(treq) = state.broker.tunnel(&route.backend)? {
-        return super::tunnel::relay(state, req, route, treq, &span).await;
+    let ready = state
+        .broker
+        .ready_tunnel(&route.backend, || {
+            child(traced, || tracing::info_span!("relay.enqueue"))
+        })
+        .await?;
+    if let Some((treq, sender)) = ready {
+        return super::tunnel::relay(state, req, route, treq, sender, &span).await;
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
