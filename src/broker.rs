@@ -156,6 +156,25 @@ impl TunnelRequest {
     }
 }
 
+/// A stream opened on a tunnel ([`Broker::open_stream`]).
+pub struct OpenedStream {
+    /// Counts the request on the tunnel that carries it.
+    pub request: TunnelRequest,
+    pub response: h2::client::ResponseFuture,
+    /// The request body's side of the stream.
+    pub body: h2::SendStream<Bytes>,
+}
+
+/// What `send_request` consumes, for a second try.
+fn copy_head(head: &http::Request<()>) -> http::Request<()> {
+    let mut out = http::Request::new(());
+    *out.method_mut() = head.method().clone();
+    *out.uri_mut() = head.uri().clone();
+    *out.version_mut() = head.version();
+    *out.headers_mut() = head.headers().clone();
+    out
+}
+
 impl Drop for TunnelRequest {
     fn drop(&mut self) {
         self.tunnel.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -450,8 +469,8 @@ impl Broker {
     /// here and the next route is tried, so that the request is not
     /// failed for that race. Nothing was sent on the refusing connection.
     ///
-    /// Each wait for a handle runs in a span from `waiting` (the
-    /// request's `relay.enqueue`); without a tunnel, none is made.
+    /// The wait for a handle runs in the span `waiting` makes (the
+    /// request's `relay.enqueue`), made once and only if a tunnel is found.
     pub async fn ready_tunnel(
         &self,
         backend: &str,
@@ -459,11 +478,13 @@ impl Broker {
     ) -> Result<Option<(TunnelRequest, h2::client::SendRequest<Bytes>)>, BrokerError> {
         // Each failed try takes one tunnel off the routes: the bound only
         // matters if tunnels kept arriving and refusing at once.
+        let mut span = None;
         for _ in 0..READY_TRIES {
             let Some(treq) = self.tunnel(backend)? else {
                 return Ok(None);
             };
-            match treq.tunnel.sender().ready().instrument(waiting()).await {
+            let span = span.get_or_insert_with(&waiting).clone();
+            match treq.tunnel.sender().ready().instrument(span).await {
                 Ok(sender) => return Ok(Some((treq, sender))),
                 Err(e) => {
                     tracing::debug!(backend, error = %e, "v2 tunnel refuses new streams; trying the next route");
@@ -472,6 +493,47 @@ impl Broker {
             }
         }
         Ok(None)
+    }
+
+    /// Opens `head`'s stream on `route`, or on the next tunnel of
+    /// `backend` if that connection turned out to refuse it: a GOAWAY can
+    /// be read by its connection's task at any instant after the handle
+    /// was ready. A refused `send_request` sent nothing, so the stream
+    /// goes elsewhere whatever the body (which is sent after this). The
+    /// head is copied for that; a request that h2 itself finds malformed
+    /// fails at once and takes no tunnel off the routes.
+    pub async fn open_stream(
+        &self,
+        backend: &str,
+        route: (TunnelRequest, h2::client::SendRequest<Bytes>),
+        head: &http::Request<()>,
+        end_of_stream: bool,
+    ) -> Result<OpenedStream, h2::Error> {
+        let (mut request, mut sender) = route;
+        let mut tries = 1;
+        loop {
+            let e = match sender.send_request(copy_head(head), end_of_stream) {
+                Ok((response, body)) => {
+                    return Ok(OpenedStream {
+                        request,
+                        response,
+                        body,
+                    });
+                }
+                Err(e) => e,
+            };
+            // A connection-level refusal, not an error of this request.
+            if !(e.is_go_away() || e.is_io()) {
+                return Err(e);
+            }
+            tracing::debug!(backend, error = %e, "v2 tunnel refused a new stream; trying the next route");
+            request.tunnel.refuse_new();
+            match self.ready_tunnel(backend, tracing::Span::none).await {
+                Ok(Some(next)) if tries < READY_TRIES => (request, sender) = next,
+                _ => return Err(e),
+            }
+            tries += 1;
+        }
     }
 
     /// Number of open v2 tunnels.
@@ -928,12 +990,7 @@ mod tests {
         assert!(Arc::ptr_eq(&treq.tunnel, &staying));
         assert!(leaving.is_closed(), "the refusing tunnel left the routes");
         let (_response, _send) = sender
-            .send_request(
-                http::Request::get("http://relay.invalid/")
-                    .body(())
-                    .expect("request"),
-                true,
-            )
+            .send_request(get(), true)
             .expect("the stream opens on the tunnel that stays");
         drop(treq);
 
@@ -955,6 +1012,67 @@ mod tests {
                 .expect("ready")
                 .is_none()
         );
+    }
+
+    fn get() -> http::Request<()> {
+        http::Request::get("http://relay.invalid/")
+            .body(())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_stream_refused_by_a_goaway_read_meanwhile_opens_on_the_next_tunnel() {
+        let b = broker();
+        let (leaving, server, stop) = tunnel_pair().await;
+        b.register_tunnel("r", leaving.clone());
+        // The handle was ready; then the relay-client's GOAWAY was read
+        // before the stream was opened, and a second tunnel came up.
+        let route = b
+            .ready_tunnel("r", tracing::Span::none)
+            .await
+            .expect("ready")
+            .expect("a tunnel");
+        let (staying, _server, _stop) = tunnel_pair().await;
+        b.register_tunnel("r", staying.clone());
+        go_away(&leaving, server, stop).await;
+        let opened = b
+            .open_stream("r", route, &get(), true)
+            .await
+            .expect("opened on the next tunnel");
+        assert!(Arc::ptr_eq(&opened.request.tunnel, &staying));
+        assert!(leaving.is_closed());
+        assert_eq!(leaving.in_flight(), 0, "the refused try is not counted");
+        assert_eq!(staying.in_flight(), 1);
+        drop(opened);
+
+        // A request that h2 refuses for itself (a connection-specific
+        // header) fails without taking the tunnel off the routes.
+        let route = b
+            .ready_tunnel("r", tracing::Span::none)
+            .await
+            .expect("ready")
+            .expect("a tunnel");
+        let mut bad = get();
+        bad.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("x"),
+        );
+        assert!(b.open_stream("r", route, &bad, true).await.is_err());
+        assert!(!staying.is_closed());
+
+        // With no tunnel left, the stream's error is the answer.
+        let b = broker();
+        let (leaving, server, stop) = tunnel_pair().await;
+        b.register_tunnel("r", leaving.clone());
+        let route = b
+            .ready_tunnel("r", tracing::Span::none)
+            .await
+            .expect("ready")
+            .expect("a tunnel");
+        go_away(&leaving, server, stop).await;
+        let refused = b.open_stream("r", route, &get(), true).await;
+        assert!(refused.is_err_and(|e| e.is_go_away()));
+        assert!(leaving.is_closed());
     }
 
     #[tokio::test]

@@ -290,13 +290,13 @@ async fn keep_alive(pings: Option<h2::PingPong>, heard: Arc<AtomicU64>) -> Strin
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;
 
-/// Relays one user request as a stream on `treq`'s tunnel.
+/// Relays one user request as a stream on the tunnel of `route_to`
+/// (`Broker::ready_tunnel`).
 pub async fn relay(
     state: &State,
     mut req: Request<Incoming>,
     route: Route,
-    treq: TunnelRequest,
-    mut sender: h2::client::SendRequest<Bytes>,
+    route_to: (TunnelRequest, h2::client::SendRequest<Bytes>),
     span: &tracing::Span,
 ) -> Result<Response<Body>, RelayError> {
     let upgrade = super::user::upgrade_token(&req);
@@ -398,9 +398,12 @@ pub async fn relay(
             .entry(header::CONTENT_LENGTH)
             .or_insert_with(|| HeaderValue::from(len));
     }
-    let (response, send) = sender
-        .send_request(out, body_done)
+    let opened = state
+        .broker
+        .open_stream(&route.backend, route_to, &out, body_done)
+        .await
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
+    let (treq, response, send) = (opened.request, opened.response, opened.body);
     // The body is sent beside the response, on its own task: a full-duplex
     // call reads answers while it still sends. The response side going
     // away ends it, except for an upgraded connection: there the user's

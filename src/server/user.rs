@@ -203,8 +203,8 @@ async fn relay_admitted(
             child(traced, || tracing::info_span!("relay.enqueue"))
         })
         .await?;
-    if let Some((treq, sender)) = ready {
-        return super::tunnel::relay(state, req, route, treq, sender, &span).await;
+    if let Some(route_to) = ready {
+        return super::tunnel::relay(state, req, route, route_to, &span).await;
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
