@@ -982,11 +982,7 @@ mod tests {
         // equally loaded, it is the first one picked.
         go_away(&leaving, server, stop).await;
         assert!(!leaving.is_closed());
-        let (treq, mut sender) = b
-            .ready_tunnel("r", tracing::Span::none)
-            .await
-            .expect("ready")
-            .expect("a tunnel takes it");
+        let (treq, mut sender) = route_of_r(&b).await;
         assert!(Arc::ptr_eq(&treq.tunnel, &staying));
         assert!(leaving.is_closed(), "the refusing tunnel left the routes");
         let (_response, _send) = sender
@@ -1014,6 +1010,14 @@ mod tests {
         );
     }
 
+    /// The route `ready_tunnel` finds for backend "r"; there must be one.
+    async fn route_of_r(b: &Broker) -> (TunnelRequest, h2::client::SendRequest<Bytes>) {
+        b.ready_tunnel("r", tracing::Span::none)
+            .await
+            .expect("ready")
+            .expect("a tunnel takes it")
+    }
+
     fn get() -> http::Request<()> {
         http::Request::get("http://relay.invalid/")
             .body(())
@@ -1027,11 +1031,7 @@ mod tests {
         b.register_tunnel("r", leaving.clone());
         // The handle was ready; then the relay-client's GOAWAY was read
         // before the stream was opened, and a second tunnel came up.
-        let route = b
-            .ready_tunnel("r", tracing::Span::none)
-            .await
-            .expect("ready")
-            .expect("a tunnel");
+        let route = route_of_r(&b).await;
         let (staying, _server, _stop) = tunnel_pair().await;
         b.register_tunnel("r", staying.clone());
         go_away(&leaving, server, stop).await;
@@ -1047,11 +1047,7 @@ mod tests {
 
         // A request that h2 refuses for itself (a connection-specific
         // header) fails without taking the tunnel off the routes.
-        let route = b
-            .ready_tunnel("r", tracing::Span::none)
-            .await
-            .expect("ready")
-            .expect("a tunnel");
+        let route = route_of_r(&b).await;
         let mut bad = get();
         bad.headers_mut().insert(
             http::header::CONNECTION,
@@ -1064,11 +1060,7 @@ mod tests {
         let b = broker();
         let (leaving, server, stop) = tunnel_pair().await;
         b.register_tunnel("r", leaving.clone());
-        let route = b
-            .ready_tunnel("r", tracing::Span::none)
-            .await
-            .expect("ready")
-            .expect("a tunnel");
+        let route = route_of_r(&b).await;
         go_away(&leaving, server, stop).await;
         let refused = b.open_stream("r", route, &get(), true).await;
         assert!(refused.is_err_and(|e| e.is_go_away()));

@@ -28,6 +28,14 @@ pub const HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Whether `headers` holds one of `names`. One pass over the names a
+/// message holds is cheaper than a lookup for each of `names`, and
+/// usually none of them is there: on the hot path, the removals are made
+/// only when there is something to remove.
+pub fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(k))
+}
+
 /// One header value; repeated headers travel as one entry per value.
 ///
 /// The .proto declares both fields `string`, but Go peers send whatever

@@ -452,7 +452,9 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
     let uri = format!("{}{}", ctx.backend_base, pq);
     let mut headers = parts.headers;
     headers.remove(v2::REQUEST_ID);
-    headers.remove(v2::UPGRADE);
+    if upgrade.is_some() {
+        headers.remove(v2::UPGRADE);
+    }
     headers.remove(header::HOST);
     if !ctx.cfg.backend_http2
         && let Some(authority) = parts
@@ -539,8 +541,10 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
         return switched(resp, user_bytes);
     }
     let (mut head, body) = resp.into_parts();
-    for name in &crate::proto::HOP_BY_HOP {
-        head.headers.remove(name);
+    if crate::proto::holds_any(&head.headers, &crate::proto::HOP_BY_HOP) {
+        for name in &crate::proto::HOP_BY_HOP {
+            head.headers.remove(name);
+        }
     }
     Response::from_parts(head, body.map_err(BoxError::from).boxed())
 }

@@ -287,6 +287,12 @@ async fn keep_alive(pings: Option<h2::PingPong>, heard: Arc<AtomicU64>) -> Strin
     }
 }
 
+/// The relay-client's own headers on a response head, not the backend's.
+const RELAY_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static(v2::STATUS),
+    HeaderName::from_static(v2::UPGRADE),
+];
+
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;
 
@@ -437,8 +443,10 @@ pub async fn relay(
         .headers
         .get(v2::STATUS)
         .is_some_and(|v| v.as_bytes() == b"101");
-    head.headers.remove(v2::STATUS);
-    head.headers.remove(v2::UPGRADE);
+    if crate::proto::holds_any(&head.headers, &RELAY_HEADERS) {
+        head.headers.remove(v2::STATUS);
+        head.headers.remove(v2::UPGRADE);
+    }
 
     if let (true, Some(on_upgrade), Some(to_backend), Some(token)) =
         (switched, on_upgrade, to_backend, upgrade)

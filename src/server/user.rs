@@ -71,6 +71,9 @@ use crate::proto::HOP_BY_HOP;
 /// upgrade, `Connection` and `Upgrade` are what the backend must see.
 /// `TE: trailers` stays: gRPC backends require it.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if !crate::proto::holds_any(headers, &HOP_BY_HOP) && !headers.contains_key(header::TE) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
