@@ -12,11 +12,6 @@ use http_relay::auth::dev::DevIssuer;
 use http_relay::config::{self, ClientConfig, Flags, ServerConfig};
 use http_relay::telemetry::{self, LogFormat, Telemetry};
 
-/// See the `jemalloc` feature in `Cargo.toml` for why.
-#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Parser)]
 #[command(
     name = "http-relay",
