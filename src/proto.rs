@@ -36,6 +36,16 @@ pub fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
     headers.keys().any(|k| names.contains(k))
 }
 
+/// Removes every header named in `names`, looking each one up only when
+/// [`holds_any`] found one.
+pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if holds_any(headers, names) {
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
 /// One header value; repeated headers travel as one entry per value.
 ///
 /// The .proto declares both fields `string`, but Go peers send whatever

@@ -541,11 +541,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
         return switched(resp, user_bytes);
     }
     let (mut head, body) = resp.into_parts();
-    if crate::proto::holds_any(&head.headers, &crate::proto::HOP_BY_HOP) {
-        for name in &crate::proto::HOP_BY_HOP {
-            head.headers.remove(name);
-        }
-    }
+    crate::proto::remove_all(&mut head.headers, &crate::proto::HOP_BY_HOP);
     Response::from_parts(head, body.map_err(BoxError::from).boxed())
 }
 
@@ -554,9 +550,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
 /// with the stream's two bodies, each read written at once.
 fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body> {
     let mut headers = resp.headers().clone();
-    for name in &crate::proto::HOP_BY_HOP {
-        headers.remove(name);
-    }
+    crate::proto::remove_all(&mut headers, &crate::proto::HOP_BY_HOP);
     headers.insert(v2::STATUS, HeaderValue::from_static("101"));
     let on_upgrade = hyper::upgrade::on(resp);
     let (to_user, from_backend) = mpsc::channel::<Bytes>(8);

@@ -443,10 +443,7 @@ pub async fn relay(
         .headers
         .get(v2::STATUS)
         .is_some_and(|v| v.as_bytes() == b"101");
-    if crate::proto::holds_any(&head.headers, &RELAY_HEADERS) {
-        head.headers.remove(v2::STATUS);
-        head.headers.remove(v2::UPGRADE);
-    }
+    crate::proto::remove_all(&mut head.headers, &RELAY_HEADERS);
 
     if let (true, Some(on_upgrade), Some(to_backend), Some(token)) =
         (switched, on_upgrade, to_backend, upgrade)
