@@ -22,7 +22,6 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use crate::proto::{HttpRequest, MAX_TRAILER_BYTES, MAX_TRAILERS, ProtoError, ResponseChunk};
 
@@ -483,8 +482,9 @@ impl Broker {
             let Some(treq) = self.tunnel(backend)? else {
                 return Ok(None);
             };
-            let span = span.get_or_insert_with(&waiting).clone();
-            match treq.tunnel.sender().ready().instrument(span).await {
+            // Held, not entered (see `server::user::child`).
+            span.get_or_insert_with(&waiting);
+            match treq.tunnel.sender().ready().await {
                 Ok(sender) => return Ok(Some((treq, sender))),
                 Err(e) => {
                     tracing::debug!(backend, error = %e, "v2 tunnel refuses new streams; trying the next route");
@@ -685,7 +685,8 @@ impl Broker {
             self.inner.cfg.inactive_request,
             pending.responses.send(chunk),
         );
-        let sent = send.instrument(span).await;
+        let sent = send.await;
+        drop(span);
         if let Some(reason) = refused {
             // Whether or not the user-client was still there to be told,
             // this request is over.

@@ -122,9 +122,8 @@ async fn forward_inner(
     // Bounded: a backend that never answers must not keep a task and a
     // socket here long after the user-client got its 504.
     let limit = ctx.cfg.backend_timeout;
-    let called = tokio::time::timeout(limit, ctx.backend.request(backend_req))
-        .instrument(backend_span.clone())
-        .await;
+    // The span is held across the call, not entered on each poll.
+    let called = tokio::time::timeout(limit, ctx.backend.request(backend_req)).await;
     let resp = match called {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

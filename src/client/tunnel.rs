@@ -511,9 +511,8 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
     };
     *out.headers_mut() = headers;
     let limit = ctx.cfg.backend_timeout;
-    let called = tokio::time::timeout(limit, ctx.backend_stream.request(out))
-        .instrument(backend_span.clone())
-        .await;
+    // The span is held across the call, not entered on each poll.
+    let called = tokio::time::timeout(limit, ctx.backend_stream.request(out)).await;
     if let Ok(Ok(r)) = &called {
         backend_span.record("http.response.status_code", i64::from(r.status().as_u16()));
     } else {

@@ -35,7 +35,6 @@ use crate::broker::{BrokerError, Tunnel, TunnelRequest};
 use crate::error::RelayError;
 use crate::proto::v2;
 use crate::telemetry::{self, metrics::Direction};
-use tracing::Instrument as _;
 
 /// `GET /server/connect?server=<name>` with `Upgrade: http-relay-v2`:
 /// verifies the relay token for `<name>` and turns the connection into
@@ -426,10 +425,11 @@ pub async fn relay(
         Some(exchange)
     };
     let inactive = state.cfg.timeouts.inactive_request;
+    let first_chunk = child(traced, || tracing::info_span!("relay.first_chunk"));
     let resp = tokio::time::timeout(inactive, response)
-        .instrument(child(traced, || tracing::info_span!("relay.first_chunk")))
         .await
         .map_err(|_| BrokerError::Inactive(inactive))?;
+    drop(first_chunk);
     let resp = match resp {
         Ok(r) => r,
         Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
