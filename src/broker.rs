@@ -468,7 +468,7 @@ impl Broker {
     /// here and the next route is tried, so that the request is not
     /// failed for that race. Nothing was sent on the refusing connection.
     ///
-    /// The wait for a handle runs in the span `waiting` makes (the
+    /// The wait for a handle is timed by the span `waiting` makes (the
     /// request's `relay.enqueue`), made once and only if a tunnel is found.
     pub async fn ready_tunnel(
         &self,

@@ -500,10 +500,16 @@ async fn the_unsampled_decision_travels_to_the_backend() {
 }
 
 /// A log line written inside an exported span names that span's trace and
-/// span ids, in both log formats (`docs/telemetry.md`).
+/// span ids, in both log formats and on both transports; the line about
+/// one request names its id itself (`docs/telemetry.md`).
 #[tokio::test(flavor = "multi_thread")]
 async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
-    for format in ["json", "human"] {
+    for (format, transport) in [
+        ("json", "v1"),
+        ("human", "v1"),
+        ("json", "v2"),
+        ("human", "v2"),
+    ] {
         let otlp = Receiver::start().await;
         let (server, url) = start_server(Some(&otlp), &[]);
         // Nothing listens on the backend port: the relay-client answers
@@ -512,7 +518,7 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
         cmd.args(["--log-format", format, "client", "--relay-url", &url])
             .args(["--backend-name", "robot-1"])
             .args(["--backend-url", "http://127.0.0.1:9"])
-            .env("HTTP_RELAY_TRANSPORT", "v1")
+            .env("HTTP_RELAY_TRANSPORT", transport)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -530,18 +536,24 @@ async fn log_lines_inside_a_request_carry_its_trace_and_span_ids() {
         let spans = otlp.spans();
         let job = one(&spans, "relay.client.request");
         let (trace, span) = (job.trace_id(), job.span_id());
+        let id = job.string("relay.request_id").unwrap();
+        assert!(!id.is_empty() && id != "-", "{transport}");
         match format {
             "json" => {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
                 assert_eq!(v["trace_id"], trace.as_str(), "{line}");
                 assert_eq!(v["span_id"], span.as_str(), "{line}");
                 assert_eq!(v["fields"]["message"], "answering with an error");
+                assert_eq!(v["fields"]["id"], id.as_str(), "{line}");
             }
-            _ => assert!(
-                line.trim_end()
-                    .ends_with(&format!(" trace_id={trace} span_id={span}")),
-                "{line}"
-            ),
+            _ => {
+                assert!(
+                    line.trim_end()
+                        .ends_with(&format!(" trace_id={trace} span_id={span}")),
+                    "{line}"
+                );
+                assert!(line.contains(&format!(" id={id:?} ")), "{line}");
+            }
         }
     }
 }

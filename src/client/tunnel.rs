@@ -334,8 +334,10 @@ async fn serve(
     }
 }
 
-fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    tracing::warn!(%status, msg, "answering with an error");
+/// An error answer of the relay-client itself; the line names the request
+/// (log lines carry no span fields, `docs/telemetry.md`).
+fn text(status: StatusCode, id: &str, msg: &str) -> Response<Body> {
+    tracing::warn!(id, %status, msg, "answering with an error");
     let mut resp = Response::new(
         Full::new(Bytes::from(format!("{msg}\n")))
             .map_err(|never| match never {})
@@ -351,20 +353,21 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 
 /// One stream of the tunnel: the relayed request, run against the backend.
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
-    // Over the cap: a fast 503 rather than tasks and sockets piling up.
-    let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
-        let max = ctx.cfg.max_concurrent_requests;
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("relay-client busy: {max} requests in flight (max_concurrent_requests)"),
-        );
-    };
     let id = req
         .headers()
         .get(v2::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    // Over the cap: a fast 503 rather than tasks and sockets piling up.
+    let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
+        let max = ctx.cfg.max_concurrent_requests;
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &id,
+            &format!("relay-client busy: {max} requests in flight (max_concurrent_requests)"),
+        );
+    };
     let span = telemetry::request_span(req.headers(), || {
         tracing::info_span!(
             "relay.client.request",
@@ -375,7 +378,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             otel.status_code = tracing::field::Empty,
         )
     });
-    let resp = forward(&ctx, req, &span).instrument(span.clone()).await;
+    let resp = forward(&ctx, req, &span, &id)
+        .instrument(span.clone())
+        .await;
     span.record(
         "http.response.status_code",
         i64::from(resp.status().as_u16()),
@@ -445,7 +450,12 @@ impl Drop for ClientChunks {
     }
 }
 
-async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Response<Body> {
+async fn forward(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    span: &tracing::Span,
+    id: &str,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let upgrade = parts.headers.get(v2::UPGRADE).cloned();
     let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -505,6 +515,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
         Err(e) => {
             return text(
                 StatusCode::BAD_REQUEST,
+                id,
                 &format!("invalid request URL {uri:?}: {e}"),
             );
         }
@@ -525,6 +536,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
             span.record("otel.status_code", "ERROR");
             return text(
                 StatusCode::BAD_GATEWAY,
+                id,
                 &format!("backend unreachable: {e}"),
             );
         }
@@ -532,6 +544,7 @@ async fn forward(ctx: &Ctx, req: Request<Incoming>, span: &tracing::Span) -> Res
             span.record("otel.status_code", "ERROR");
             return text(
                 StatusCode::GATEWAY_TIMEOUT,
+                id,
                 &format!("backend did not answer within {limit:?}"),
             );
         }
