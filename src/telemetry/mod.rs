@@ -137,7 +137,7 @@ pub fn init(
     // (`log::TraceIds`), not the request span's fields: those spans exist
     // only while exporting, so lines read the same with export on or off,
     // and formatting every request span's fields (at creation and at each
-    // `record`) for the few lines ever written cost about 7 % of the
+    // `record`) for the few lines ever written cost about 6 % of the
     // server's instructions at 100 % sampling.
     let filter = filter.and(
         tracing_subscriber::filter::filter_fn(|m| !m.is_span())
