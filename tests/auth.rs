@@ -715,6 +715,24 @@ async fn client_credentials_post() {
     client_credentials(ClientAuthMethod::ClientSecretPost).await;
 }
 
+/// A token endpoint that redirects is not followed: a 307 would carry the
+/// client secret wherever it points, past the endpoint's `https` check.
+#[tokio::test]
+async fn client_credentials_do_not_follow_a_redirect() {
+    let idp = Idp::start().await;
+    idp.add_client("robot-1", "pw");
+    idp.set_token_redirect(true);
+    let backend = Backend::start().await;
+    let relay = relay_with(&idp, |_| {}).await;
+    let secret = token_file("pw");
+    let mut cfg = credentials_client(&relay, &idp, &backend, &secret);
+    cfg.auth.client_auth = ClientAuthMethod::ClientSecretPost;
+    let _client = RelayClient::start(cfg);
+    // A second call means the first fetch, redirect and all, is over.
+    eventually(|| async { (idp.token_calls().len() >= 2).then_some(()) }).await;
+    assert_eq!(idp.elsewhere_calls(), 0, "the redirect was followed");
+}
+
 /// One user request for robot-1 through the relay; its status.
 async fn relayed(http: &reqwest::Client, relay: &Relay, user: &str) -> u16 {
     let req = http

@@ -102,6 +102,30 @@ async fn requests_travel_as_streams_of_one_connection() {
     assert_eq!(cookies, ["a=1", "b=2"]);
 }
 
+/// The relay's own headers come from the server alone: a user who sends
+/// `x-relay-upgrade` does not turn a plain POST into an upgrade (which
+/// would drop its body and hand it a raw pipe to the backend).
+#[tokio::test]
+async fn user_sent_relay_headers_are_not_taken_for_the_servers() {
+    let (relay, _client, _backend) = v2_stack(|_| {}).await;
+    let resp = relay
+        .http()
+        .post(format!("{}/client/robot-1/echo", relay.url))
+        .header("x-relay-upgrade", "websocket")
+        .header("x-relay-status", "101")
+        .header("x-relay-request-id", "robot-1:forged")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("method: POST\n"), "{text}");
+    assert!(!text.contains("upgrade"), "switched: {text}");
+    assert!(!text.contains("forged"), "{text}");
+    assert!(text.ends_with("\n\nhello"), "{text}");
+}
+
 #[tokio::test]
 async fn large_bodies_stream_both_ways_byte_exact() {
     let (relay, _client, _backend) = v2_stack(|c| {
@@ -630,6 +654,34 @@ async fn a_tunnel_does_not_outlive_its_token_and_a_fresh_one_keeps_it_serving() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tunnels(1.0).await;
+}
+
+/// RFC 7519 allows a decimal NumericDate, and the verifier accepts one:
+/// the tunnel must still close when such a token expires.
+#[tokio::test]
+async fn a_token_with_a_decimal_exp_does_not_outlive_it_either() {
+    let idp = common::idp::Idp::start().await;
+    let backend = Backend::start().await;
+    let relay = jwt_relay(&idp).await;
+    let mut claims = idp.claims("r/robot-1", "robot");
+    claims["exp"] = serde_json::json!(jsonwebtoken::get_current_timestamp() as f64 + 4.5);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), idp.sign("rsa-1", &claims)).unwrap();
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V2;
+    cfg.auth.token_file = Some(file.path().to_owned());
+    let _client = RelayClient::start(cfg);
+    let http = relay.http();
+    for want in [1.0, 0.0] {
+        wait_gauge(
+            &http,
+            &relay.url,
+            "relay_tunnels",
+            want,
+            Duration::from_secs(15),
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -30,6 +30,26 @@ pub enum TokenError {
     Discovery(String, String),
     #[error("token endpoint failed ({last}); next attempt in {retry_in:?}")]
     Backoff { last: String, retry_in: Duration },
+    #[error("{0} answered more than {MAX_RESPONSE} bytes")]
+    TooLarge(String),
+    #[error("token endpoint answered with malformed JSON: {0}")]
+    Malformed(serde_json::Error),
+}
+
+/// Largest discovery document or token response read: a misbehaving
+/// identity provider cannot make the relay-client buffer without bound.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// The body of `resp`, at most [`MAX_RESPONSE`] bytes of it.
+async fn read_capped(mut resp: reqwest::Response, what: &str) -> Result<Vec<u8>, TokenError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX_RESPONSE {
+            return Err(TokenError::TooLarge(what.to_owned()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Longest token lifetime believed: an IdP's `expires_in` is clamped to
@@ -184,6 +204,10 @@ impl ClientCredentials {
             method: cfg.client_auth,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                // No redirects: the `https` check covers the endpoint
+                // configured or discovered, not where a redirect leads,
+                // and a 307 would send the secret along.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             token_endpoint: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
@@ -281,15 +305,17 @@ impl ClientCredentials {
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
         );
-        let doc: Discovery = self
+        let resp = self
             .http
             .get(&url)
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?
-            .json()
+            .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?;
+        let body = read_capped(resp, &url)
             .await
+            .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?;
+        let doc: Discovery = serde_json::from_slice(&body)
             .map_err(|e| TokenError::Discovery(url.clone(), e.to_string()))?;
         if !crate::config::is_secure_or_loopback(&doc.token_endpoint) {
             return Err(TokenError::Discovery(
@@ -331,13 +357,14 @@ impl ClientCredentials {
         let resp = req.form(&form).send().await?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
+            let body = read_capped(resp, &endpoint).await.unwrap_or_default();
             return Err(TokenError::Refused {
                 status: status.as_u16(),
-                body: body.chars().take(300).collect(),
+                body: String::from_utf8_lossy(&body).chars().take(300).collect(),
             });
         }
-        let tok: TokenResponse = resp.json().await?;
+        let body = read_capped(resp, &endpoint).await?;
+        let tok: TokenResponse = serde_json::from_slice(&body).map_err(TokenError::Malformed)?;
         let lifetime = Duration::from_secs(tok.expires_in.unwrap_or(300).max(1)).min(MAX_LIFETIME);
         tracing::debug!(lifetime = ?lifetime, "fetched relay token");
         Ok((tok.access_token, lifetime))

@@ -136,6 +136,22 @@ pub struct Claims {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
+impl Claims {
+    /// `exp` in seconds since the epoch, read as the verifier read it:
+    /// `jsonwebtoken` accepts a decimal NumericDate (RFC 7519, section 2)
+    /// and rounds it, so a tunnel opened with such a token must still
+    /// learn when it expires.
+    pub fn expires_at(&self) -> Option<u64> {
+        let exp = self.other.get("exp")?;
+        exp.as_u64().or_else(|| {
+            let f = exp.as_f64()?;
+            // Bounded and finite, as the verifier requires.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
+        })
+    }
+}
+
 /// Whether the JWK's key type (and curve, and `alg` if it names one) fits
 /// the token's algorithm: no key confusion.
 fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {

@@ -554,6 +554,8 @@ async fn forward(
     }
     let (mut head, body) = resp.into_parts();
     crate::proto::remove_all(&mut head.headers, &crate::proto::HOP_BY_HOP);
+    // Only the relay-client says that a stream switched.
+    head.headers.remove(v2::STATUS);
     Response::from_parts(head, body.map_err(BoxError::from).boxed())
 }
 
@@ -589,12 +591,18 @@ fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body
         // Owns the sender: the stream's response body ends (END_STREAM)
         // as soon as the backend closes its side.
         let to_user_side = async move {
+            // Reads share an allocation until it is full (as the server's
+            // side of the pipe does): a queued keystroke does not pin a
+            // whole read buffer.
+            let mut buf = BytesMut::new();
             loop {
-                let mut buf = BytesMut::with_capacity(PIPE_READ);
+                if buf.capacity() - buf.len() < PIPE_READ / 16 {
+                    buf.reserve(PIPE_READ);
+                }
                 match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        if to_user.send(buf.freeze()).await.is_err() {
+                        if to_user.send(buf.split().freeze()).await.is_err() {
                             break;
                         }
                     }

@@ -28,8 +28,9 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
     progress: Progress,
     mut on_read: impl FnMut(usize),
 ) -> bool {
+    let mut buf = BytesMut::new();
     loop {
-        let mut buf = BytesMut::with_capacity(PIPE_READ);
+        spare(&mut buf);
         match rd.read_buf(&mut buf).await {
             Ok(0) => return true,
             Err(_) => return false,
@@ -37,11 +38,24 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
                 progress.moved();
                 metrics.bytes(Direction::ToBackend, n);
                 on_read(n);
-                if to_backend.send(buf.freeze()).await.is_err() {
+                if to_backend.send(buf.split().freeze()).await.is_err() {
                     return false;
                 }
             }
         }
+    }
+}
+
+/// Below this much room, the next read gets a fresh [`PIPE_READ`].
+const MIN_SPARE: usize = 4096;
+
+/// Makes room for the next read in `buf`. Reads are split off the same
+/// allocation until it is full, so queued small reads (a keystroke each)
+/// share one buffer instead of pinning a whole [`PIPE_READ`] apiece; the
+/// allocation is reused once every read split off it has been sent.
+pub(crate) fn spare(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < MIN_SPARE {
+        buf.reserve(PIPE_READ);
     }
 }
 

@@ -60,7 +60,7 @@ pub async fn connect(
     if state.broker.is_draining() {
         return Err(BrokerError::Draining.into());
     }
-    let expires = claims.as_ref().and_then(token_lifetime);
+    let expires = claims.as_ref().map(token_lifetime);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let place = super::conn::Place::of(req.extensions());
     tokio::spawn(super::conn::Place::hold(
@@ -78,10 +78,14 @@ pub async fn connect(
 
 /// How long the token behind a tunnel stays valid: the connection does
 /// not outlive it (the relay-client reconnects with a fresh token first).
-fn token_lifetime(claims: &Claims) -> Option<Duration> {
-    let exp = claims.other.get("exp")?.as_u64()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(exp.saturating_sub(now)))
+/// A verified token always has an `exp`; one that cannot be read (or a
+/// clock before 1970) gives no time at all rather than forever.
+fn token_lifetime(claims: &Claims) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(u64::MAX, |d| d.as_secs());
+    let left = claims.expires_at().map_or(0, |exp| exp.saturating_sub(now));
+    Duration::from_secs(left)
 }
 
 /// Runs one tunnel: the HTTP/2 handshake (the server as the client), the
@@ -286,8 +290,11 @@ async fn keep_alive(pings: Option<h2::PingPong>, heard: Arc<AtomicU64>) -> Strin
     }
 }
 
-/// The relay-client's own headers on a response head, not the backend's.
-const RELAY_HEADERS: [HeaderName; 2] = [
+/// The relay's own headers: set by the server on a stream's request and
+/// by the relay-client on its response head, never passed through from a
+/// user or a backend.
+const RELAY_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static(v2::REQUEST_ID),
     HeaderName::from_static(v2::STATUS),
     HeaderName::from_static(v2::UPGRADE),
 ];
@@ -318,6 +325,10 @@ pub async fn relay(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, false);
+    // The relay's own headers are the server's word to the relay-client
+    // (`docs/transport-v2.md`, "Framing"): a user's copy would be taken
+    // for it (an `x-relay-upgrade` would switch a plain request).
+    crate::proto::remove_all(&mut headers, &RELAY_HEADERS);
     if upgrade.is_some() {
         // The stream's body is the connection's bytes after the switch: a
         // declared length (a WebSocket GET may carry `content-length: 0`)

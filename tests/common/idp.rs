@@ -105,6 +105,8 @@ struct Shared {
     token_ttl: Mutex<u64>,
     token_delay: Mutex<Duration>,
     token_fail: AtomicBool,
+    token_redirect: AtomicBool,
+    elsewhere_calls: AtomicUsize,
     tokens_issued: AtomicUsize,
     token_in_flight: AtomicUsize,
     token_max_in_flight: AtomicUsize,
@@ -140,6 +142,8 @@ impl Idp {
             token_ttl: Mutex::new(3600),
             token_delay: Mutex::new(Duration::ZERO),
             token_fail: AtomicBool::new(false),
+            token_redirect: AtomicBool::new(false),
+            elsewhere_calls: AtomicUsize::new(0),
             tokens_issued: AtomicUsize::new(0),
             token_in_flight: AtomicUsize::new(0),
             token_max_in_flight: AtomicUsize::new(0),
@@ -268,6 +272,17 @@ impl Idp {
     }
 
     /// Every call of the token endpoint, answered or not, in arrival order.
+    /// The token endpoint answers `307` to `/elsewhere` (after recording
+    /// the call), as a misconfigured front end might.
+    pub fn set_token_redirect(&self, redirect: bool) {
+        self.shared.token_redirect.store(redirect, Ordering::SeqCst);
+    }
+
+    /// Requests that reached `/elsewhere`.
+    pub fn elsewhere_calls(&self) -> usize {
+        self.shared.elsewhere_calls.load(Ordering::SeqCst)
+    }
+
     pub fn token_calls(&self) -> Vec<TokenCall> {
         self.shared.token_calls.lock().unwrap().clone()
     }
@@ -351,6 +366,12 @@ async fn handle(
                 basic_auth: basic.clone(),
                 at: Instant::now(),
             });
+            if s.token_redirect.load(Ordering::SeqCst) {
+                let mut r = status(StatusCode::TEMPORARY_REDIRECT, "");
+                let to = format!("{}/elsewhere", s.url);
+                r.headers_mut().insert("location", to.parse().unwrap());
+                return Ok(r);
+            }
             let delay = *s.token_delay.lock().unwrap();
             tokio::time::sleep(delay).await;
             if s.token_fail.load(Ordering::SeqCst) {
@@ -410,6 +431,10 @@ async fn handle(
                 "token_type": "Bearer",
                 "expires_in": ttl,
             }))
+        }
+        "/elsewhere" => {
+            s.elsewhere_calls.fetch_add(1, Ordering::SeqCst);
+            status(StatusCode::NOT_FOUND, "not found")
         }
         _ => status(StatusCode::NOT_FOUND, "not found"),
     })
