@@ -33,6 +33,8 @@ const RESPONSE_CHANNEL: usize = 4;
 const STREAM_CHANNEL: usize = 16;
 /// Largest answer to one `/server/requeststream` call.
 const MAX_STREAM_READ: usize = 1 << 20;
+/// Longest request-stream read while the server drains.
+const DRAINING_WAIT: Duration = Duration::from_secs(1);
 /// Tunnels one request tries before it falls back to v1 polls, each one
 /// found refusing (`Broker::ready_tunnel`).
 const READY_TRIES: usize = 8;
@@ -707,13 +709,26 @@ impl Broker {
     /// Next user-to-backend bytes of an upgraded request: waits up to the
     /// poll timeout and then answers empty; [`BrokerError::StreamClosed`]
     /// once the user-client closed its side or the request is gone.
+    ///
+    /// While the server drains, a read waits at most [`DRAINING_WAIT`]:
+    /// short enough not to hold up the shutdown, long enough that the
+    /// relay-client's next read does not come back at once, round after
+    /// round, for the rest of the shutdown.
     pub async fn request_stream(&self, id: &str) -> Result<Bytes, BrokerError> {
         let pending = self.pending(id).map_err(|_| BrokerError::StreamClosed)?;
         let mut rx = pending.stream.lock().await;
+        let draining = self.inner.draining.is_cancelled();
+        let wait = if draining {
+            self.inner.cfg.poll_timeout.min(DRAINING_WAIT)
+        } else {
+            self.inner.cfg.poll_timeout
+        };
         let first = tokio::select! {
+            // Queued bytes first, whatever else is ready.
+            biased;
             r = rx.recv() => r,
-            () = tokio::time::sleep(self.inner.cfg.poll_timeout) => return Ok(Bytes::new()),
-            () = self.inner.draining.cancelled() => return Ok(Bytes::new()),
+            () = tokio::time::sleep(wait) => return Ok(Bytes::new()),
+            () = self.inner.draining.cancelled(), if !draining => return Ok(Bytes::new()),
         };
         let Some(first) = first else {
             return Err(BrokerError::StreamClosed);
@@ -1290,6 +1305,46 @@ mod tests {
         assert!(b.reap_backends().is_empty());
         assert!(b.poll("r").await.is_ok());
         assert!(user.await.unwrap().is_ok());
+    }
+
+    /// During a drain a request-stream read still waits (briefly) for
+    /// bytes: the relay-client's reads do not spin.
+    #[tokio::test(start_paused = true)]
+    async fn request_stream_reads_wait_while_draining() {
+        let b = Broker::new(BrokerConfig {
+            poll_timeout: Duration::from_secs(30),
+            relay_timeout: Duration::from_secs(30),
+            inactive_request: Duration::from_secs(300),
+            inactive_backend: Duration::from_secs(300),
+        });
+        let poller = {
+            let b = b.clone();
+            tokio::spawn(async move { b.poll("r").await })
+        };
+        tokio::task::yield_now().await;
+        let mut ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
+        let id = poller.await.unwrap().unwrap().id.unwrap();
+        let to_backend = ex.take_stream().unwrap();
+        // A read waiting when the drain begins is answered at once.
+        let reader = {
+            let b = b.clone();
+            let id = id.clone();
+            tokio::spawn(async move { b.request_stream(&id).await })
+        };
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        b.begin_drain();
+        assert!(reader.await.unwrap().unwrap().is_empty());
+        assert!(started.elapsed() < Duration::from_millis(10));
+        // Later reads wait for bytes, up to the draining wait.
+        let started = tokio::time::Instant::now();
+        assert!(b.request_stream(&id).await.unwrap().is_empty());
+        assert_eq!(started.elapsed(), DRAINING_WAIT);
+        to_backend.send(Bytes::from_static(b"typed")).await.unwrap();
+        assert_eq!(b.request_stream(&id).await.unwrap(), "typed");
     }
 
     #[tokio::test]

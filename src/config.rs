@@ -203,7 +203,8 @@ pub struct ServerTimeouts {
     /// How long a relay-client's poll waits for a request before 408.
     #[serde(with = "humantime_serde")]
     pub poll: Duration,
-    /// A relayed request with no chunk for this long is reaped.
+    /// A relayed request with no chunk for this long is reaped; a chunk
+    /// post whose body is not complete after it is answered 400.
     #[serde(with = "humantime_serde")]
     pub inactive_request: Duration,
     /// A backend that has not polled for this long is forgotten.

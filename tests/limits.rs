@@ -469,6 +469,35 @@ async fn a_silent_connection_is_closed_at_the_header_deadline() {
     assert_eq!(relay.get_text("/healthz").await, "ok");
 }
 
+/// A relay-client's chunk post that stops half way is answered 400 at
+/// `timeouts.inactive_request`: it does not hold its connection and its
+/// buffer for ever.
+#[tokio::test]
+async fn a_chunk_post_that_stalls_is_cut_off_at_the_inactive_deadline() {
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_millis(500);
+    })
+    .await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(
+        b"POST /server/response HTTP/1.1\r\nhost: localhost\r\n\
+          content-length: 100000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+        .await
+        .expect("a stalled chunk post still open after 5 s");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
+
 /// Request headers trickled byte by byte (slowloris) are cut off at
 /// `timeouts.header_read`: the first request's over TLS, and a later
 /// request's on a keep-alive connection.

@@ -88,15 +88,17 @@ impl BodyBudget {
         }
     }
 
+    /// Takes room for `bytes` more; returns the room taken, in bytes
+    /// (whole units).
     async fn reserve(
         &self,
         bytes: u64,
         held: &mut Reserved,
         deadline: tokio::time::Instant,
-    ) -> Result<(), RelayError> {
+    ) -> Result<u64, RelayError> {
         let units = u32::try_from(bytes.div_ceil(UNIT)).map_err(|_| RelayError::BufferFull)?;
         if units == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let permit =
             tokio::time::timeout_at(deadline, self.permits.clone().acquire_many_owned(units))
@@ -107,7 +109,7 @@ impl BodyBudget {
             Some(p) => p.merge(permit),
             None => held.0 = Some(permit),
         }
-        Ok(())
+        Ok(u64::from(units) * UNIT)
     }
 
     /// Reads a whole body of at most `limit` bytes (413 over it) within
@@ -116,20 +118,26 @@ impl BodyBudget {
     /// so concurrent uploads do not each hold a part and wait for the
     /// rest; a body of unknown length takes room as its bytes arrive. Room
     /// not found within the wait, counted once per request, is a 503.
-    pub async fn read(
+    /// Room is held in whole units: a body sent in many small frames
+    /// takes what its bytes need, not a unit per frame.
+    pub async fn read<B>(
         &self,
-        mut body: hyper::body::Incoming,
+        mut body: B,
         limit: u64,
         declared: Option<u64>,
-    ) -> Result<(Bytes, Reserved), RelayError> {
+    ) -> Result<(Bytes, Reserved), RelayError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let deadline = crate::clock::from_now(self.wait);
         let mut held = Reserved::default();
         let mut room = 0u64;
         if let Some(n) = declared {
-            self.reserve(n, &mut held, deadline).await?;
-            room = n;
+            room = self.reserve(n, &mut held, deadline).await?;
         }
-        let mut buf = BytesMut::with_capacity(usize::try_from(room).unwrap_or(0));
+        let capacity = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(capacity);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| RelayError::ReadBody(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
@@ -140,8 +148,7 @@ impl BodyBudget {
                 return Err(RelayError::BodyTooLarge(limit));
             }
             if len > room {
-                self.reserve(len - room, &mut held, deadline).await?;
-                room = len;
+                room += self.reserve(len - room, &mut held, deadline).await?;
             }
             buf.extend_from_slice(&data);
         }
@@ -183,6 +190,22 @@ mod tests {
         budget.reserve(4 * 1024, &mut second, soon()).await.unwrap();
         assert_eq!(budget.permits.available_permits(), 2);
         drop(second);
+        assert_eq!(budget.permits.available_permits(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_of_small_frames_takes_the_room_of_its_bytes() {
+        use http_body_util::StreamBody;
+        // 3,000 one-byte frames need 3 units, not one per frame.
+        let budget = BodyBudget::new(10 * UNIT, Duration::from_secs(2));
+        let frames = (0..3000).map(|_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"x")))
+        });
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let (bytes, held) = budget.read(body, 1 << 20, None).await.unwrap();
+        assert_eq!(bytes.len(), 3000);
+        assert_eq!(budget.permits.available_permits(), 7);
+        drop(held);
         assert_eq!(budget.permits.available_permits(), 10);
     }
 }

@@ -104,7 +104,12 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     gate::relay_cert_presented(state, req.extensions())?;
     let (parts, body) = req.into_parts();
     let limit = state.cfg.limits.max_response_chunk.as_u64();
-    let body = read_limited(body, limit).await?;
+    // A chunk that does not arrive within the time a request may go
+    // without one would hold its connection and buffer for ever.
+    let idle = state.cfg.timeouts.inactive_request;
+    let body = tokio::time::timeout(idle, read_limited(body, limit))
+        .await
+        .map_err(|_| RelayError::ReadBody(format!("chunk not complete after {idle:?}")))??;
     let mut msg = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
     let id = msg.id.take().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.
