@@ -509,6 +509,124 @@ async fn auto_falls_back_to_v1_and_v2_fails_clearly_against_a_v1_only_server() {
     assert_eq!(first.status_code, Some(201));
 }
 
+/// What an ingress in front of a v1 server may answer an upgrade it
+/// cannot pass: `auto` serves over v1 polls after a 403 or a 502, and
+/// `v2` keeps trying after a 502 (a server being restarted behind its
+/// ingress answers so too) instead of giving up.
+#[tokio::test]
+async fn auto_falls_back_after_a_refused_or_failed_upgrade_and_v2_retries_a_gateway_error() {
+    let backend = Backend::start().await;
+    for status in [http::StatusCode::FORBIDDEN, http::StatusCode::BAD_GATEWAY] {
+        let server = common::v1server::V1Server::start().await;
+        server.answer_connect(status);
+        let _client = RelayClient::start(http_relay::config::ClientConfig {
+            relay_url: server.url.clone(),
+            backend_name: "robot".into(),
+            backend_url: backend.url.clone(),
+            transport: Transport::Auto,
+            ..Default::default()
+        });
+        let mut rx = server
+            .send(http_relay::proto::HttpRequest {
+                id: Some("robot:0123456789abcdef0123456789abcdef".into()),
+                method: Some("GET".into()),
+                url: Some("http://invalid/status/201".into()),
+                ..Default::default()
+            })
+            .await;
+        let first = bounded(rx.recv()).await.unwrap();
+        assert_eq!(first.status_code, Some(201), "after {status}");
+    }
+
+    let server = common::v1server::V1Server::start().await;
+    server.answer_connect(http::StatusCode::BAD_GATEWAY);
+    let run = tokio::spawn(http_relay::client::run(
+        http_relay::config::ClientConfig {
+            relay_url: server.url.clone(),
+            backend_name: "robot".into(),
+            backend_url: backend.url.clone(),
+            transport: Transport::V2,
+            ..Default::default()
+        },
+        std::future::pending(),
+    ));
+    eventually(|| async { (server.connect_calls() >= 3).then_some(()) }).await;
+    assert!(!run.is_finished(), "gave up: {:?}", run.await);
+    run.abort();
+}
+
+/// A server (or something on the way) that closes each v2 connection as
+/// soon as it is open does not get a tight loop of reconnects: the
+/// relay-client backs off.
+#[tokio::test]
+async fn connections_closed_at_once_are_redialled_with_backoff() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                accepted.fetch_add(1, SeqCst);
+                // The upgrade succeeds; then the connection ends.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(1..) => {}
+                        _ => break,
+                    }
+                    head.extend_from_slice(&buf);
+                }
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                          upgrade: http-relay-v2\r\n\r\n",
+                    )
+                    .await;
+            }
+        })
+    };
+    let backend = Backend::start().await;
+    let mut cfg = http_relay::config::ClientConfig {
+        relay_url: url,
+        backend_name: "robot".into(),
+        backend_url: backend.url.clone(),
+        ..Default::default()
+    };
+    cfg.transport = Transport::V2;
+    let _client = RelayClient::start(cfg);
+    eventually(|| async { (accepted.load(SeqCst) >= 2).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Backoff from 100 ms, doubling: about five connections in 2 s.
+    let n = accepted.load(SeqCst);
+    assert!(n <= 12, "{n} connections in about 2 s");
+    server.abort();
+}
+
+/// A relay-client told to stop lets its v2 streams in flight finish
+/// before `run` returns (and the process exits).
+#[tokio::test]
+async fn a_stopping_relay_client_finishes_its_v2_streams() {
+    let (relay, mut client, backend) = v2_stack(|_| {}).await;
+    let before = backend.hits.load(SeqCst);
+    let slow = tokio::spawn({
+        let http = relay.http();
+        let url = format!("{}/client/robot-1/slow?ms=1500", relay.url);
+        async move { http.get(url).send().await.unwrap() }
+    });
+    eventually(|| async { (backend.hits.load(SeqCst) > before).then_some(()) }).await;
+    client.stop().await;
+    // `run` returned: the answer has left the relay-client.
+    let resp = tokio::time::timeout(Duration::from_millis(500), slow)
+        .await
+        .expect("the stream was still running after the relay-client stopped")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "slow");
+}
+
 #[tokio::test]
 async fn the_auto_default_uses_v2_against_our_server() {
     let backend = Backend::start().await;

@@ -178,7 +178,7 @@ async fn drive(
                     polls.cancel();
                 }
                 backoff.reset();
-                match tunnel::run(ctx.clone(), &dialer, conn, stop.clone()).await {
+                match tunnel::run(ctx.clone(), &dialer, conn, stop.clone(), &tasks).await {
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 }
@@ -189,9 +189,9 @@ async fn drive(
             TunnelError::NotOffered(status) if ctx.cfg.transport == Transport::V2 => {
                 return Err(ClientError::V2NotOffered(status));
             }
-            TunnelError::NotOffered(status) => {
+            e if ctx.cfg.transport == Transport::Auto && e.falls_back() => {
                 if v1.is_none() {
-                    tracing::info!(%status, reprobe = ?REPROBE, "the server does not offer v2: using v1 polls");
+                    tracing::info!(answer = %e, reprobe = ?REPROBE, "no v2 connection to the server: using v1 polls");
                     let polls = stop.child_token();
                     start_polls(&ctx, &polls, &tasks);
                     v1 = Some(polls);

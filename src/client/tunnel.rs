@@ -24,6 +24,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::{Backoff, Ctx};
@@ -66,20 +67,44 @@ impl TunnelError {
         matches!(self, TunnelError::Refused { .. } | TunnelError::Token(_))
     }
 
-    /// Answers that mean "no v2 on this path", as opposed to a refusal
-    /// of our token or a server that is busy: the fallback signal of
-    /// `transport = "auto"`. A v1-only server answers the unknown path
-    /// with 4xx; an ingress that does not pass the upgrade with 4xx or
-    /// 502/504.
+    /// Answers that say "no v2 on this path" for good: a v1-only server
+    /// answers the unknown path with 4xx (`docs/transport-v2.md`,
+    /// "Negotiation and fallback"). Not: a refusal of our token, a busy
+    /// server, or a gateway error ([`TunnelError::is_gateway_failure`]).
     fn not_offered(status: StatusCode) -> bool {
-        !matches!(
+        let transient = matches!(
             status,
-            StatusCode::SWITCHING_PROTOCOLS
-                | StatusCode::UNAUTHORIZED
+            StatusCode::UNAUTHORIZED
                 | StatusCode::FORBIDDEN
+                | StatusCode::REQUEST_TIMEOUT
                 | StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::SERVICE_UNAVAILABLE
-        )
+        );
+        status != StatusCode::SWITCHING_PROTOCOLS && !status.is_server_error() && !transient
+    }
+
+    /// A gateway's kind of failure (500, 502, 504, 408): an ingress that
+    /// cannot pass the upgrade answers so, and so does one in front of a
+    /// server that is restarting. `auto` tries v1 meanwhile; `v2` retries.
+    fn is_gateway_failure(&self) -> bool {
+        matches!(self, TunnelError::Status { status, .. } if matches!(
+            *status,
+            StatusCode::INTERNAL_SERVER_ERROR
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::GATEWAY_TIMEOUT
+                | StatusCode::REQUEST_TIMEOUT
+        ))
+    }
+
+    /// Whether `transport = "auto"` runs v1 polls after this failure to
+    /// open a tunnel (and probes v2 again later): the server said it has
+    /// no v2, a gateway failed on the upgrade, or the upgrade was refused
+    /// (an ingress may refuse an upgrade it does not know with 403; v1
+    /// polls then tell whether the token itself is refused).
+    pub fn falls_back(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::NotOffered(_) | TunnelError::Refused { .. }
+        ) || self.is_gateway_failure()
     }
 }
 
@@ -200,7 +225,11 @@ impl Dialer {
             .map(|c| String::from_utf8_lossy(&c.to_bytes()).trim().to_owned())
             .unwrap_or_default();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            if let Some(sent) = &token {
+            // A 401 may be cured by a fresh token; a 403 (a token for
+            // another name, or an ingress refusing the upgrade) is not.
+            if status == StatusCode::UNAUTHORIZED
+                && let Some(sent) = &token
+            {
                 ctx.transport.tokens().invalidate(sent).await;
             }
             return Err(TunnelError::Refused { status, body });
@@ -228,16 +257,22 @@ fn renewal_in(token: Option<&str>) -> Option<Duration> {
     Some(crate::auth::client::refresh_after(left).max(Duration::from_secs(1)))
 }
 
+/// A connection that lasted this long was a working one: the next
+/// reconnect starts the backoff afresh.
+const STABLE: Duration = Duration::from_secs(10);
+
 /// Keeps a v2 connection up until `stop`: serves `first`, reconnects when
 /// a connection ends, and replaces each connection with a fresh one (a
 /// fresh token) before its token expires; the old one finishes its
 /// streams. Returns [`TunnelError::NotOffered`] if a reconnect finds v2
-/// gone (the caller falls back to v1).
+/// gone (the caller falls back to v1). Each connection is served on
+/// `tasks`, so that a shutdown waits for its streams in flight.
 pub async fn run(
     ctx: Arc<Ctx>,
     dialer: &Dialer,
     first: (Upgraded, Option<String>),
     stop: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Result<(), TunnelError> {
     let mut next = Some(first);
     let mut backoff = Backoff::new();
@@ -264,15 +299,15 @@ pub async fn run(
                 }
             }
         };
-        backoff.reset();
         tracing::info!("connected to the relay server over v2");
+        let opened_at = tokio::time::Instant::now();
         // The connection before this one (replaced for its token) stops
         // taking streams and finishes those in flight.
         if let Some(old) = previous.take() {
             old.cancel();
         }
         let conn_stop = stop.child_token();
-        let served = tokio::spawn(serve(ctx.clone(), upgraded, conn_stop.clone()));
+        let served = tasks.spawn(serve(ctx.clone(), upgraded, conn_stop.clone()));
         let renew = renewal_in(token.as_deref());
         let renewal = async {
             match renew {
@@ -290,8 +325,22 @@ pub async fn run(
                 if stop.is_cancelled() {
                     return Ok(());
                 }
+                // A connection the server (or something on the way) closes
+                // as soon as it is open must not make a tight loop of
+                // handshakes.
+                if opened_at.elapsed() >= STABLE {
+                    backoff.reset();
+                } else {
+                    let wait = backoff.step();
+                    tracing::debug!(retry_in = ?wait, "v2 connection ended soon after it opened");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return Ok(()),
+                    }
+                }
             }
             () = renewal => {
+                backoff.reset();
                 tracing::info!("token close to expiry: opening a new v2 connection");
                 previous = Some(conn_stop);
             }

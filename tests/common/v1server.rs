@@ -38,6 +38,10 @@ struct V1Shared {
     pending: tokio::sync::Mutex<mpsc::Receiver<HttpRequest>>,
     chunks: Chunks,
     next_id: std::sync::atomic::AtomicU64,
+    /// What `/server/connect` gets: as unknown as any other path, or what
+    /// an ingress in front of the server answers an upgrade it cannot pass.
+    connect: Mutex<StatusCode>,
+    connect_calls: std::sync::atomic::AtomicUsize,
 }
 
 type V1Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -52,6 +56,8 @@ impl V1Server {
             pending: tokio::sync::Mutex::new(rx),
             chunks: Arc::default(),
             next_id: Default::default(),
+            connect: Mutex::new(StatusCode::GONE),
+            connect_calls: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -73,6 +79,18 @@ impl V1Server {
             shared,
             _task: task,
         }
+    }
+
+    /// Answers `/server/connect` with `status` from now on.
+    pub fn answer_connect(&self, status: StatusCode) {
+        *self.shared.connect.lock().unwrap() = status;
+    }
+
+    /// Calls of `/server/connect` so far.
+    pub fn connect_calls(&self) -> usize {
+        self.shared
+            .connect_calls
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Queues a request and returns the receiver of its chunks.
@@ -121,6 +139,12 @@ async fn v1_handle(
                 Some(tx) if tx.send(chunk).is_ok() => Response::new(v1_body("ok")),
                 _ => status_only(StatusCode::BAD_REQUEST),
             }
+        }
+        "/server/connect" => {
+            s.connect_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let status = *s.connect.lock().unwrap();
+            status_only(status)
         }
         p if p.starts_with("/server/") => status_only(StatusCode::GONE),
         _ => go_user_request(req, &s).await,
