@@ -102,6 +102,28 @@ async fn requests_travel_as_streams_of_one_connection() {
     assert_eq!(cookies, ["a=1", "b=2"]);
 }
 
+/// A slow upload is not cut off while its bytes keep moving: the backend
+/// may answer only once it has the whole body, however long it takes.
+#[tokio::test]
+async fn a_slow_upload_that_keeps_moving_outlasts_the_inactive_deadline() {
+    let (relay, _client, _backend) =
+        v2_stack(|c| c.timeouts.inactive_request = Duration::from_millis(800)).await;
+    // 30 pieces of 100 bytes, 100 ms apart: about 3 s in all.
+    let pieces = futures::stream::iter(0..30).then(|_| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(vec![7u8; 100])
+    });
+    let resp = relay
+        .http()
+        .post(format!("{}/client/robot-1/count", relay.url))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "3000 21000");
+}
+
 /// The relay's own headers come from the server alone: a user who sends
 /// `x-relay-upgrade` does not turn a plain POST into an upgrade (which
 /// would drop its body and hand it a raw pipe to the backend).

@@ -354,6 +354,10 @@ pub async fn relay(
     let uri = format!("http://{authority}{forwarded}");
 
     let metrics = state.metrics.clone();
+    // The upload moving counts as activity: the backend may answer only
+    // once it has the whole body, however long that takes to arrive.
+    let progress = super::conn::Progress::default();
+    let moving = progress.clone();
     // Set when the streamed body passes the limit: the stream is reset,
     // and the user-client is told why (413), not just that it failed.
     let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -373,6 +377,7 @@ pub async fn relay(
             .map_frame(move |f| {
                 if let Some(d) = f.data_ref() {
                     metrics.bytes(Direction::ToBackend, d.len());
+                    moving.moved();
                 }
                 f
             })
@@ -435,11 +440,14 @@ pub async fn relay(
         tokio::spawn(super::stream::send_body(body, send, Some(abandoned)));
         Some(exchange)
     };
+    // The response head is due within `inactive_request` of the last
+    // byte of the request body that moved (or of the start).
     let inactive = state.cfg.timeouts.inactive_request;
     let first_chunk = child(traced, || tracing::info_span!("relay.first_chunk"));
-    let resp = tokio::time::timeout(inactive, response)
-        .await
-        .map_err(|_| BrokerError::Inactive(inactive))?;
+    let resp = tokio::select! {
+        r = response => r,
+        () = progress.stalled(inactive) => return Err(BrokerError::Inactive(inactive).into()),
+    };
     drop(first_chunk);
     let resp = match resp {
         Ok(r) => r,
