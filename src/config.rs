@@ -258,8 +258,9 @@ pub struct ServerLimits {
     pub max_response_chunk: ByteSize,
     /// Open connections; beyond it new ones are closed at accept.
     pub max_connections: usize,
-    /// Requests of one backend in flight or waiting for its relay-client;
-    /// beyond it 503 with `Retry-After`, other backends unaffected.
+    /// Requests of one backend in flight or waiting for its relay-client
+    /// (an upgraded connection until it closes); beyond it 503 with
+    /// `Retry-After`, other backends unaffected.
     pub max_requests_per_backend: usize,
     /// HTTP/2 `MAX_CONCURRENT_STREAMS` of every connection.
     pub max_streams_per_connection: u32,

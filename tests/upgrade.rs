@@ -29,6 +29,67 @@ async fn connect_ws(relay: &Relay, path: &str) -> Ws {
     ws
 }
 
+/// An open WebSocket counts against `limits.max_requests_per_backend`
+/// until it closes, on both transports: sessions cannot pile up past the
+/// limit once their 101 has been sent.
+#[tokio::test]
+async fn open_websockets_count_against_the_per_backend_limit() {
+    for transport in [
+        http_relay::config::Transport::V1,
+        http_relay::config::Transport::V2,
+    ] {
+        let mut backend = WsBackend::start().await;
+        let relay = Relay::start(|c| c.limits.max_requests_per_backend = 1).await;
+        let mut cfg = common::client_config(&relay, "ws", &backend.url);
+        cfg.transport = transport;
+        let _client = RelayClient::start(cfg);
+        relay.wait_for_backend("ws").await;
+        let mut first = bounded(connect_ws(&relay, "/client/ws/echo")).await;
+        first.send(Message::text("one")).await.unwrap();
+        assert_eq!(
+            bounded(first.next()).await.unwrap().unwrap(),
+            Message::text("one")
+        );
+        // A second session for the name is refused while the first is open.
+        let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let tcp = TcpStream::connect(relay.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
+        let url = format!("wss://localhost:{}/client/ws/echo", relay.addr.port());
+        match tokio_tungstenite::client_async(url, stream).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 503, "{transport:?}");
+            }
+            other => panic!(
+                "{transport:?}: second session not refused: {:?}",
+                other.map(|r| r.1)
+            ),
+        }
+        // Once the first ends, its place is free again.
+        first.close(None).await.unwrap();
+        bounded(backend.ended.recv()).await;
+        let mut again = common::eventually(|| async {
+            let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).ok()?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+            let tcp = TcpStream::connect(relay.addr).await.ok()?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+            let stream = connector.connect(name, tcp).await.ok()?;
+            let url = format!("wss://localhost:{}/client/ws/echo", relay.addr.port());
+            tokio_tungstenite::client_async(url, stream)
+                .await
+                .ok()
+                .map(|r| r.0)
+        })
+        .await;
+        again.send(Message::text("two")).await.unwrap();
+        assert_eq!(
+            bounded(again.next()).await.unwrap().unwrap(),
+            Message::text("two")
+        );
+    }
+}
+
 #[tokio::test]
 async fn websocket_echo_text_binary_and_close() {
     let mut backend = WsBackend::start().await;

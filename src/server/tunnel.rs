@@ -314,6 +314,7 @@ pub async fn relay(
     let upgrade = super::user::upgrade_token(&req);
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
+    let admission = super::load::Admission::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -475,21 +476,22 @@ pub async fn relay(
         resp.headers_mut().insert(header::UPGRADE, token);
         let idle = state.cfg.timeouts.inactive_request;
         let chunks = ChunkSpans::new(span, traced, "relay.stream_chunk");
-        tokio::spawn(super::conn::Place::hold(
-            place,
-            pipe(
-                on_upgrade,
-                body,
-                to_backend,
-                treq,
-                state.metrics.clone(),
-                super::pipe::Times {
-                    idle,
-                    stalled: state.cfg.timeouts.idle_stream,
-                },
-                chunks,
-            ),
-        ));
+        let piped = pipe(
+            on_upgrade,
+            body,
+            to_backend,
+            treq,
+            state.metrics.clone(),
+            super::pipe::Times {
+                idle,
+                stalled: state.cfg.timeouts.idle_stream,
+            },
+            chunks,
+        );
+        tokio::spawn(super::conn::Place::hold(place, async move {
+            let _admission = admission;
+            piped.await
+        }));
         return Ok(resp);
     }
 

@@ -184,8 +184,10 @@ async fn relay_request(
     if !state.broker.knows_backend(&route.backend) {
         return Err(BrokerError::UnknownBackend(route.backend).into());
     }
-    // Held until the response body is done with.
-    let admitted = state.load.admit(&route.backend)?;
+    // Held until the response body is done with, or, for an upgraded
+    // connection, until the connection ends.
+    let admitted = super::load::Admission::new(state.load.admit(&route.backend)?);
+    req.extensions_mut().insert(admitted.clone());
     let resp = relay_admitted(state, req, route, span, started, traced).await?;
     Ok(resp.map(|b| super::body::holding(b, admitted)))
 }
@@ -211,6 +213,7 @@ async fn relay_admitted(
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
+    let admission = super::load::Admission::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -265,7 +268,7 @@ async fn relay_admitted(
     let resp = respond(
         exchange,
         first,
-        on_upgrade.map(|u| (u, place)),
+        on_upgrade.map(|u| (u, Upgraded { place, admission })),
         version,
         state,
     )?;
@@ -313,10 +316,18 @@ pub(super) fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> traci
 }
 
 /// Builds the user-client's response from the first chunk.
+/// What the task of an upgraded connection keeps until it ends: its
+/// connection's place (`limits.max_connections`) and its request's
+/// admission (`limits.max_requests_per_backend`).
+struct Upgraded {
+    place: Option<super::conn::Place>,
+    admission: Option<super::load::Admission>,
+}
+
 fn respond(
     exchange: Exchange,
     mut first: ResponseChunk,
-    on_upgrade: Option<(OnUpgrade, Option<super::conn::Place>)>,
+    on_upgrade: Option<(OnUpgrade, Upgraded)>,
     version: http::Version,
     state: &State,
 ) -> Result<Response<Body>, RelayError> {
@@ -332,17 +343,19 @@ fn respond(
         )))?;
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        let (on_upgrade, place) = on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
+        let (on_upgrade, Upgraded { place, admission }) =
+            on_upgrade.ok_or(RelayError::UnexpectedUpgrade)?;
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
         let ended = first.eof;
         let first_body = std::mem::take(&mut first.body);
         let stalled = state.cfg.timeouts.idle_stream;
-        tokio::spawn(super::conn::Place::hold(
-            place,
-            pipe(on_upgrade, exchange, first_body, ended, metrics, stalled),
-        ));
+        let piped = pipe(on_upgrade, exchange, first_body, ended, metrics, stalled);
+        tokio::spawn(super::conn::Place::hold(place, async move {
+            let _admission = admission;
+            piped.await
+        }));
         return Ok(resp);
     }
 
