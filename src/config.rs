@@ -459,11 +459,9 @@ impl AuthConfig {
             return Err(invalid("auth.token_header", "is not a valid header name"));
         }
         for i in &self.issuers {
-            if i.jwks_file.is_some() {
-                continue;
-            }
+            // Keys from a file need no fetch, so no https check.
             let url = i.jwks_uri.as_deref().unwrap_or(&i.issuer);
-            if !is_secure_or_loopback(url) {
+            if i.jwks_file.is_none() && !is_secure_or_loopback(url) {
                 return Err(invalid(
                     "auth.issuers",
                     format!("{url:?} must be https (http only on loopback hosts)"),
@@ -1044,6 +1042,13 @@ mod tests {
         c.auth.issuers[0].jwks_file = None;
         c.auth.issuers[0].issuer = "http://idp.example.com".into();
         assert!(c.validate().unwrap_err().to_string().contains("https"));
+        // Keys from a file: no https check, but the algorithms are checked.
+        let mut c = ServerConfig::default();
+        c.auth.issuers[0].issuer = "http://idp.example.com".into();
+        assert!(c.auth.issuers[0].jwks_file.is_some());
+        c.validate().unwrap();
+        c.auth.issuers[0].algorithms = vec![jsonwebtoken::Algorithm::HS256];
+        assert!(c.validate().unwrap_err().to_string().contains("asymmetric"));
     }
 
     #[test]

@@ -137,6 +137,31 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// Whether claim `name` is `want`, or a list holding it. `sub` and
+    /// `aud` are read from their own fields (they never reach `other`);
+    /// a number or boolean matches its JSON text (`"true"`, `"42"`).
+    pub fn has(&self, name: &str, want: &str) -> bool {
+        fn matches(v: &serde_json::Value, want: &str) -> bool {
+            match v {
+                serde_json::Value::String(s) => s == want,
+                serde_json::Value::Bool(b) => want.parse::<bool>() == Ok(*b),
+                serde_json::Value::Number(n) => {
+                    want.parse::<serde_json::Number>().is_ok_and(|w| w == *n)
+                }
+                _ => false,
+            }
+        }
+        match name {
+            "sub" => self.sub.as_deref() == Some(want),
+            "aud" => self.aud.contains(want),
+            _ => match self.other.get(name) {
+                Some(serde_json::Value::Array(v)) => v.iter().any(|x| matches(x, want)),
+                Some(v) => matches(v, want),
+                None => false,
+            },
+        }
+    }
+
     /// `exp` in seconds since the epoch, read as the verifier read it:
     /// `jsonwebtoken` accepts a decimal NumericDate (RFC 7519, section 2)
     /// and rounds it, so a tunnel opened with such a token must still
@@ -336,12 +361,7 @@ impl Authenticator {
         }
         if let Some(b) = extra {
             for (name, want) in &b.required_claims {
-                let has = match claims.other.get(name) {
-                    Some(serde_json::Value::String(s)) => s == want,
-                    Some(serde_json::Value::Array(v)) => v.iter().any(|x| x.as_str() == Some(want)),
-                    _ => false,
-                };
-                if !has {
+                if !claims.has(name, want) {
                     return Err(AuthError::MissingClaim(format!("{name}={want}")));
                 }
             }
@@ -438,6 +458,30 @@ mod tests {
         assert_eq!(take_cookie(&mut h, "relay_token").as_deref(), Some("tok"));
         assert_eq!(h["cookie"], "a=1; b=2");
         assert_eq!(take_cookie(&mut h, "relay_token"), None);
+    }
+
+    #[test]
+    fn required_claims_match_sub_aud_lists_and_scalars() {
+        let claims: Claims = serde_json::from_value(serde_json::json!({
+            "sub": "svc-robot-1",
+            "aud": ["r/robot-1", "extra"],
+            "groups": ["ops", "robots"],
+            "email_verified": true,
+            "tier": 2,
+            "exp": 1767225600.5,
+        }))
+        .unwrap();
+        assert!(claims.has("sub", "svc-robot-1"));
+        assert!(!claims.has("sub", "svc-robot-2"));
+        assert!(claims.has("aud", "extra"));
+        assert!(claims.has("groups", "robots"));
+        assert!(!claims.has("groups", "admins"));
+        assert!(claims.has("email_verified", "true"));
+        assert!(!claims.has("email_verified", "false"));
+        assert!(claims.has("tier", "2"));
+        assert!(!claims.has("missing", "x"));
+        // A decimal NumericDate is read as the verifier reads it.
+        assert_eq!(claims.expires_at(), Some(1767225601));
     }
 
     #[test]
