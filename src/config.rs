@@ -669,8 +669,9 @@ pub struct ClientConfig {
     pub tls_key: Option<PathBuf>,
     /// Concurrent long polls kept open towards the server.
     pub pending_polls: usize,
-    /// Requests handled at once; beyond it a request is answered 503 at
-    /// once, so a flood cannot exhaust the robot's memory or sockets.
+    /// Requests handled at once (an upgraded connection until it closes);
+    /// beyond it a request is answered 503 at once, so a flood cannot
+    /// exhaust the robot's memory or sockets.
     pub max_concurrent_requests: usize,
     /// Longest wait for the backend's response head (504 after it), so a
     /// backend that never answers does not pin a task and a socket.

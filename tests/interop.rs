@@ -664,6 +664,37 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpRespo
     out
 }
 
+/// A chunk post the server did not take in (503, as an ingress without
+/// an upstream answers) is posted again, as the Go relay-client does: the
+/// answer arrives whole, once.
+#[tokio::test]
+async fn a_chunk_post_the_server_did_not_take_is_posted_again() {
+    let backend = Backend::start().await;
+    let server = V1Server::start().await;
+    server.refuse_posts(2);
+    let _client = RelayClient::start(http_relay::config::ClientConfig {
+        relay_url: server.url.clone(),
+        backend_name: "robot".into(),
+        backend_url: backend.url.clone(),
+        ..Default::default()
+    });
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:0123456789abcdef0123456789abcdef".into()),
+            method: Some("GET".into()),
+            url: Some("http://invalid/bytes/1000".into()),
+            ..Default::default()
+        })
+        .await;
+    let chunks = collect(rx).await;
+    assert_eq!(chunks[0].status_code, Some(200));
+    let body: Vec<u8> = chunks
+        .iter()
+        .flat_map(|c| c.body.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(body, common::pattern(1000, 1000));
+}
+
 #[tokio::test]
 async fn our_relay_client_works_against_a_v1_only_server() {
     let backend = Backend::start().await;

@@ -124,6 +124,27 @@ async fn a_slow_upload_that_keeps_moving_outlasts_the_inactive_deadline() {
     assert_eq!(resp.text().await.unwrap(), "3000 21000");
 }
 
+/// An upgrade request with a body of its own (an `h2c` upgrade of a POST)
+/// is relayed as a plain request: its body reaches the backend.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_keeps_its_body() {
+    let (relay, _client, _backend) = v2_stack(|_| {}).await;
+    let resp = relay
+        .http1()
+        .post(format!("{}/client/robot-1/echo", relay.url))
+        .header("connection", "upgrade")
+        .header("upgrade", "h2c")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("body-len: 5\n"), "{text}");
+    assert!(!text.contains("upgrade"), "{text}");
+    assert!(text.ends_with("\n\nhello"), "{text}");
+}
+
 /// The relay's own headers come from the server alone: a user who sends
 /// `x-relay-upgrade` does not turn a plain POST into an upgrade (which
 /// would drop its body and hand it a raw pipe to the backend).
@@ -625,6 +646,95 @@ async fn connections_closed_at_once_are_redialled_with_backoff() {
     let n = accepted.load(SeqCst);
     assert!(n <= 12, "{n} connections in about 2 s");
     server.abort();
+}
+
+/// A backend that answers an upgrade with 101 and then says nothing,
+/// ignoring even the end of its input; any other request gets 200 "ok".
+async fn silent_upgrade_backend() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tcp.read(&mut b).await {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    if head.contains("upgrade: websocket") {
+                        let _ = tcp
+                            .write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\n\
+                                  connection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                            )
+                            .await;
+                        std::future::pending::<()>().await;
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The relay-client's side of an upgraded connection ends with its stream:
+/// when the user-client goes away, the backend connection is closed even
+/// if the backend never speaks again, and its place among the relay-
+/// client's `max_concurrent_requests` (held while it is open) is free.
+#[tokio::test]
+async fn an_upgraded_connection_ends_with_its_user_even_with_a_silent_backend() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let backend = silent_upgrade_backend().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend);
+    cfg.transport = Transport::V2;
+    cfg.max_concurrent_requests = 1;
+    let _client = RelayClient::start(cfg);
+    wait_tunnels(&relay, 1.0).await;
+    let plain = || async {
+        relay
+            .http()
+            .get(format!("{}/client/robot-1/plain", relay.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(plain().await, 200);
+
+    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut user = connector.connect(name, tcp).await.unwrap();
+    user.write_all(
+        b"GET /client/robot-1/ws HTTP/1.1\r\nhost: localhost\r\n\
+          connection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        bounded(user.read_exact(&mut b)).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Open, the connection takes the relay-client's one place.
+    assert_eq!(plain().await, 503);
+    drop(user);
+    eventually(|| async { (plain().await == 200).then_some(()) }).await;
 }
 
 /// A relay-client told to stop lets its v2 streams in flight finish

@@ -215,10 +215,37 @@ pub(super) async fn post_error(
     post(ctx, &chunk).await
 }
 
+/// Attempts of one chunk post that the server did not take in (as the Go
+/// relay-client, which tries each chunk up to ten times): a reconnect, a
+/// token refreshed after a key rotation or a draining server must not end
+/// the answer, leaving the user-client to wait for its timeout.
+const POST_ATTEMPTS: u32 = 10;
+
 async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
-    match ctx.transport.post_response(chunk).await? {
-        PostOutcome::Accepted => Ok(()),
-        PostOutcome::Gone => Err(ForwardError::Gone),
+    let mut backoff = Backoff::new();
+    let mut attempt = 1;
+    loop {
+        match ctx.transport.post_response(chunk).await {
+            Ok(PostOutcome::Accepted) => return Ok(()),
+            Ok(PostOutcome::Gone) => return Err(ForwardError::Gone),
+            // Repeated only when the server cannot have taken it: a
+            // repeated chunk that it did take would duplicate its bytes.
+            Err(e) if e.not_taken() && attempt < POST_ATTEMPTS => {
+                let refused =
+                    matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
+                let wait = backoff.after_failure(refused);
+                tracing::debug!(
+                    id = chunk.id.as_deref().unwrap_or_default(),
+                    attempt,
+                    error = %e,
+                    retry_in = ?wait,
+                    "chunk post not taken; trying again"
+                );
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -58,6 +58,22 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// Whether the server cannot have taken the call in: the connection
+    /// was never made, our token was refused (checked before the body is
+    /// read), or the server was unavailable (503: draining, or an ingress
+    /// without an upstream). Only such a call is safe to repeat: a chunk
+    /// post repeated after the server took it would duplicate its bytes.
+    pub fn not_taken(&self) -> bool {
+        match self {
+            TransportError::Connect(e) => e.is_connect(),
+            TransportError::Refused { .. } | TransportError::Token(_) => true,
+            TransportError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
 /// The token a call presented (a response extension).
 #[derive(Clone)]
 struct SentToken(Option<String>);

@@ -427,7 +427,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             otel.status_code = tracing::field::Empty,
         )
     });
-    let resp = forward(&ctx, req, &span, &id)
+    // Shared with the task of an upgraded connection: an open backend
+    // connection counts as a request in flight until it closes.
+    let permit = Arc::new(permit);
+    let resp = forward(&ctx, req, &span, &id, &permit)
         .instrument(span.clone())
         .await;
     span.record(
@@ -504,6 +507,7 @@ async fn forward(
     req: Request<Incoming>,
     span: &tracing::Span,
     id: &str,
+    permit: &Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let upgrade = parts.headers.get(v2::UPGRADE).cloned();
@@ -599,7 +603,7 @@ async fn forward(
         }
     };
     if let (Some(user_bytes), StatusCode::SWITCHING_PROTOCOLS) = (user_bytes, resp.status()) {
-        return switched(resp, user_bytes);
+        return switched(resp, user_bytes, permit.clone());
     }
     let (mut head, body) = resp.into_parts();
     crate::proto::remove_all(&mut head.headers, &crate::proto::HOP_BY_HOP);
@@ -611,13 +615,19 @@ async fn forward(
 /// The backend switched protocols: answer the stream 200 with the 101's
 /// headers and `x-relay-status: 101`, then pipe the backend connection
 /// with the stream's two bodies, each read written at once.
-fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body> {
+fn switched(
+    resp: Response<Incoming>,
+    mut user_bytes: Incoming,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) -> Response<Body> {
     let mut headers = resp.headers().clone();
     crate::proto::remove_all(&mut headers, &crate::proto::HOP_BY_HOP);
     headers.insert(v2::STATUS, HeaderValue::from_static("101"));
     let on_upgrade = hyper::upgrade::on(resp);
     let (to_user, from_backend) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
+        // The connection is a request in flight until it closes.
+        let _in_flight = permit;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -648,7 +658,13 @@ fn switched(resp: Response<Incoming>, mut user_bytes: Incoming) -> Response<Body
                 if buf.capacity() - buf.len() < PIPE_READ / 16 {
                     buf.reserve(PIPE_READ);
                 }
-                match rd.read_buf(&mut buf).await {
+                let read = tokio::select! {
+                    r = rd.read_buf(&mut buf) => r,
+                    // The stream is gone (the user went away): a silent
+                    // backend must not keep the task and its socket.
+                    () = to_user.closed() => break,
+                };
+                match read {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         if to_user.send(buf.split().freeze()).await.is_err() {

@@ -107,9 +107,13 @@ fn is_upgrade_request(req: &Request<Incoming>) -> bool {
     req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
-/// The `Upgrade` token of an HTTP/1.1 upgrade request.
+/// The `Upgrade` token of an HTTP/1.1 upgrade request that v2 relays as
+/// an upgrade. Its stream's request body carries the bytes after the
+/// switch, so a request that has a body of its own (an `h2c` upgrade of a
+/// POST) travels as a plain request instead: `Upgrade` is hop-by-hop, and
+/// the body must not be lost.
 pub(super) fn upgrade_token(req: &Request<Incoming>) -> Option<http::HeaderValue> {
-    if !is_upgrade_request(req) {
+    if !is_upgrade_request(req) || !http_body::Body::is_end_stream(req.body()) {
         return None;
     }
     req.headers().get(header::UPGRADE).cloned()

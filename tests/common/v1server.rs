@@ -42,6 +42,8 @@ struct V1Shared {
     /// an ingress in front of the server answers an upgrade it cannot pass.
     connect: Mutex<StatusCode>,
     connect_calls: std::sync::atomic::AtomicUsize,
+    /// Chunk posts still to be answered 503 without being looked at.
+    unavailable_posts: std::sync::atomic::AtomicUsize,
 }
 
 type V1Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -58,6 +60,7 @@ impl V1Server {
             next_id: Default::default(),
             connect: Mutex::new(StatusCode::GONE),
             connect_calls: Default::default(),
+            unavailable_posts: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -84,6 +87,14 @@ impl V1Server {
     /// Answers `/server/connect` with `status` from now on.
     pub fn answer_connect(&self, status: StatusCode) {
         *self.shared.connect.lock().unwrap() = status;
+    }
+
+    /// Answers the next `n` chunk posts 503 (as an ingress without an
+    /// upstream does), without taking them in.
+    pub fn refuse_posts(&self, n: usize) {
+        self.shared
+            .unavailable_posts
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Calls of `/server/connect` so far.
@@ -129,6 +140,17 @@ async fn v1_handle(
                 Ok(Some(r)) => Response::new(v1_body(r.encode_to_vec())),
                 _ => status_only(StatusCode::REQUEST_TIMEOUT),
             }
+        }
+        "/server/response"
+            if s.unavailable_posts
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok() =>
+        {
+            status_only(StatusCode::SERVICE_UNAVAILABLE)
         }
         "/server/response" => {
             let body = req.into_body().collect().await.unwrap().to_bytes();
