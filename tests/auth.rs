@@ -474,6 +474,41 @@ async fn random_kid_flood_fetches_jwks_at_most_once_per_window() {
     assert_eq!(idp.jwks_max_in_flight(), 1, "concurrent JWKS fetches");
 }
 
+/// A JWKS fetch slower than the cooldown: unknown kids that arrive once
+/// the window has passed, while that fetch is still running, are refused
+/// when it ends instead of each starting a fetch of its own in turn.
+#[tokio::test]
+async fn a_fetch_slower_than_the_cooldown_is_not_followed_by_a_queue_of_fetches() {
+    const COOLDOWN: Duration = Duration::from_millis(300);
+    let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| c.auth.unknown_kid_cooldown = COOLDOWN).await;
+    tokio::time::sleep(COOLDOWN + Duration::from_millis(200)).await;
+    let mut tokens = random_kid_tokens(&idp, "random", 6);
+    let http = relay.http();
+    let known = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "x"));
+    send_all(&relay, &http, vec![known]).await;
+
+    idp.set_jwks_delay(Duration::from_secs(1));
+    let before = idp.jwks_fetches();
+    let first = tokens.pop().unwrap();
+    let started = Instant::now();
+    let (first, rest) = tokio::join!(send_all(&relay, &http, vec![first]), async {
+        eventually(|| async { (idp.jwks_in_flight() > 0).then_some(()) }).await;
+        // Past the cooldown, before the fetch ends.
+        tokio::time::sleep(COOLDOWN + Duration::from_millis(200)).await;
+        send_all(&relay, &http, tokens).await
+    });
+    for status in first.into_iter().chain(rest) {
+        assert_eq!(status, 401);
+    }
+    assert_eq!(idp.jwks_fetches() - before, 1, "JWKS fetches");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn rotation_right_after_a_scheduled_refresh_is_picked_up_at_once() {
     // Longer than the wait for the new key below: if the scheduled

@@ -36,10 +36,13 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 #[derive(Default)]
 struct State {
     keys: Option<Arc<JwkSet>>,
-    /// When the last fetch for an unknown kid started. Scheduled refreshes
-    /// do not count: an IdP that publishes a new key and signs with it at
-    /// once, just after a refresh, must not see its tokens refused for a
-    /// whole cooldown.
+    /// When the last fetch for an unknown kid started, and again when it
+    /// ended: the cooldown counts from both, so a fetch slower than the
+    /// cooldown cannot be followed at once by another (and another) for
+    /// the requests that waited on it. Scheduled refreshes do not count:
+    /// an IdP that publishes a new key and signs with it at once, just
+    /// after a refresh, must not see its tokens refused for a whole
+    /// cooldown.
     last_on_demand: Option<Instant>,
     jwks_uri: Option<String>,
 }
@@ -52,7 +55,9 @@ pub struct KeySource {
     cooldown: Duration,
     http: reqwest::Client,
     state: Mutex<State>,
-    /// Single flight for on-demand refetches.
+    /// One fetch at a time, scheduled or on demand: the last fetch to end
+    /// is the last to have started, so an old answer never replaces a
+    /// newer one.
     refetch: tokio::sync::Mutex<()>,
 }
 
@@ -96,7 +101,11 @@ impl KeySource {
     pub async fn run(self: Arc<Self>) {
         let mut retry = Duration::from_millis(250);
         loop {
-            match self.fetch().await {
+            let fetched = {
+                let _single = self.refetch.lock().await;
+                self.fetch().await
+            };
+            match fetched {
                 Ok(max_age) => {
                     retry = Duration::from_millis(250);
                     let period = max_age
@@ -120,6 +129,10 @@ impl KeySource {
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
         }
+        // Inside the window: refused at once, not queued behind a fetch.
+        if self.cooling_down() {
+            return Err(AuthError::UnknownKid);
+        }
         let _single = self.refetch.lock().await;
         // Another request may have refetched while this one waited.
         if let Some(found) = self.cached(kid)? {
@@ -138,7 +151,14 @@ impl KeySource {
         if let Err(e) = self.fetch().await {
             tracing::warn!(issuer = self.cfg.issuer, error = %e, "refetching signing keys failed");
         }
+        lock(&self.state).last_on_demand = Some(Instant::now());
         self.cached(kid)?.ok_or(AuthError::UnknownKid)
+    }
+
+    fn cooling_down(&self) -> bool {
+        lock(&self.state)
+            .last_on_demand
+            .is_some_and(|t| t.elapsed() < self.cooldown)
     }
 
     fn cached(&self, kid: &str) -> Result<Option<Jwk>, AuthError> {
