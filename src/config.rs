@@ -139,7 +139,8 @@ pub struct ServerTls {
     /// (in addition to the token); user-client endpoints do not.
     pub client_ca: Option<PathBuf>,
     /// With `client_ca`: the certificate must also carry the backend name
-    /// as a SAN DNS name.
+    /// as a SAN DNS name (so only lowercase backend names without a
+    /// trailing dot can be served: DNS names ignore both differences).
     pub client_cert_names_backend: bool,
     /// Obtain and renew the certificate by ACME instead of `cert`/`key`.
     pub acme: Option<AcmeSettings>,

@@ -41,6 +41,13 @@ impl PeerCert {
         if !names_backend {
             return Ok(());
         }
+        // DNS names match without regard to case or a trailing dot, but
+        // backend names are exact: only the canonical spelling of a name
+        // can be certified, or a certificate of `robot-a` would also serve
+        // `Robot-A` and `robot-a.`, different backends.
+        if backend.ends_with('.') || backend.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(CertRefusal::WrongName);
+        }
         let Ok(name) = ServerName::try_from(backend) else {
             return Err(CertRefusal::WrongName);
         };
@@ -78,5 +85,8 @@ mod tests {
             Err(CertRefusal::Missing)
         );
         assert_eq!(a.check("not a name", true), Err(CertRefusal::WrongName));
+        // Other spellings of the name are other backends.
+        assert_eq!(a.check("Robot-A", true), Err(CertRefusal::WrongName));
+        assert_eq!(a.check("robot-a.", true), Err(CertRefusal::WrongName));
     }
 }
