@@ -1141,7 +1141,7 @@ mod tests {
                 let b = b.clone();
                 tokio::spawn(async move {
                     let mut req = request();
-                    req.url = Some(format!("http://invalid/{i}"));
+                    req.url = Some(format!("http://invalid/{i}").into());
                     let ex = b.relay("r", req, tracing::Span::none()).await?;
                     Ok::<_, BrokerError>(ex.id().to_owned())
                 })
@@ -1156,7 +1156,7 @@ mod tests {
             let got = b.poll("r").await.unwrap();
             assert_eq!(
                 got.url.as_deref(),
-                Some(format!("http://invalid/{i}").as_str())
+                Some(format!("http://invalid/{i}").as_bytes())
             );
             ids.push(got.id.unwrap());
         }

@@ -79,16 +79,20 @@ pub struct HttpRequest {
     pub id: Option<String>,
     #[prost(string, optional, tag = "2")]
     pub method: Option<String>,
-    /// `"http://invalid/<path>?<query>"`.
-    #[prost(string, optional, tag = "3")]
-    pub url: Option<String>,
+    /// `"http://invalid/<path>?<query>"`. Bytes, not a string: a Go
+    /// server copies the user's raw query, which need not be UTF-8, and a
+    /// strict decoder would reject the whole message (and lose the
+    /// request) instead of this one field (`PROTOCOL.md`, "What the Go
+    /// peers actually send"). Same wire format as `string`.
+    #[prost(bytes = "bytes", optional, tag = "3")]
+    pub url: Option<Bytes>,
     #[prost(message, repeated, tag = "4")]
     pub header: Vec<HttpHeader>,
     #[prost(bytes = "bytes", optional, tag = "5")]
     pub body: Option<Bytes>,
-    /// The user-client's `Host` header.
-    #[prost(string, optional, tag = "6")]
-    pub host: Option<String>,
+    /// The user-client's `Host` header (bytes, as `url`).
+    #[prost(bytes = "bytes", optional, tag = "6")]
+    pub host: Option<Bytes>,
 }
 
 /// One chunk of a backend's answer, posted by a relay-client.

@@ -101,8 +101,11 @@ async fn v1_relay_client_gets_requests_and_streams_chunks() {
     assert_eq!(id.len(), "v1bot:".len() + 32);
     assert!(id["v1bot:".len()..].chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(req.method.as_deref(), Some("POST"));
-    assert_eq!(req.url.as_deref(), Some("http://invalid/some/path?x=1"));
-    assert_eq!(req.host.as_deref(), Some("user.example"));
+    assert_eq!(
+        req.url.as_deref(),
+        Some(&b"http://invalid/some/path?x=1"[..])
+    );
+    assert_eq!(req.host.as_deref(), Some(&b"user.example"[..]));
     assert_eq!(req.body.as_deref(), Some(&b"hello"[..]));
     // Names travel in Go's canonical form, as every v1 peer writes them.
     let xa: Vec<_> = req
@@ -664,6 +667,41 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpRespo
     out
 }
 
+/// A Go server copies the user's raw query into `url`, UTF-8 or not: the
+/// request is answered 400 under its id (not lost with the whole poll
+/// answer), and the next one is served.
+#[tokio::test]
+async fn a_request_url_that_is_not_utf8_is_answered_400_not_lost() {
+    let backend = Backend::start().await;
+    let server = V1Server::start().await;
+    let _client = RelayClient::start(http_relay::config::ClientConfig {
+        relay_url: server.url.clone(),
+        backend_name: "robot".into(),
+        backend_url: backend.url.clone(),
+        ..Default::default()
+    });
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:0123456789abcdef0123456789abcdef".into()),
+            method: Some("GET".into()),
+            url: Some(Bytes::from_static(b"http://invalid/x?q=\xff\xfe")),
+            host: Some(Bytes::from_static(b"h\xe9.example")),
+            ..Default::default()
+        })
+        .await;
+    let chunks = collect(rx).await;
+    assert_eq!(chunks[0].status_code, Some(400));
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:1123456789abcdef0123456789abcdef".into()),
+            method: Some("GET".into()),
+            url: Some("http://invalid/status/201".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(collect(rx).await[0].status_code, Some(201));
+}
+
 /// A chunk post the server did not take in (503, as an ingress without
 /// an upstream answers) is posted again, as the Go relay-client does: the
 /// answer arrives whole, once.
@@ -739,7 +777,7 @@ async fn our_relay_client_works_against_a_v1_only_server() {
         .send(HttpRequest {
             id: Some("robot:11111111111111111111111111111111".into()),
             method: Some("GET".into()),
-            url: Some(format!("http://invalid/bytes/{n}")),
+            url: Some(format!("http://invalid/bytes/{n}").into()),
             ..Default::default()
         })
         .await;

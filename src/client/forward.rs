@@ -169,7 +169,11 @@ async fn forward_inner(
 fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, String> {
     let method = http::Method::from_bytes(req.method.as_deref().unwrap_or("GET").as_bytes())
         .map_err(|_| format!("invalid method {:?}", req.method))?;
-    let pq = proto::path_and_query(req.url.as_deref().unwrap_or("/")).map_err(|e| e.to_string())?;
+    let url = match req.url.as_deref() {
+        None => "/",
+        Some(u) => std::str::from_utf8(u).map_err(|_| "request URL is not UTF-8".to_owned())?,
+    };
+    let pq = proto::path_and_query(url).map_err(|e| e.to_string())?;
     let uri = format!("{}{}", ctx.backend_base, pq);
     let mut headers = proto::headers_from_proto(&req.header).map_err(|e| e.to_string())?;
     // The body is whole; hyper frames it with its own Content-Length.
@@ -178,7 +182,7 @@ fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, 
         && let Some(host) = req
             .host
             .as_deref()
-            .and_then(|h| HeaderValue::from_str(h).ok())
+            .and_then(|h| HeaderValue::from_bytes(h).ok())
     {
         headers.insert(header::HOST, host);
     }

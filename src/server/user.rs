@@ -241,8 +241,8 @@ async fn relay_admitted(
     let message = HttpRequest {
         id: None,
         method: Some(parts.method.as_str().to_owned()),
-        host,
-        url: Some(proto::relay_url(&route.path, parts.uri.query())),
+        host: host.map(Bytes::from),
+        url: Some(proto::relay_url(&route.path, parts.uri.query()).into()),
         header: proto::headers_to_proto(&headers),
         body: Some(body),
     };

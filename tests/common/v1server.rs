@@ -208,7 +208,7 @@ async fn go_user_request(req: Request<Incoming>, s: &V1Shared) -> Response<V1Bod
             id: Some(id),
             method: Some(parts.method.to_string()),
             host: Some("relay.example".into()),
-            url: Some(format!("http://invalid{}", parts.uri.path())),
+            url: Some(format!("http://invalid{}", parts.uri.path()).into()),
             header,
             body: Some(body),
         })
