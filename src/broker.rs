@@ -1098,19 +1098,25 @@ mod tests {
         assert_eq!(b.active_requests(), 0, "a failed hand-off frees the id");
     }
 
-    #[tokio::test]
-    async fn request_reaches_poll_and_chunks_flow_back() {
-        let b = broker();
+    /// A request for "r" handed to a waiting poll: the user side's
+    /// exchange and what the poll got.
+    async fn delivered(b: &Broker) -> (Exchange, HttpRequest) {
         let poller = {
             let b = b.clone();
             tokio::spawn(async move { b.poll("r").await })
         };
         tokio::task::yield_now().await;
-        let mut ex = b
+        let ex = b
             .relay("r", request(), tracing::Span::none())
             .await
             .unwrap();
-        let got = poller.await.unwrap().unwrap();
+        (ex, poller.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn request_reaches_poll_and_chunks_flow_back() {
+        let b = broker();
+        let (mut ex, got) = delivered(&b).await;
         let id = got.id.clone().unwrap();
         assert!(id.starts_with("r:"));
         assert_eq!(id.len(), 2 + 32);
@@ -1317,16 +1323,8 @@ mod tests {
             inactive_request: Duration::from_secs(300),
             inactive_backend: Duration::from_secs(300),
         });
-        let poller = {
-            let b = b.clone();
-            tokio::spawn(async move { b.poll("r").await })
-        };
-        tokio::task::yield_now().await;
-        let mut ex = b
-            .relay("r", request(), tracing::Span::none())
-            .await
-            .unwrap();
-        let id = poller.await.unwrap().unwrap().id.unwrap();
+        let (mut ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
         let to_backend = ex.take_stream().unwrap();
         // A read waiting when the drain begins is answered at once.
         let reader = {

@@ -674,12 +674,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpRespo
 async fn a_request_url_that_is_not_utf8_is_answered_400_not_lost() {
     let backend = Backend::start().await;
     let server = V1Server::start().await;
-    let _client = RelayClient::start(http_relay::config::ClientConfig {
-        relay_url: server.url.clone(),
-        backend_name: "robot".into(),
-        backend_url: backend.url.clone(),
-        ..Default::default()
-    });
+    let _client = RelayClient::start(server.client_config(&backend.url));
     let rx = server
         .send(HttpRequest {
             id: Some("robot:0123456789abcdef0123456789abcdef".into()),
@@ -710,12 +705,7 @@ async fn a_chunk_post_the_server_did_not_take_is_posted_again() {
     let backend = Backend::start().await;
     let server = V1Server::start().await;
     server.refuse_posts(2);
-    let _client = RelayClient::start(http_relay::config::ClientConfig {
-        relay_url: server.url.clone(),
-        backend_name: "robot".into(),
-        backend_url: backend.url.clone(),
-        ..Default::default()
-    });
+    let _client = RelayClient::start(server.client_config(&backend.url));
     let rx = server
         .send(HttpRequest {
             id: Some("robot:0123456789abcdef0123456789abcdef".into()),
@@ -737,12 +727,7 @@ async fn a_chunk_post_the_server_did_not_take_is_posted_again() {
 async fn our_relay_client_works_against_a_v1_only_server() {
     let backend = Backend::start().await;
     let server = V1Server::start().await;
-    let cfg = http_relay::config::ClientConfig {
-        relay_url: server.url.clone(),
-        backend_name: "robot".into(),
-        backend_url: backend.url.clone(),
-        ..Default::default()
-    };
+    let cfg = server.client_config(&backend.url);
     let _client = RelayClient::start(cfg);
 
     let rx = server

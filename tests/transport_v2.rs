@@ -124,25 +124,34 @@ async fn a_slow_upload_that_keeps_moving_outlasts_the_inactive_deadline() {
     assert_eq!(resp.text().await.unwrap(), "3000 21000");
 }
 
+/// POSTs "hello" to the test backend's echo with `req`'s headers; the
+/// backend's description of what it got, which must be a plain request
+/// (no upgrade) with the whole body.
+async fn hello_echoed(req: reqwest::RequestBuilder) -> String {
+    let resp = req.body("hello").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("method: POST\n"), "{text}");
+    assert!(text.contains("body-len: 5\n"), "{text}");
+    assert!(!text.contains("upgrade"), "switched: {text}");
+    assert!(text.ends_with("\n\nhello"), "{text}");
+    text
+}
+
 /// An upgrade request with a body of its own (an `h2c` upgrade of a POST)
 /// is relayed as a plain request: its body reaches the backend.
 #[tokio::test]
 async fn an_upgrade_request_with_a_body_keeps_its_body() {
     let (relay, _client, _backend) = v2_stack(|_| {}).await;
-    let resp = relay
-        .http1()
-        .post(format!("{}/client/robot-1/echo", relay.url))
-        .header("connection", "upgrade")
-        .header("upgrade", "h2c")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    assert!(text.contains("body-len: 5\n"), "{text}");
-    assert!(!text.contains("upgrade"), "{text}");
-    assert!(text.ends_with("\n\nhello"), "{text}");
+    let url = format!("{}/client/robot-1/echo", relay.url);
+    hello_echoed(
+        relay
+            .http1()
+            .post(url)
+            .header("connection", "upgrade")
+            .header("upgrade", "h2c"),
+    )
+    .await;
 }
 
 /// The relay's own headers come from the server alone: a user who sends
@@ -151,22 +160,17 @@ async fn an_upgrade_request_with_a_body_keeps_its_body() {
 #[tokio::test]
 async fn user_sent_relay_headers_are_not_taken_for_the_servers() {
     let (relay, _client, _backend) = v2_stack(|_| {}).await;
-    let resp = relay
-        .http()
-        .post(format!("{}/client/robot-1/echo", relay.url))
-        .header("x-relay-upgrade", "websocket")
-        .header("x-relay-status", "101")
-        .header("x-relay-request-id", "robot-1:forged")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    assert!(text.contains("method: POST\n"), "{text}");
-    assert!(!text.contains("upgrade"), "switched: {text}");
+    let url = format!("{}/client/robot-1/echo", relay.url);
+    let text = hello_echoed(
+        relay
+            .http()
+            .post(url)
+            .header("x-relay-upgrade", "websocket")
+            .header("x-relay-status", "101")
+            .header("x-relay-request-id", "robot-1:forged"),
+    )
+    .await;
     assert!(!text.contains("forged"), "{text}");
-    assert!(text.ends_with("\n\nhello"), "{text}");
 }
 
 #[tokio::test]
@@ -518,28 +522,8 @@ async fn an_oversize_streamed_upload_gets_413() {
     assert_eq!(resp.status(), 413);
 }
 
-#[tokio::test]
-async fn auto_falls_back_to_v1_and_v2_fails_clearly_against_a_v1_only_server() {
-    let backend = Backend::start().await;
-    let server = common::v1server::V1Server::start().await;
-    let cfg = |transport| http_relay::config::ClientConfig {
-        relay_url: server.url.clone(),
-        backend_name: "robot".into(),
-        backend_url: backend.url.clone(),
-        transport,
-        ..Default::default()
-    };
-    // v2 only: the client stops with a clear error.
-    let err = bounded(http_relay::client::run(
-        cfg(Transport::V2),
-        std::future::pending(),
-    ))
-    .await
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("does not offer v2"), "{err}");
-    // auto: v1 polls serve the request.
-    let _client = RelayClient::start(cfg(Transport::Auto));
+/// `server`'s v1 polls serve a request (a 201 from the test backend).
+async fn served_over_v1_polls(server: &common::v1server::V1Server) {
     let mut rx = server
         .send(http_relay::proto::HttpRequest {
             id: Some("robot:0123456789abcdef0123456789abcdef".into()),
@@ -552,6 +536,35 @@ async fn auto_falls_back_to_v1_and_v2_fails_clearly_against_a_v1_only_server() {
     assert_eq!(first.status_code, Some(201));
 }
 
+/// A relay-client config for `server` with `transport`.
+fn v1_server_client(
+    server: &common::v1server::V1Server,
+    backend: &Backend,
+    transport: Transport,
+) -> http_relay::config::ClientConfig {
+    let mut cfg = server.client_config(&backend.url);
+    cfg.transport = transport;
+    cfg
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_v1_and_v2_fails_clearly_against_a_v1_only_server() {
+    let backend = Backend::start().await;
+    let server = common::v1server::V1Server::start().await;
+    // v2 only: the client stops with a clear error.
+    let err = bounded(http_relay::client::run(
+        v1_server_client(&server, &backend, Transport::V2),
+        std::future::pending(),
+    ))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("does not offer v2"), "{err}");
+    // auto: v1 polls serve the request.
+    let _client = RelayClient::start(v1_server_client(&server, &backend, Transport::Auto));
+    served_over_v1_polls(&server).await;
+}
+
 /// What an ingress in front of a v1 server may answer an upgrade it
 /// cannot pass: `auto` serves over v1 polls after a 403 or a 502, and
 /// `v2` keeps trying after a 502 (a server being restarted behind its
@@ -562,35 +575,14 @@ async fn auto_falls_back_after_a_refused_or_failed_upgrade_and_v2_retries_a_gate
     for status in [http::StatusCode::FORBIDDEN, http::StatusCode::BAD_GATEWAY] {
         let server = common::v1server::V1Server::start().await;
         server.answer_connect(status);
-        let _client = RelayClient::start(http_relay::config::ClientConfig {
-            relay_url: server.url.clone(),
-            backend_name: "robot".into(),
-            backend_url: backend.url.clone(),
-            transport: Transport::Auto,
-            ..Default::default()
-        });
-        let mut rx = server
-            .send(http_relay::proto::HttpRequest {
-                id: Some("robot:0123456789abcdef0123456789abcdef".into()),
-                method: Some("GET".into()),
-                url: Some("http://invalid/status/201".into()),
-                ..Default::default()
-            })
-            .await;
-        let first = bounded(rx.recv()).await.unwrap();
-        assert_eq!(first.status_code, Some(201), "after {status}");
+        let _client = RelayClient::start(v1_server_client(&server, &backend, Transport::Auto));
+        served_over_v1_polls(&server).await;
     }
 
     let server = common::v1server::V1Server::start().await;
     server.answer_connect(http::StatusCode::BAD_GATEWAY);
     let run = tokio::spawn(http_relay::client::run(
-        http_relay::config::ClientConfig {
-            relay_url: server.url.clone(),
-            backend_name: "robot".into(),
-            backend_url: backend.url.clone(),
-            transport: Transport::V2,
-            ..Default::default()
-        },
+        v1_server_client(&server, &backend, Transport::V2),
         std::future::pending(),
     ));
     eventually(|| async { (server.connect_calls() >= 3).then_some(()) }).await;

@@ -84,6 +84,16 @@ impl V1Server {
         }
     }
 
+    /// A relay-client config for backend `robot` of this server.
+    pub fn client_config(&self, backend_url: &str) -> http_relay::config::ClientConfig {
+        http_relay::config::ClientConfig {
+            relay_url: self.url.clone(),
+            backend_name: "robot".into(),
+            backend_url: backend_url.to_owned(),
+            ..Default::default()
+        }
+    }
+
     /// Answers `/server/connect` with `status` from now on.
     pub fn answer_connect(&self, status: StatusCode) {
         *self.shared.connect.lock().unwrap() = status;
