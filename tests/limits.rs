@@ -74,15 +74,6 @@ async fn http1_get(s: &mut (impl AsyncRead + AsyncWrite + Unpin), path: &str) ->
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A TLS connection to the relay, handshake done.
-async fn tls_connect(relay: &Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    bounded(connector.connect(name, tcp)).await.unwrap()
-}
-
 /// Starts a relay-client of `name` on `transport` and waits until the
 /// relay routes to it.
 async fn relay_client(relay: &Relay, name: &str, url: &str, transport: Transport) -> RelayClient {
@@ -458,7 +449,7 @@ async fn a_silent_connection_is_closed_at_the_header_deadline() {
     assert!(took >= Duration::from_millis(400), "closed after {took:?}");
     // A handshake, then no request.
     let started = Instant::now();
-    let mut tls = tls_connect(&relay).await;
+    let mut tls = relay.tls_connect().await;
     let took = wait_closed(&mut tls, Duration::from_secs(5))
         .await
         .expect("a TLS connection without a request still open after 5 s");
@@ -526,7 +517,7 @@ async fn slowloris_headers_are_cut_off_at_the_header_deadline() {
 
     let header_read = Duration::from_millis(500);
     let tls_relay = Relay::start(|c| c.timeouts.header_read = header_read).await;
-    let took = trickle(tls_connect(&tls_relay).await).await;
+    let took = trickle(tls_relay.tls_connect().await).await;
     assert!(took >= Duration::from_millis(300), "closed after {took:?}");
 
     // With TLS off, on a connection that has served a request already.

@@ -286,11 +286,7 @@ async fn connect_ws(
     relay: &Relay,
     path: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = connector.connect(name, tcp).await.unwrap();
+    let stream = relay.tls_connect().await;
     let url = format!("wss://localhost:{}{path}", relay.addr.port());
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let mut req = url.into_client_request().unwrap();
@@ -704,11 +700,7 @@ async fn an_upgraded_connection_ends_with_its_user_even_with_a_silent_backend() 
     };
     assert_eq!(plain().await, 200);
 
-    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut user = connector.connect(name, tcp).await.unwrap();
+    let mut user = relay.tls_connect().await;
     user.write_all(
         b"GET /client/robot-1/ws HTTP/1.1\r\nhost: localhost\r\n\
           connection: upgrade\r\nupgrade: websocket\r\n\r\n",

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::ws::WsBackend;
@@ -18,15 +17,24 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<Tcp
 
 /// Opens a WebSocket to `path` through the relay over TLS (HTTP/1.1).
 async fn connect_ws(relay: &Relay, path: &str) -> Ws {
-    let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = TcpStream::connect(relay.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = connector.connect(name, tcp).await.unwrap();
-    let url = format!("wss://localhost:{}{path}", relay.addr.port());
-    let (ws, resp) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (ws, resp) = try_ws(relay, path).await.unwrap();
     assert_eq!(resp.status(), 101);
     ws
+}
+
+type Handshake = Result<
+    (
+        Ws,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+>;
+
+/// A WebSocket handshake to `path` through the relay over TLS.
+async fn try_ws(relay: &Relay, path: &str) -> Handshake {
+    let stream = relay.tls_connect().await;
+    let url = format!("wss://localhost:{}{path}", relay.addr.port());
+    tokio_tungstenite::client_async(url, stream).await
 }
 
 /// An open WebSocket counts against `limits.max_requests_per_backend`
@@ -51,13 +59,7 @@ async fn open_websockets_count_against_the_per_backend_limit() {
             Message::text("one")
         );
         // A second session for the name is refused while the first is open.
-        let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let tcp = TcpStream::connect(relay.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = connector.connect(name, tcp).await.unwrap();
-        let url = format!("wss://localhost:{}/client/ws/echo", relay.addr.port());
-        match tokio_tungstenite::client_async(url, stream).await {
+        match try_ws(&relay, "/client/ws/echo").await {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 assert_eq!(resp.status(), 503, "{transport:?}");
             }
@@ -70,16 +72,7 @@ async fn open_websockets_count_against_the_per_backend_limit() {
         first.close(None).await.unwrap();
         bounded(backend.ended.recv()).await;
         let mut again = common::eventually(|| async {
-            let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).ok()?;
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-            let tcp = TcpStream::connect(relay.addr).await.ok()?;
-            let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
-            let stream = connector.connect(name, tcp).await.ok()?;
-            let url = format!("wss://localhost:{}/client/ws/echo", relay.addr.port());
-            tokio_tungstenite::client_async(url, stream)
-                .await
-                .ok()
-                .map(|r| r.0)
+            try_ws(&relay, "/client/ws/echo").await.ok().map(|r| r.0)
         })
         .await;
         again.send(Message::text("two")).await.unwrap();

@@ -110,6 +110,16 @@ pub fn server_config() -> ServerConfig {
 }
 
 impl Relay {
+    /// A TLS connection to the relay (HTTP/1.1 or anything else on top),
+    /// handshake done.
+    pub async fn tls_connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tls = http_relay::tls::client_config(Some(&certs().ca_cert)).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        bounded(connector.connect(name, tcp)).await.unwrap()
+    }
+
     /// Starts a server with [`server_config`] changed by `edit`.
     pub async fn start(edit: impl FnOnce(&mut ServerConfig)) -> Relay {
         Self::start_with_admin(edit, None).await
