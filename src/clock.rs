@@ -4,6 +4,8 @@
 //! durations reach us from configuration and from the network (an IdP's
 //! `expires_in`). Every deadline is computed here instead.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,6 +24,50 @@ pub fn after(from: Instant, d: Duration) -> Instant {
 /// `now + d`, saturating like [`after`].
 pub fn from_now(d: Duration) -> Instant {
     after(Instant::now(), d)
+}
+
+/// Milliseconds since `start`, small enough to keep in an atomic.
+pub fn millis_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When bytes last moved: on an upgraded stream, in either direction, or
+/// on an upload. Deadlines of "nothing moved for so long" count from it,
+/// so a slow transfer that keeps moving is never cut off as idle.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Progress {
+    /// Bytes were read, or a write completed.
+    pub fn moved(&self) {
+        self.last.store(millis_since(self.start), Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle` (since the start, if
+    /// nothing ever moved): a peer that neither sends nor reads (a write
+    /// blocked on it does not count as moving).
+    pub async fn stalled(&self, idle: Duration) {
+        loop {
+            let last = self.last.load(Ordering::Relaxed);
+            let deadline = after(self.start, Duration::from_millis(last).saturating_add(idle));
+            tokio::time::sleep_until(deadline).await;
+            if self.last.load(Ordering::Relaxed) == last {
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

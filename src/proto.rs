@@ -79,11 +79,12 @@ pub struct HttpRequest {
     pub id: Option<String>,
     #[prost(string, optional, tag = "2")]
     pub method: Option<String>,
-    /// `"http://invalid/<path>?<query>"`. Bytes, not a string: a Go
-    /// server copies the user's raw query, which need not be UTF-8, and a
-    /// strict decoder would reject the whole message (and lose the
-    /// request) instead of this one field (`PROTOCOL.md`, "What the Go
-    /// peers actually send"). Same wire format as `string`.
+    /// `"http://invalid/<path>?<query>"`. Bytes, not a string, for the
+    /// reason `PROTOCOL.md` gives for `HttpHeader` ("What the Go peers
+    /// actually send"): a Go server copies the user's raw query and
+    /// `Host`, which need not be UTF-8, and a strict decoder would reject
+    /// the whole message (and lose the request) instead of this one
+    /// field. Same wire format as `string`.
     #[prost(bytes = "bytes", optional, tag = "3")]
     pub url: Option<Bytes>,
     #[prost(message, repeated, tag = "4")]

@@ -477,6 +477,31 @@ async fn random_kid_flood_fetches_jwks_at_most_once_per_window() {
     assert_eq!(fetches, 1, "JWKS fetches for 200 random kids in one window");
 }
 
+/// A token signed with a newly published key that arrives while a fetch
+/// for an unknown kid is running waits for that fetch and is accepted
+/// with the key it brings, not refused as one more unknown kid.
+#[tokio::test]
+async fn a_new_key_is_found_by_requests_that_wait_for_the_fetch_bringing_it() {
+    let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.unknown_kid_cooldown = Duration::from_secs(30)
+    })
+    .await;
+    idp.add_key(Key::generate("rsa-2", Algorithm::RS256));
+    idp.set_jwks_delay(Duration::from_secs(1));
+    let fresh = idp.sign("rsa-2", &idp.claims(&user_aud("nobody"), "alice"));
+    let http = relay.http();
+    let (unknown, fresh) = tokio::join!(
+        send_all(&relay, &http, random_kid_tokens(&idp, "random", 1)),
+        async {
+            eventually(|| async { (idp.jwks_in_flight() > 0).then_some(()) }).await;
+            user_status(&relay, "nobody", &fresh).await
+        }
+    );
+    assert_eq!(unknown, vec![401]);
+    assert_ne!(fresh.0, 401, "the new key's token was refused: {}", fresh.1);
+}
+
 /// A JWKS fetch slower than the cooldown: unknown kids that arrive once
 /// the window has passed, while that fetch is still running, are refused
 /// when it ends instead of each starting a fetch of its own in turn.

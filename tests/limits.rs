@@ -489,6 +489,43 @@ async fn a_chunk_post_that_stalls_is_cut_off_at_the_inactive_deadline() {
     );
 }
 
+/// A chunk post whose bytes keep coming, however slowly, is read whole:
+/// the deadline is one of silence, not of the whole post.
+#[tokio::test]
+async fn a_slow_chunk_post_that_keeps_moving_is_read_whole() {
+    use prost::Message as _;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_millis(500);
+    })
+    .await;
+    let chunk = http_relay::proto::HttpResponse {
+        id: Some("robot-1:feedfeedfeedfeedfeedfeedfeedfeed".into()),
+        status_code: Some(200),
+        body: Some(Bytes::from(vec![b'x'; 30])),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let head = format!(
+        "POST /server/response HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
+        chunk.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // About 2 s in all, 200 ms between pieces.
+    for piece in chunk.chunks(chunk.len().div_ceil(10)) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let head = read_head(&mut s).await;
+    // Decoded: the server found the id unknown (it was not cut off).
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let mut body = vec![0u8; 4096];
+    let n = bounded(s.read(&mut body)).await.unwrap();
+    let body = String::from_utf8_lossy(&body[..n]);
+    assert!(body.contains("feedfeed"), "{body}");
+}
+
 /// Request headers trickled byte by byte (slowloris) are cut off at
 /// `timeouts.header_read`: the first request's over TLS, and a later
 /// request's on a keep-alive connection.

@@ -123,15 +123,12 @@ impl KeySource {
     }
 
     /// The key with id `kid`. An unknown kid refetches the keys, at most
-    /// once per cooldown window (counted from the last such refetch), and
-    /// concurrent requests share that one fetch.
+    /// once per cooldown window (counted from the start and from the end
+    /// of the last such refetch), and concurrent requests share that one
+    /// fetch: they wait for it, and find a newly published key in it.
     pub async fn key(&self, kid: &str) -> Result<Jwk, AuthError> {
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
-        }
-        // Inside the window: refused at once, not queued behind a fetch.
-        if self.cooling_down() {
-            return Err(AuthError::UnknownKid);
         }
         let _single = self.refetch.lock().await;
         // Another request may have refetched while this one waited.
@@ -153,12 +150,6 @@ impl KeySource {
         }
         lock(&self.state).last_on_demand = Some(Instant::now());
         self.cached(kid)?.ok_or(AuthError::UnknownKid)
-    }
-
-    fn cooling_down(&self) -> bool {
-        lock(&self.state)
-            .last_on_demand
-            .is_some_and(|t| t.elapsed() < self.cooldown)
     }
 
     fn cached(&self, kid: &str) -> Result<Option<Jwk>, AuthError> {

@@ -136,6 +136,18 @@ pub struct Claims {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
+/// A NumericDate claim (`exp`, `nbf`) in whole seconds, read as
+/// `jsonwebtoken` reads it: an integer, or a decimal (RFC 7519, section
+/// 2), rounded.
+pub fn numeric_date(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        let f = v.as_f64()?;
+        // Bounded and finite, as the verifier requires.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
+    })
+}
+
 impl Claims {
     /// Whether claim `name` is `want`, or a list holding it. `sub` and
     /// `aud` are read from their own fields (they never reach `other`);
@@ -167,13 +179,7 @@ impl Claims {
     /// and rounds it, so a tunnel opened with such a token must still
     /// learn when it expires.
     pub fn expires_at(&self) -> Option<u64> {
-        let exp = self.other.get("exp")?;
-        exp.as_u64().or_else(|| {
-            let f = exp.as_f64()?;
-            // Bounded and finite, as the verifier requires.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
-        })
+        numeric_date(self.other.get("exp")?)
     }
 }
 

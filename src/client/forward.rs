@@ -1,12 +1,15 @@
 //! One relayed request on the relay-client: call the backend, cut its
 //! answer into chunks, and pipe upgraded connections.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
+
 use tokio::time::Instant;
 
 use super::transport::{PostOutcome, StreamRead, TransportError};
@@ -219,37 +222,39 @@ pub(super) async fn post_error(
     post(ctx, &chunk).await
 }
 
-/// Attempts of one chunk post that the server did not take in (as the Go
-/// relay-client, which tries each chunk up to ten times): a reconnect, a
-/// token refreshed after a key rotation or a draining server must not end
-/// the answer, leaving the user-client to wait for its timeout.
-const POST_ATTEMPTS: u32 = 10;
+/// How long a chunk post that the server did not take in is tried again.
+/// Long enough for a fresh token after a key rotation, a reconnect after
+/// a dropped connection, or a brief 503; short, because a server that is
+/// gone for longer has lost the request with its memory (a restarted one
+/// answers 400 for its id), and the backend call should end.
+const POST_RETRY_WINDOW: Duration = Duration::from_secs(3);
 
 async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
+    let give_up = crate::clock::from_now(POST_RETRY_WINDOW);
     let mut backoff = Backoff::new();
     let mut attempt = 1;
     loop {
-        match ctx.transport.post_response(chunk).await {
+        let e = match ctx.transport.post_response(chunk).await {
             Ok(PostOutcome::Accepted) => return Ok(()),
             Ok(PostOutcome::Gone) => return Err(ForwardError::Gone),
-            // Repeated only when the server cannot have taken it: a
-            // repeated chunk that it did take would duplicate its bytes.
-            Err(e) if e.not_taken() && attempt < POST_ATTEMPTS => {
-                let refused =
-                    matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
-                let wait = backoff.after_failure(refused);
-                tracing::debug!(
-                    id = chunk.id.as_deref().unwrap_or_default(),
-                    attempt,
-                    error = %e,
-                    retry_in = ?wait,
-                    "chunk post not taken; trying again"
-                );
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => e,
+        };
+        // Repeated only when the server cannot have taken it: a repeated
+        // chunk that it did take would duplicate its bytes.
+        let refused = matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
+        let wait = backoff.after_failure(refused);
+        if !e.not_taken() || Instant::now() + wait > give_up {
+            return Err(e.into());
         }
+        tracing::debug!(
+            id = chunk.id.as_deref().unwrap_or_default(),
+            attempt,
+            error = %e,
+            retry_in = ?wait,
+            "chunk post not taken; trying again"
+        );
+        tokio::time::sleep(wait).await;
+        attempt += 1;
     }
 }
 

@@ -190,13 +190,21 @@ async fn drive(
                 return Err(ClientError::V2NotOffered(status));
             }
             e if ctx.cfg.transport == Transport::Auto && e.falls_back() => {
+                // A refusal may be our token's, which a fresh one cures:
+                // v2 is probed again as a refused call is retried. A
+                // server (or ingress) without v2 only every REPROBE.
+                let wait = if e.is_refusal() {
+                    backoff.after_failure(true)
+                } else {
+                    REPROBE
+                };
                 if v1.is_none() {
-                    tracing::info!(answer = %e, reprobe = ?REPROBE, "no v2 connection to the server: using v1 polls");
+                    tracing::info!(answer = %e, reprobe = ?wait, "no v2 connection to the server: using v1 polls");
                     let polls = stop.child_token();
                     start_polls(&ctx, &polls, &tasks);
                     v1 = Some(polls);
                 }
-                REPROBE
+                wait
             }
             other => {
                 let wait = if v1.is_some() {

@@ -82,17 +82,14 @@ impl TunnelError {
         status != StatusCode::SWITCHING_PROTOCOLS && !status.is_server_error() && !transient
     }
 
-    /// A gateway's kind of failure (500, 502, 504, 408): an ingress that
-    /// cannot pass the upgrade answers so, and so does one in front of a
-    /// server that is restarting. `auto` tries v1 meanwhile; `v2` retries.
+    /// A gateway's kind of failure (a 5xx other than 503, or 408): an
+    /// ingress that cannot pass the upgrade answers so, and so does one
+    /// in front of a server that is restarting. `auto` tries v1
+    /// meanwhile; `v2` retries.
     fn is_gateway_failure(&self) -> bool {
-        matches!(self, TunnelError::Status { status, .. } if matches!(
-            *status,
-            StatusCode::INTERNAL_SERVER_ERROR
-                | StatusCode::BAD_GATEWAY
-                | StatusCode::GATEWAY_TIMEOUT
-                | StatusCode::REQUEST_TIMEOUT
-        ))
+        matches!(self, TunnelError::Status { status, .. }
+            if (status.is_server_error() && *status != StatusCode::SERVICE_UNAVAILABLE)
+                || *status == StatusCode::REQUEST_TIMEOUT)
     }
 
     /// Whether `transport = "auto"` runs v1 polls after this failure to
@@ -246,11 +243,12 @@ impl Dialer {
 fn renewal_in(token: Option<&str>) -> Option<Duration> {
     #[derive(serde::Deserialize)]
     struct Exp {
-        exp: u64,
+        exp: serde_json::Value,
     }
-    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?)
-        .ok()?
-        .exp;
+    // Read as the server reads it (a decimal `exp` too): it closes the
+    // connection at that time.
+    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?).ok()?;
+    let exp = crate::auth::numeric_date(&exp.exp)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
     let left = Duration::from_secs(exp.saturating_sub(now));
     // The token source's rule, and never in a tight loop.
@@ -551,12 +549,22 @@ async fn forward(
     }
     // The stream's request body is the backend request's body, piped; on
     // an upgrade it is the user's side of the upgraded connection.
+    // The upload moving counts as the backend call's progress: a backend
+    // may answer only once it has the whole body, however long it takes.
+    let progress = crate::clock::Progress::default();
     let (backend_body, user_bytes) = if upgrade.is_some() {
         (
             Empty::new().map_err(|never| match never {}).boxed(),
             Some(body),
         )
     } else {
+        let moving = progress.clone();
+        let body = body.map_frame(move |f| {
+            if f.is_data() {
+                moving.moved();
+            }
+            f
+        });
         (body.map_err(BoxError::from).boxed(), None)
     };
     let mut out = match Request::builder()
@@ -574,9 +582,14 @@ async fn forward(
         }
     };
     *out.headers_mut() = headers;
+    // The response head is due within `backend_timeout` of the last
+    // upload byte that moved (or of the start). The span is held across
+    // the call, not entered on each poll.
     let limit = ctx.cfg.backend_timeout;
-    // The span is held across the call, not entered on each poll.
-    let called = tokio::time::timeout(limit, ctx.backend_stream.request(out)).await;
+    let called = tokio::select! {
+        r = ctx.backend_stream.request(out) => Ok(r),
+        () = progress.stalled(limit) => Err(()),
+    };
     if let Ok(Ok(r)) = &called {
         backend_span.record("http.response.status_code", i64::from(r.status().as_u16()));
     } else {
@@ -625,6 +638,9 @@ fn switched(
     headers.insert(v2::STATUS, HeaderValue::from_static("101"));
     let on_upgrade = hyper::upgrade::on(resp);
     let (to_user, from_backend) = mpsc::channel::<Bytes>(8);
+    // Sent when the stream's response body ends; dropped unsent when the
+    // stream goes away first (the user-client left, the stream was reset).
+    let (ended, gone) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         // The connection is a request in flight until it closes.
         let _in_flight = permit;
@@ -658,13 +674,7 @@ fn switched(
                 if buf.capacity() - buf.len() < PIPE_READ / 16 {
                     buf.reserve(PIPE_READ);
                 }
-                let read = tokio::select! {
-                    r = rd.read_buf(&mut buf) => r,
-                    // The stream is gone (the user went away): a silent
-                    // backend must not keep the task and its socket.
-                    () = to_user.closed() => break,
-                };
-                match read {
+                match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         if to_user.send(buf.split().freeze()).await.is_err() {
@@ -676,14 +686,65 @@ fn switched(
         };
         // Either direction may end first; the other is finished when the
         // connection ends (the user side closes, or the backend does).
-        tokio::join!(to_backend, to_user_side);
+        let both = async { tokio::join!(to_backend, to_user_side) };
+        tokio::select! {
+            _ = both => {}
+            // The stream is gone: both directions end now, even a read of
+            // a silent backend or a write to one that stopped reading, so
+            // neither the task nor the backend socket outlives it.
+            Err(_) = gone => {}
+        }
     });
-    let stream = futures_util::stream::unfold(from_backend, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
-    });
+    let stream = futures_util::stream::unfold(
+        (from_backend, Some(ended)),
+        |(mut rx, mut ended)| async move {
+            match rx.recv().await {
+                Some(b) => Some((Ok::<_, BoxError>(Frame::data(b)), (rx, ended))),
+                None => {
+                    if let Some(ended) = ended.take() {
+                        let _ = ended.send(());
+                    }
+                    None
+                }
+            }
+        },
+    );
     let mut out = Response::new(StreamBody::new(stream).boxed());
     *out.headers_mut() = headers;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_expiring(exp: serde_json::Value) -> String {
+        let claims = serde_json::json!({ "exp": exp });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"not checked here"),
+        )
+        .expect("token")
+    }
+
+    #[test]
+    fn renewal_comes_before_expiry_for_integer_and_decimal_exp() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        for exp in [
+            serde_json::json!(now + 100),
+            serde_json::json!(now as f64 + 100.4),
+        ] {
+            let renew = renewal_in(Some(&token_expiring(exp.clone()))).expect("a renewal");
+            // 80 % of the life, and at least 10 s before expiry.
+            assert!(
+                renew >= Duration::from_secs(75) && renew <= Duration::from_secs(81),
+                "{exp}: {renew:?}"
+            );
+        }
+        assert_eq!(renewal_in(None), None);
+    }
 }

@@ -76,7 +76,11 @@ pub fn empty() -> Body {
 }
 
 /// Reads a whole request body of at most `limit` bytes (413 above it).
-pub async fn read_limited(body: hyper::body::Incoming, limit: u64) -> Result<Bytes, RelayError> {
+pub async fn read_limited<B>(body: B, limit: u64) -> Result<Bytes, RelayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await

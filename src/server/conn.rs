@@ -133,48 +133,8 @@ impl Place {
     }
 }
 
-/// Milliseconds since `start`: the clock of both watchdogs, small enough
-/// to keep in an atomic.
-fn millis_since(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// When bytes last moved on an upgraded stream, in either direction.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    start: Instant,
-    last: Arc<AtomicU64>,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self {
-            start: Instant::now(),
-            last: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
-
-impl Progress {
-    /// Bytes were read, or a write completed.
-    pub fn moved(&self) {
-        self.last.store(millis_since(self.start), Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `idle`: a peer that neither
-    /// sends nor reads (a write blocked on it does not count as moving).
-    pub async fn stalled(&self, idle: Duration) {
-        loop {
-            let last = self.last.load(Ordering::Relaxed);
-            let deadline =
-                crate::clock::after(self.start, Duration::from_millis(last).saturating_add(idle));
-            tokio::time::sleep_until(deadline).await;
-            if self.last.load(Ordering::Relaxed) == last {
-                return;
-            }
-        }
-    }
-}
+pub use crate::clock::Progress;
+use crate::clock::millis_since;
 
 #[cfg(test)]
 mod tests {

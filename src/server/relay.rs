@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use prost::Message as _;
 
@@ -104,12 +105,21 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     gate::relay_cert_presented(state, req.extensions())?;
     let (parts, body) = req.into_parts();
     let limit = state.cfg.limits.max_response_chunk.as_u64();
-    // A chunk that does not arrive within the time a request may go
-    // without one would hold its connection and buffer for ever.
+    // A chunk whose bytes stop for as long as a request may go without a
+    // chunk would hold its connection and buffer for ever.
     let idle = state.cfg.timeouts.inactive_request;
-    let body = tokio::time::timeout(idle, read_limited(body, limit))
-        .await
-        .map_err(|_| RelayError::ReadBody(format!("chunk not complete after {idle:?}")))??;
+    let progress = crate::clock::Progress::default();
+    let moving = progress.clone();
+    let body = body.map_frame(move |f| {
+        moving.moved();
+        f
+    });
+    let body = tokio::select! {
+        r = read_limited(body, limit) => r?,
+        () = progress.stalled(idle) => {
+            return Err(RelayError::ReadBody(format!("chunk stalled for {idle:?}")));
+        }
+    };
     let mut msg = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
     let id = msg.id.take().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.

@@ -428,13 +428,11 @@ pub async fn relay(
     let (treq, response, send) = (opened.request, opened.response, opened.body);
     // The body is sent beside the response, on its own task: a full-duplex
     // call reads answers while it still sends. The response side going
-    // away ends it, except for an upgraded connection: there the user's
-    // bytes already read still go to the backend, then END_STREAM (a
-    // half-close), as on a TCP connection.
+    // away ends it. For an upgraded connection that is the end of the
+    // pipe (`pipe` keeps the response body): until then the user's bytes
+    // go to the backend after the backend's side has ended, and the
+    // user's half-close is END_STREAM, as on a TCP connection.
     let exchange = if body_done {
-        None
-    } else if upgrade.is_some() {
-        tokio::spawn(super::stream::send_body(body, send, None));
         None
     } else {
         let (exchange, abandoned) = tokio::sync::oneshot::channel();
@@ -646,6 +644,11 @@ async fn pipe(
         move |n| lock(&up_chunks).upstream(n),
     );
     let down_metrics = metrics.clone();
+    // The response body is kept to the end of the pipe, not of the
+    // backend's direction: its drop resets the stream (and stops a
+    // request body that waits for room the relay-client may never give),
+    // while the user's direction may go on after the backend's has ended.
+    let from_backend = &mut from_backend;
     let downstream = async move {
         while let Some(frame) = from_backend.frame().await {
             let Ok(frame) = frame else { break };
