@@ -39,20 +39,15 @@ impl Drop for Admitted {
     }
 }
 
-/// A request's admission, shared: in the request's extensions, so that
-/// the task of an upgraded connection keeps it until the connection ends
-/// (its response body, which holds it otherwise, ends with the 101).
+/// A request's admission, shared: the task of an upgraded connection
+/// keeps a clone until the connection ends (the response body, which
+/// holds it otherwise, ends with the 101).
 #[derive(Clone, Debug)]
 pub struct Admission(#[allow(dead_code)] Arc<Admitted>);
 
 impl Admission {
     pub fn new(admitted: Admitted) -> Self {
         Self(Arc::new(admitted))
-    }
-
-    /// The admission of the request with these extensions, if any.
-    pub fn of(ext: &http::Extensions) -> Option<Self> {
-        ext.get::<Self>().cloned()
     }
 }
 

@@ -310,11 +310,11 @@ pub async fn relay(
     route: Route,
     route_to: (TunnelRequest, h2::client::SendRequest<Bytes>),
     span: &tracing::Span,
+    admitted: &super::load::Admission,
 ) -> Result<Response<Body>, RelayError> {
     let upgrade = super::user::upgrade_token(&req);
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
-    let admission = super::load::Admission::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -486,6 +486,7 @@ pub async fn relay(
             },
             chunks,
         );
+        let admission = admitted.clone();
         tokio::spawn(super::conn::Place::hold(place, async move {
             let _admission = admission;
             piped.await

@@ -191,8 +191,7 @@ async fn relay_request(
     // Held until the response body is done with, or, for an upgraded
     // connection, until the connection ends.
     let admitted = super::load::Admission::new(state.load.admit(&route.backend)?);
-    req.extensions_mut().insert(admitted.clone());
-    let resp = relay_admitted(state, req, route, span, started, traced).await?;
+    let resp = relay_admitted(state, req, route, span, started, traced, &admitted).await?;
     Ok(resp.map(|b| super::body::holding(b, admitted)))
 }
 
@@ -203,6 +202,7 @@ async fn relay_admitted(
     span: tracing::Span,
     started: std::time::Instant,
     traced: bool,
+    admitted: &super::load::Admission,
 ) -> Result<Response<Body>, RelayError> {
     // A relay-client connected over v2 takes the request as a stream; v1
     // polls are the fallback (`docs/transport-v2.md`).
@@ -213,11 +213,10 @@ async fn relay_admitted(
         })
         .await?;
     if let Some(route_to) = ready {
-        return super::tunnel::relay(state, req, route, route_to, &span).await;
+        return super::tunnel::relay(state, req, route, route_to, &span, admitted).await;
     }
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
-    let admission = super::load::Admission::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -272,7 +271,10 @@ async fn relay_admitted(
     let resp = respond(
         exchange,
         first,
-        on_upgrade.map(|u| (u, Upgraded { place, admission })),
+        on_upgrade.map(|u| {
+            let admission = admitted.clone();
+            (u, Upgraded { place, admission })
+        }),
         version,
         state,
     )?;
@@ -325,7 +327,7 @@ pub(super) fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> traci
 /// admission (`limits.max_requests_per_backend`).
 struct Upgraded {
     place: Option<super::conn::Place>,
-    admission: Option<super::load::Admission>,
+    admission: super::load::Admission,
 }
 
 fn respond(
