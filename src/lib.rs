@@ -17,7 +17,8 @@
 //! - [`client`]: the relay-client.
 //! - [`error`]: the single mapping of relay errors to HTTP statuses.
 //! - [`telemetry`]: logging, OpenTelemetry tracing and metrics.
-//! - [`clock`]: deadlines that cannot overflow.
+//! - [`clock`]: deadlines that cannot overflow, and progress stamps.
+//! - [`readbuf`]: read buffers of upgraded connections' byte pipes.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod proto;
+pub mod readbuf;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

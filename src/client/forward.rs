@@ -9,7 +9,6 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
-
 use tokio::time::Instant;
 
 use super::transport::{PostOutcome, StreamRead, TransportError};
@@ -241,8 +240,7 @@ async fn post(ctx: &Ctx, chunk: &HttpResponse) -> Result<(), ForwardError> {
         };
         // Repeated only when the server cannot have taken it: a repeated
         // chunk that it did take would duplicate its bytes.
-        let refused = matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
-        let wait = backoff.after_failure(refused);
+        let wait = backoff.after_failure(e.is_refusal());
         if !e.not_taken() || Instant::now() + wait > give_up {
             return Err(e.into());
         }
@@ -408,9 +406,6 @@ impl<'a> Chunker<'a> {
 /// Consecutive failed request-stream reads before giving up.
 const STREAM_RETRIES: u32 = 5;
 
-/// Read size for backend-to-user bytes of an upgraded connection.
-const PIPE_READ: usize = 64 * 1024;
-
 /// Pipes an upgraded backend connection (`PROTOCOL.md`, "Upgrades"):
 /// backend bytes go out as response chunks; user bytes come from
 /// `/server/requeststream` until 410, which half-closes the backend side.
@@ -434,7 +429,7 @@ async fn pipe(
     };
     let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let from_backend = async {
-        let stream = tokio_util::io::ReaderStream::with_capacity(rd, PIPE_READ);
+        let stream = tokio_util::io::ReaderStream::with_capacity(rd, crate::readbuf::PIPE_READ);
         let body = StreamBody::new(futures_util::StreamExt::map(stream, |r| {
             r.map(http_body::Frame::data)
         }));

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::client::TokenSource;
 use crate::config::{ClientConfig, Transport};
 use crate::tls::TlsError;
-use transport::{HttpsClient, RelayTransport, TransportError};
+use transport::{HttpsClient, RelayTransport};
 use tunnel::TunnelError;
 
 /// Least wait after the server refused our token.
@@ -258,9 +258,7 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             }
             Ok(None) => backoff.reset(),
             Err(e) => {
-                let refused =
-                    matches!(e, TransportError::Refused { .. } | TransportError::Token(_));
-                let wait = backoff.after_failure(refused);
+                let wait = backoff.after_failure(e.is_refusal());
                 tracing::warn!(error = %e, retry_in = ?wait, "poll failed");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}

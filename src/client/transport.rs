@@ -59,6 +59,15 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Our token was refused or could not be had: asking faster does not
+    /// help (`Backoff::after_failure`).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Refused { .. } | TransportError::Token(_)
+        )
+    }
+
     /// Whether the server cannot have taken the call in: the connection
     /// was never made, our token was refused (checked before the body is
     /// read), or the server was unavailable (503: draining, or an ingress
@@ -67,7 +76,7 @@ impl TransportError {
     pub fn not_taken(&self) -> bool {
         match self {
             TransportError::Connect(e) => e.is_connect(),
-            TransportError::Refused { .. } | TransportError::Token(_) => true,
+            _ if self.is_refusal() => true,
             TransportError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
             _ => false,
         }

@@ -38,8 +38,6 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Bound of the dial and of the upgrade exchange.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Read size for backend-to-user bytes of an upgraded connection.
-const PIPE_READ: usize = 64 * 1024;
 
 /// Why a tunnel could not be opened or ended.
 #[derive(Debug, thiserror::Error)]
@@ -666,14 +664,9 @@ fn switched(
         // Owns the sender: the stream's response body ends (END_STREAM)
         // as soon as the backend closes its side.
         let to_user_side = async move {
-            // Reads share an allocation until it is full (as the server's
-            // side of the pipe does): a queued keystroke does not pin a
-            // whole read buffer.
             let mut buf = BytesMut::new();
             loop {
-                if buf.capacity() - buf.len() < PIPE_READ / 16 {
-                    buf.reserve(PIPE_READ);
-                }
+                crate::readbuf::spare(&mut buf);
                 match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {

@@ -10,12 +10,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::mpsc;
 
-use super::conn::Progress;
+use crate::clock::Progress;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::Direction;
-
-/// Read size for user-to-backend bytes of an upgraded connection.
-const PIPE_READ: usize = 64 * 1024;
 
 /// Reads the user's side into `to_backend`, each read sent at once, until
 /// the user half-closes (`true`) or the read or the channel fails
@@ -30,7 +27,7 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
 ) -> bool {
     let mut buf = BytesMut::new();
     loop {
-        spare(&mut buf);
+        crate::readbuf::spare(&mut buf);
         match rd.read_buf(&mut buf).await {
             Ok(0) => return true,
             Err(_) => return false,
@@ -43,19 +40,6 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
                 }
             }
         }
-    }
-}
-
-/// Below this much room, the next read gets a fresh [`PIPE_READ`].
-const MIN_SPARE: usize = 4096;
-
-/// Makes room for the next read in `buf`. Reads are split off the same
-/// allocation until it is full, so queued small reads (a keystroke each)
-/// share one buffer instead of pinning a whole [`PIPE_READ`] apiece; the
-/// allocation is reused once every read split off it has been sent.
-pub(crate) fn spare(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < MIN_SPARE {
-        buf.reserve(PIPE_READ);
     }
 }
 

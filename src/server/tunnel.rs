@@ -357,7 +357,7 @@ pub async fn relay(
     let metrics = state.metrics.clone();
     // The upload moving counts as activity: the backend may answer only
     // once it has the whole body, however long that takes to arrive.
-    let progress = super::conn::Progress::default();
+    let progress = crate::clock::Progress::default();
     let moving = progress.clone();
     // Set when the streamed body passes the limit: the stream is reset,
     // and the user-client is told why (413), not just that it failed.
@@ -635,7 +635,7 @@ async fn pipe(
     let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
     let up_chunks = chunks.clone();
     // The end of the sender ends the stream's request body (END_STREAM).
-    let progress = super::conn::Progress::default();
+    let progress = crate::clock::Progress::default();
     let down_progress = progress.clone();
     let upstream = super::pipe::user_to_backend(
         rd,

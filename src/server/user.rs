@@ -474,7 +474,7 @@ async fn pipe(
     metrics.active_streams.inc();
 
     // The end of the sender is the relay-client's 410 Gone.
-    let progress = super::conn::Progress::default();
+    let progress = crate::clock::Progress::default();
     let down_progress = progress.clone();
     let upstream =
         super::pipe::user_to_backend(rd, to_backend, metrics.clone(), progress.clone(), |_| {});
