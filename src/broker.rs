@@ -157,6 +157,14 @@ impl TunnelRequest {
     }
 }
 
+/// A tunnel whose connection takes a new stream now
+/// ([`Broker::ready_tunnel`]): the request's place on it and the handle
+/// to open the stream with.
+pub struct ReadyTunnel {
+    request: TunnelRequest,
+    sender: h2::client::SendRequest<Bytes>,
+}
+
 /// A stream opened on a tunnel ([`Broker::open_stream`]).
 pub struct OpenedStream {
     /// Counts the request on the tunnel that carries it.
@@ -476,7 +484,7 @@ impl Broker {
         &self,
         backend: &str,
         waiting: impl Fn() -> tracing::Span,
-    ) -> Result<Option<(TunnelRequest, h2::client::SendRequest<Bytes>)>, BrokerError> {
+    ) -> Result<Option<ReadyTunnel>, BrokerError> {
         // Each failed try takes one tunnel off the routes: the bound only
         // matters if tunnels kept arriving and refusing at once.
         let mut span = None;
@@ -487,7 +495,12 @@ impl Broker {
             // Held, not entered (see `server::user::child`).
             span.get_or_insert_with(&waiting);
             match treq.tunnel.sender().ready().await {
-                Ok(sender) => return Ok(Some((treq, sender))),
+                Ok(sender) => {
+                    return Ok(Some(ReadyTunnel {
+                        request: treq,
+                        sender,
+                    }));
+                }
                 Err(e) => {
                     tracing::debug!(backend, error = %e, "v2 tunnel refuses new streams; trying the next route");
                     treq.tunnel.refuse_new();
@@ -507,11 +520,14 @@ impl Broker {
     pub async fn open_stream(
         &self,
         backend: &str,
-        route: (TunnelRequest, h2::client::SendRequest<Bytes>),
+        route: ReadyTunnel,
         head: &http::Request<()>,
         end_of_stream: bool,
     ) -> Result<OpenedStream, h2::Error> {
-        let (mut request, mut sender) = route;
+        let ReadyTunnel {
+            mut request,
+            mut sender,
+        } = route;
         let mut tries = 1;
         loop {
             let e = match sender.send_request(copy_head(head), end_of_stream) {
@@ -531,7 +547,9 @@ impl Broker {
             tracing::debug!(backend, error = %e, "v2 tunnel refused a new stream; trying the next route");
             request.tunnel.refuse_new();
             match self.ready_tunnel(backend, tracing::Span::none).await {
-                Ok(Some(next)) if tries < READY_TRIES => (request, sender) = next,
+                Ok(Some(next)) if tries < READY_TRIES => {
+                    (request, sender) = (next.request, next.sender);
+                }
                 _ => return Err(e),
             }
             tries += 1;
@@ -998,7 +1016,10 @@ mod tests {
         // equally loaded, it is the first one picked.
         go_away(&leaving, server, stop).await;
         assert!(!leaving.is_closed());
-        let (treq, mut sender) = route_of_r(&b).await;
+        let ReadyTunnel {
+            request: treq,
+            mut sender,
+        } = route_of_r(&b).await;
         assert!(Arc::ptr_eq(&treq.tunnel, &staying));
         assert!(leaving.is_closed(), "the refusing tunnel left the routes");
         let (_response, _send) = sender
@@ -1027,7 +1048,7 @@ mod tests {
     }
 
     /// The route `ready_tunnel` finds for backend "r"; there must be one.
-    async fn route_of_r(b: &Broker) -> (TunnelRequest, h2::client::SendRequest<Bytes>) {
+    async fn route_of_r(b: &Broker) -> ReadyTunnel {
         b.ready_tunnel("r", tracing::Span::none)
             .await
             .expect("ready")

@@ -31,7 +31,7 @@ use super::user::{
 };
 use super::{State, gate, relay};
 use crate::auth::Claims;
-use crate::broker::{BrokerError, Tunnel, TunnelRequest};
+use crate::broker::{BrokerError, ReadyTunnel, Tunnel, TunnelRequest};
 use crate::error::RelayError;
 use crate::proto::v2;
 use crate::telemetry::{self, metrics::Direction};
@@ -308,7 +308,7 @@ pub async fn relay(
     state: &State,
     mut req: Request<Incoming>,
     route: Route,
-    route_to: (TunnelRequest, h2::client::SendRequest<Bytes>),
+    route_to: ReadyTunnel,
     span: &tracing::Span,
     admitted: &super::load::Admission,
 ) -> Result<Response<Body>, RelayError> {
