@@ -315,10 +315,23 @@ pub struct AuthConfig {
     pub token_cookie: Option<String>,
     /// Trusted token issuers.
     pub issuers: Vec<IssuerConfig>,
+    /// Claims every user-client token must carry, for any backend: the
+    /// claim equals the value, or is an array that contains it; a
+    /// `{backend}` in a value is the backend's name.
+    pub user_claims: BTreeMap<String, String>,
+    /// Claims every relay-client token must carry, as `user_claims`. The
+    /// audience alone tells a robot's token from anyone else's only if
+    /// the identity provider hands out relay audiences to robots alone;
+    /// one that signs a token for any audience its holder asks for
+    /// (Google identity tokens) needs these, e.g. the robot's service
+    /// account as `email`.
+    pub relay_claims: BTreeMap<String, String>,
     /// Per-backend extra audiences and required claims.
     pub backends: BTreeMap<String, BackendAuth>,
-    /// Bounds of the JWKS refresh period (the IdP's `Cache-Control:
-    /// max-age` is clamped into them).
+    /// Bounds of the JWKS refresh period: the IdP's `Cache-Control:
+    /// max-age` is clamped into them, `no-cache` and `no-store` give the
+    /// lower bound and no `Cache-Control` the upper one. The upper bound
+    /// is how long a key the IdP withdrew can still verify tokens.
     #[serde(with = "humantime_serde")]
     pub jwks_refresh_min: Duration,
     #[serde(with = "humantime_serde")]
@@ -347,9 +360,11 @@ impl Default for AuthConfig {
                 jwks_file: Some(Path::new(DEV_CERT_DIR).join("dev-issuer.jwks.json")),
                 algorithms: Vec::new(),
             }],
+            user_claims: BTreeMap::new(),
+            relay_claims: BTreeMap::new(),
             backends: BTreeMap::new(),
             jwks_refresh_min: Duration::from_secs(60),
-            jwks_refresh_max: Duration::from_secs(24 * 3600),
+            jwks_refresh_max: Duration::from_secs(3600),
             unknown_kid_cooldown: Duration::from_secs(10),
         }
     }
@@ -393,10 +408,19 @@ pub struct BackendAuth {
     pub user_audiences: Vec<String>,
     /// Further audiences accepted from its relay-clients.
     pub relay_audiences: Vec<String>,
-    /// Claims every token for this backend must carry: the claim equals
-    /// the value, or is an array that contains it.
+    /// Claims every token for this backend must carry, user-client's and
+    /// relay-client's alike: the claim equals the value, or is an array
+    /// that contains it.
     pub required_claims: BTreeMap<String, String>,
+    /// Claims its user-client tokens must carry as well.
+    pub user_claims: BTreeMap<String, String>,
+    /// Claims its relay-client tokens must carry as well.
+    pub relay_claims: BTreeMap<String, String>,
 }
+
+/// Issuers known to sign a token for whatever audience its holder asks
+/// for: with them, an audience proves nothing about who holds the token.
+pub const OPEN_AUDIENCE_ISSUERS: &[&str] = &["https://accounts.google.com"];
 
 /// Whether `url` may be fetched for keys: https, or http on a loopback
 /// host (for tests and local IdPs).
@@ -532,6 +556,23 @@ impl AuthConfig {
                          audience; user tokens would work as relay tokens"
                     ),
                 ));
+            }
+        }
+        let claim_maps = [
+            ("auth.user_claims", &self.user_claims),
+            ("auth.relay_claims", &self.relay_claims),
+        ]
+        .into_iter()
+        .chain(self.backends.values().flat_map(|b| {
+            [
+                ("auth.backends.required_claims", &b.required_claims),
+                ("auth.backends.user_claims", &b.user_claims),
+                ("auth.backends.relay_claims", &b.relay_claims),
+            ]
+        }));
+        for (key, claims) in claim_maps {
+            if claims.keys().any(String::is_empty) {
+                return Err(invalid(key, "a claim name is empty"));
             }
         }
         if self.jwks_refresh_min.is_zero() || self.jwks_refresh_min > self.jwks_refresh_max {
@@ -1091,6 +1132,24 @@ mod tests {
                 .to_string()
                 .contains("both a user and a relay")
         );
+    }
+
+    #[test]
+    fn an_empty_claim_name_is_refused() {
+        let mut c = ServerConfig::default();
+        c.auth.relay_claims.insert(String::new(), "x".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.relay_claims"), "{err}");
+        let mut c = ServerConfig::default();
+        c.auth.backends.insert(
+            "b".into(),
+            BackendAuth {
+                user_claims: [(String::new(), "x".to_owned())].into(),
+                ..Default::default()
+            },
+        );
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.backends.user_claims"), "{err}");
     }
 
     #[test]

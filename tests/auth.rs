@@ -358,6 +358,7 @@ async fn per_backend_audiences_and_required_claims() {
                 user_audiences: vec!["https://fleet.test/robots".into()],
                 relay_audiences: Vec::new(),
                 required_claims: [("groups".to_owned(), "fleet-ops".to_owned())].into(),
+                ..Default::default()
             },
         );
     })
@@ -500,6 +501,40 @@ async fn a_new_key_is_found_by_requests_that_wait_for_the_fetch_bringing_it() {
     );
     assert_eq!(unknown, vec![401]);
     assert_ne!(fresh.0, 401, "the new key's token was refused: {}", fresh.1);
+}
+
+/// A request that goes away during the unknown-kid fetch it started does
+/// not take the fetch with it: the fetch ends, and the new key it brings
+/// is used at once, not only after the cooldown (or the next scheduled
+/// refresh). Over HTTP/2 the reset stream drops the request's future on
+/// the server, as any peer can make it do.
+#[tokio::test]
+async fn a_fetch_outlives_the_request_that_started_it() {
+    let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.unknown_kid_cooldown = Duration::from_secs(30)
+    })
+    .await;
+    idp.add_key(Key::generate("rsa-2", Algorithm::RS256));
+    idp.set_jwks_delay(Duration::from_millis(500));
+    let fresh = idp.sign("rsa-2", &idp.claims(&user_aud("nobody"), "alice"));
+    let before = idp.jwks_fetches();
+    let gone = relay
+        .http2()
+        .get(format!("{}/client/nobody/x", relay.url))
+        .bearer_auth(&fresh)
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(gone.is_err(), "answered before the fetch ended: {gone:?}");
+    // The fetch was asked for; wait until the IdP has answered it.
+    eventually(|| async {
+        (idp.jwks_fetches() > before && idp.jwks_in_flight() == 0).then_some(())
+    })
+    .await;
+    idp.set_jwks_delay(Duration::ZERO);
+    let (status, body, _) = user_status(&relay, "nobody", &fresh).await;
+    assert_ne!(status, 401, "the new key's token was refused: {body}");
 }
 
 /// A JWKS fetch slower than the cooldown: unknown kids that arrive once
@@ -956,19 +991,29 @@ async fn client_credentials_failing_refresh_backs_off_and_keeps_the_valid_token(
 async fn jwks_refresh_follows_cache_control_max_age() {
     let with_max_age = Idp::start().await;
     with_max_age.set_max_age(Some(1));
+    let no_store = Idp::start().await;
+    no_store.set_cache_control(Some("no-store"));
     let without = Idp::start().await;
     // Bounds that leave the IdP's max-age in charge: without one, the
-    // period is an hour.
+    // period is an hour; `no-store` asks for the shortest, a second.
     let bounds = |c: &mut ServerConfig| {
         c.auth.jwks_refresh_min = Duration::from_secs(1);
         c.auth.jwks_refresh_max = Duration::from_secs(3600);
     };
     let _relay_a = relay_with(&with_max_age, bounds).await;
     let _relay_b = relay_with(&without, bounds).await;
-    let (a, b) = (with_max_age.jwks_fetches(), without.jwks_fetches());
+    let _relay_c = relay_with(&no_store, bounds).await;
+    let (a, b, c) = (
+        with_max_age.jwks_fetches(),
+        without.jwks_fetches(),
+        no_store.jwks_fetches(),
+    );
 
     // Two scheduled refreshes a second apart, with no unknown kid asking.
-    eventually(|| async { (with_max_age.jwks_fetches() >= a + 2).then_some(()) }).await;
+    eventually(|| async {
+        (with_max_age.jwks_fetches() >= a + 2 && no_store.jwks_fetches() >= c + 2).then_some(())
+    })
+    .await;
     // Meanwhile (well over refresh_min) the other relay kept its keys.
     assert_eq!(without.jwks_fetches(), b, "refreshed without max-age");
 }
@@ -1051,6 +1096,7 @@ async fn per_backend_relay_audiences_and_required_claims() {
                 user_audiences: Vec::new(),
                 relay_audiences: vec![FLEET_RELAYS.into()],
                 required_claims: [("groups".to_owned(), "fleet-ops".to_owned())].into(),
+                ..Default::default()
             },
         );
     })
@@ -1093,6 +1139,76 @@ async fn per_backend_relay_audiences_and_required_claims() {
         assert_eq!(status, 403, "{name}: {body}");
         assert!(body.contains(reason), "{name}: {reason:?} not in {body:?}");
     }
+}
+
+/// An identity provider that signs a token for any audience its holder
+/// asks for (Google identity tokens) lets anyone hold a relay audience:
+/// `relay_claims` then tells the robot apart (here by `sub`, a template
+/// on the backend's name), and `user_claims` narrow users without
+/// locking the robot out.
+#[tokio::test]
+async fn role_claims_tell_a_robot_from_anyone_holding_its_audience() {
+    let idp = Idp::start().await;
+    let backend = Backend::start().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.relay_claims = [("sub".to_owned(), "svc-{backend}".to_owned())].into();
+        c.auth.backends.insert(
+            "robot-1".into(),
+            BackendAuth {
+                user_claims: [("groups".to_owned(), "fleet-ops".to_owned())].into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let signed = |aud: &str, sub: &str, groups: &[&str]| {
+        let mut claims = idp.claims(aud, sub);
+        claims["groups"] = json!(groups);
+        idp.sign("rsa-1", &claims)
+    };
+
+    // The robot's own token: no group, and none needed.
+    let file = token_file(&signed(&relay_aud("robot-1"), "svc-robot-1", &[]));
+    let _client = client_with_token(&relay, "robot-1", &backend.url, &file);
+    wait_served(
+        &relay,
+        "robot-1",
+        &signed(&user_aud("robot-1"), "alice", &["fleet-ops"]),
+    )
+    .await;
+
+    for (name, backend_name, token, reason) in [
+        (
+            "anyone with robot-1's relay audience",
+            "robot-1",
+            signed(&relay_aud("robot-1"), "mallory", &["fleet-ops"]),
+            "sub=svc-robot-1",
+        ),
+        (
+            "robot-1's identity with robot-2's relay audience",
+            "robot-2",
+            signed(&relay_aud("robot-2"), "svc-robot-1", &[]),
+            "sub=svc-robot-2",
+        ),
+    ] {
+        let answer = poll_status(&relay, backend_name, &token).await;
+        let (status, body) = answer.unwrap_or_else(|| panic!("{name}: poll accepted"));
+        assert_eq!(status, 403, "{name}: {body}");
+        assert!(body.contains(reason), "{name}: {reason:?} not in {body:?}");
+    }
+    // A user outside the group is refused; the user claims ask nothing
+    // of another backend's users.
+    let (status, body, _) = user_status(
+        &relay,
+        "robot-1",
+        &signed(&user_aud("robot-1"), "bob", &["visitors"]),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("groups=fleet-ops"), "{body}");
+    let (status, body, _) =
+        user_status(&relay, "robot-2", &signed(&user_aud("robot-2"), "bob", &[])).await;
+    assert_ne!(status, 403, "{body}");
 }
 
 #[tokio::test]

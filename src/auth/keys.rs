@@ -57,21 +57,34 @@ pub struct KeySource {
     state: Mutex<State>,
     /// One fetch at a time, scheduled or on demand: the last fetch to end
     /// is the last to have started, so an old answer never replaces a
-    /// newer one.
-    refetch: tokio::sync::Mutex<()>,
+    /// newer one. Shared, so that an on-demand fetch's task can hold it.
+    refetch: Arc<tokio::sync::Mutex<()>>,
 }
 
 use crate::lock;
 
-/// `max-age` of a `Cache-Control` header, if any.
+/// How long the IdP lets the keys be kept (`Cache-Control`): its
+/// `max-age`, or zero for `no-store` and `no-cache` (refreshed as often as
+/// `jwks_refresh_min` allows, not as seldom as `jwks_refresh_max`: an IdP
+/// that asks for no caching wants a withdrawn key to stop working soon);
+/// `None` without either.
 fn max_age(headers: &http::HeaderMap) -> Option<Duration> {
-    headers
+    let directives = headers
         .get_all(http::header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|d| d.trim().strip_prefix("max-age=")?.trim().parse().ok())
-        .map(Duration::from_secs)
+        .map(str::trim);
+    let mut age = None;
+    for d in directives {
+        if d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("no-cache") {
+            return Some(Duration::ZERO);
+        }
+        if let Some(secs) = d.strip_prefix("max-age=") {
+            age = age.or_else(|| secs.trim().parse().ok().map(Duration::from_secs));
+        }
+    }
+    age
 }
 
 impl KeySource {
@@ -83,7 +96,7 @@ impl KeySource {
             cooldown: auth.unknown_kid_cooldown,
             http,
             state: Mutex::new(State::default()),
-            refetch: tokio::sync::Mutex::new(()),
+            refetch: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -126,11 +139,17 @@ impl KeySource {
     /// once per cooldown window (counted from the start and from the end
     /// of the last such refetch), and concurrent requests share that one
     /// fetch: they wait for it, and find a newly published key in it.
-    pub async fn key(&self, kid: &str) -> Result<Jwk, AuthError> {
+    ///
+    /// The fetch runs in a task of its own, so it ends even if the request
+    /// that started it goes away: a fetch dropped midway would use up the
+    /// window and bring nothing, and any unauthenticated peer could start
+    /// and drop one per window (a reset HTTP/2 stream) to keep a newly
+    /// published key out until the next scheduled refresh.
+    pub async fn key(self: &Arc<Self>, kid: &str) -> Result<Jwk, AuthError> {
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
         }
-        let _single = self.refetch.lock().await;
+        let single = Arc::clone(&self.refetch).lock_owned().await;
         // Another request may have refetched while this one waited.
         if let Some(found) = self.cached(kid)? {
             return Ok(found);
@@ -145,10 +164,16 @@ impl KeySource {
             }
             state.last_on_demand = Some(Instant::now());
         }
-        if let Err(e) = self.fetch().await {
-            tracing::warn!(issuer = self.cfg.issuer, error = %e, "refetching signing keys failed");
-        }
-        lock(&self.state).last_on_demand = Some(Instant::now());
+        let this = Arc::clone(self);
+        let fetch = tokio::spawn(async move {
+            let _single = single;
+            if let Err(e) = this.fetch().await {
+                tracing::warn!(issuer = this.cfg.issuer, error = %e, "refetching signing keys failed");
+            }
+            lock(&this.state).last_on_demand = Some(Instant::now());
+        });
+        // A fetch that panicked brought nothing: the kid is as unknown.
+        let _ = fetch.await;
         self.cached(kid)?.ok_or(AuthError::UnknownKid)
     }
 
@@ -259,6 +284,12 @@ mod tests {
         );
         assert_eq!(max_age(&h), Some(Duration::from_secs(300)));
         h.insert("cache-control", "no-store".parse().unwrap());
+        assert_eq!(max_age(&h), Some(Duration::ZERO));
+        h.insert("cache-control", "max-age=600, No-Cache".parse().unwrap());
+        assert_eq!(max_age(&h), Some(Duration::ZERO));
+        h.insert("cache-control", "public".parse().unwrap());
+        assert_eq!(max_age(&h), None);
+        h.remove("cache-control");
         assert_eq!(max_age(&h), None);
     }
 }

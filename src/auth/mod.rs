@@ -365,11 +365,22 @@ impl Authenticator {
         if !ok {
             return Err(AuthError::WrongAudience { expected });
         }
-        if let Some(b) = extra {
-            for (name, want) in &b.required_claims {
-                if !claims.has(name, want) {
-                    return Err(AuthError::MissingClaim(format!("{name}={want}")));
-                }
+        let (all, per_backend) = match role {
+            Role::User => (&self.cfg.user_claims, extra.map(|b| &b.user_claims)),
+            Role::Relay => (&self.cfg.relay_claims, extra.map(|b| &b.relay_claims)),
+        };
+        let wanted = all
+            .iter()
+            .chain(extra.into_iter().flat_map(|b| &b.required_claims))
+            .chain(per_backend.into_iter().flatten());
+        for (name, want) in wanted {
+            let want = if want.contains("{backend}") {
+                std::borrow::Cow::Owned(want.replace("{backend}", backend))
+            } else {
+                std::borrow::Cow::Borrowed(want.as_str())
+            };
+            if !claims.has(name, &want) {
+                return Err(AuthError::MissingClaim(format!("{name}={want}")));
             }
         }
         Ok(())

@@ -377,6 +377,14 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
         return Ok(None);
     }
     for issuer in &cfg.auth.issuers {
+        let open =
+            crate::config::OPEN_AUDIENCE_ISSUERS.contains(&issuer.issuer.trim_end_matches('/'));
+        if open && cfg.auth.relay_claims.is_empty() {
+            tracing::warn!(
+                issuer = issuer.issuer,
+                "this issuer signs tokens for any audience their holder asks for, and auth.relay_claims is empty: anyone it issues tokens to can act as any relay-client; require the robots' identities in auth.relay_claims"
+            );
+        }
         if let (DEV_ISSUER, Some(jwks)) = (issuer.issuer.as_str(), &issuer.jwks_file) {
             let (_, created) = DevIssuer::ensure(jwks)?;
             if created {

@@ -99,7 +99,7 @@ struct Shared {
     jwks_in_flight: AtomicUsize,
     jwks_max_in_flight: AtomicUsize,
     discovery_calls: AtomicUsize,
-    max_age: Mutex<Option<u64>>,
+    cache_control: Mutex<Option<String>>,
     clients: Mutex<HashMap<String, String>>,
     token_calls: Mutex<Vec<TokenCall>>,
     token_ttl: Mutex<u64>,
@@ -136,7 +136,7 @@ impl Idp {
             jwks_in_flight: AtomicUsize::new(0),
             jwks_max_in_flight: AtomicUsize::new(0),
             discovery_calls: AtomicUsize::new(0),
-            max_age: Mutex::new(None),
+            cache_control: Mutex::new(None),
             clients: Mutex::new(HashMap::new()),
             token_calls: Mutex::new(Vec::new()),
             token_ttl: Mutex::new(3600),
@@ -204,7 +204,12 @@ impl Idp {
     }
 
     pub fn set_max_age(&self, secs: Option<u64>) {
-        *self.shared.max_age.lock().unwrap() = secs;
+        self.set_cache_control(secs.map(|s| format!("max-age={s}")).as_deref());
+    }
+
+    /// The `Cache-Control` of JWKS answers (none by default).
+    pub fn set_cache_control(&self, value: Option<&str>) {
+        *self.shared.cache_control.lock().unwrap() = value.map(str::to_owned);
     }
 
     pub fn key(&self, kid: &str) -> Key {
@@ -344,9 +349,9 @@ async fn handle(
                     .collect(),
             };
             let mut resp = json_response(serde_json::to_value(&set).unwrap());
-            if let Some(age) = *s.max_age.lock().unwrap() {
+            if let Some(value) = s.cache_control.lock().unwrap().as_deref() {
                 resp.headers_mut()
-                    .insert("cache-control", format!("max-age={age}").parse().unwrap());
+                    .insert("cache-control", value.parse().unwrap());
             }
             resp
         }
