@@ -123,6 +123,8 @@ pub struct HttpResponse {
 pub enum ProtoError {
     #[error("malformed protobuf message: {0}")]
     Decode(#[from] prost::DecodeError),
+    #[error("malformed protobuf message: a field runs past its end")]
+    Truncated,
     #[error("invalid header name \"{0}\"")]
     HeaderName(String),
     #[error("invalid value for header {0:?}")]
@@ -192,6 +194,59 @@ pub const MAX_TRAILERS: usize = MAX_HEADERS;
 /// Most trailer bytes (names and values) one relayed response may
 /// accumulate over all its chunks.
 pub const MAX_TRAILER_BYTES: usize = 256 * 1024;
+
+/// Decodes one response chunk of a relay-client (`POST /server/response`).
+///
+/// The entries of `header` and `trailer` are counted on the wire first:
+/// decoded, an empty entry (two bytes) becomes a struct of 48, so a chunk
+/// of the default size limit made of them alone would take half a GiB
+/// before any count could be checked.
+pub fn decode_response(buf: Bytes) -> Result<HttpResponse, ProtoError> {
+    let [headers, trailers] = count_fields(&buf, [2, 6])?;
+    if headers > MAX_HEADERS {
+        return Err(ProtoError::TooManyHeaders);
+    }
+    if trailers > MAX_TRAILERS {
+        return Err(ProtoError::TooManyTrailers);
+    }
+    Ok(<HttpResponse as prost::Message>::decode(buf)?)
+}
+
+/// How often each of the top-level field numbers `tags` occurs in the
+/// protobuf message `buf`, by its wire format alone (a message that is
+/// not well formed is an error). Groups, which none of our messages has,
+/// are refused.
+fn count_fields<const N: usize>(mut buf: &[u8], tags: [u64; N]) -> Result<[usize; N], ProtoError> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut counts = [0; N];
+    while !buf.is_empty() {
+        let key = varint(&mut buf).ok_or(ProtoError::Truncated)?;
+        if let Some(i) = tags.iter().position(|&t| t == key >> 3) {
+            counts[i] += 1;
+        }
+        let skip = match key & 7 {
+            0 => varint(&mut buf).map(|_| 0),
+            1 => Some(8),
+            2 => varint(&mut buf).and_then(|n| usize::try_from(n).ok()),
+            5 => Some(4),
+            _ => None,
+        }
+        .ok_or(ProtoError::Truncated)?;
+        buf = buf.get(skip..).ok_or(ProtoError::Truncated)?;
+    }
+    Ok(counts)
+}
 
 /// Shows bytes from the network in an error line: printable ASCII as is,
 /// anything else escaped, at most 64 bytes.
@@ -325,9 +380,6 @@ pub fn path_and_query(url: &str) -> Result<http::uri::PathAndQuery, ProtoError> 
     }
 }
 
-/// The v2 transport (`docs/transport-v2.md`): one upgraded connection per
-/// relay-client, on which the server is the HTTP/2 client and the
-/// relay-client the HTTP/2 server in front of its backend.
 /// Whether `name` may name a backend: 1 to 63 of `A-Z a-z 0-9 . _ -`.
 /// Names come off the network (paths, headers, query parameters) and each
 /// known one costs memory and metric series, so anything else is refused.
@@ -338,6 +390,9 @@ pub fn valid_backend_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The v2 transport (`docs/transport-v2.md`): one upgraded connection per
+/// relay-client, on which the server is the HTTP/2 client and the
+/// relay-client the HTTP/2 server in front of its backend.
 pub mod v2 {
     use std::time::Duration;
 
@@ -374,6 +429,78 @@ pub mod v2 {
 mod tests {
     use super::*;
     use prost::Message as _;
+
+    /// Entries are counted on the wire, whatever the other fields, and the
+    /// decoded message is the one prost makes.
+    #[test]
+    fn response_entries_are_counted_before_decoding() {
+        let entry = |n: usize| {
+            (0..n)
+                .map(|i| HttpHeader {
+                    name: Some(format!("x-{i}").into_bytes().into()),
+                    value: Some(Bytes::from_static(b"v")),
+                })
+                .collect::<Vec<_>>()
+        };
+        let msg = HttpResponse {
+            id: Some("a:1".into()),
+            status_code: Some(200),
+            header: entry(MAX_HEADERS),
+            body: Some(Bytes::from_static(b"body")),
+            eof: Some(true),
+            trailer: entry(MAX_TRAILERS),
+            backend_duration_ms: Some(-1),
+        };
+        let wire = Bytes::from(msg.encode_to_vec());
+        assert_eq!(decode_response(wire).unwrap(), msg);
+
+        let over = |header, trailer| HttpResponse {
+            header: entry(header),
+            trailer: entry(trailer),
+            ..msg.clone()
+        };
+        let wire = Bytes::from(over(MAX_HEADERS + 1, 0).encode_to_vec());
+        assert!(matches!(
+            decode_response(wire),
+            Err(ProtoError::TooManyHeaders)
+        ));
+        let wire = Bytes::from(over(0, MAX_TRAILERS + 1).encode_to_vec());
+        assert!(matches!(
+            decode_response(wire),
+            Err(ProtoError::TooManyTrailers)
+        ));
+        // Empty entries, two bytes each: refused however small.
+        let empty: Vec<u8> = [0x12, 0x00].repeat(MAX_HEADERS + 1);
+        assert!(matches!(
+            decode_response(empty.into()),
+            Err(ProtoError::TooManyHeaders)
+        ));
+    }
+
+    #[test]
+    fn a_response_that_runs_past_its_end_is_refused() {
+        let wire = HttpResponse {
+            id: Some("a:1".into()),
+            body: Some(Bytes::from_static(b"body")),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Cut anywhere but between the two fields (body, then id: six
+        // bytes each).
+        assert_eq!(wire.len(), 11);
+        for cut in (1..wire.len()).filter(|&c| c != 6) {
+            let partial = Bytes::copy_from_slice(&wire[..cut]);
+            assert!(decode_response(partial).is_err(), "cut at {cut}");
+        }
+        // A group (wire type 3), an unterminated varint, a length past the
+        // end.
+        for bad in [&[0x1b, 0x1c][..], &[0x08, 0x80], &[0x1a, 0x05, b'x']] {
+            assert!(
+                decode_response(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn continuation_chunk_has_no_status() {

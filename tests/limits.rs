@@ -526,6 +526,36 @@ async fn a_slow_chunk_post_that_keeps_moving_is_read_whole() {
     assert!(body.contains("feedfeed"), "{body}");
 }
 
+/// A chunk post made of empty header entries, two bytes each, is refused
+/// by its entry count before it is decoded: decoded, each entry would be
+/// a struct of 48 bytes, and two posts of 15 MiB (under the default chunk
+/// limit) about a GiB and a half.
+#[tokio::test]
+async fn a_chunk_post_of_empty_entries_is_refused_before_it_is_decoded() {
+    let mut server = ServerProc::start(None, &[]).await;
+    let before = rss_kib(server.pid()).1;
+    let flood = Bytes::from([0x12u8, 0x00].repeat(15 << 19));
+    let http = h2c_client();
+    let post = || async {
+        let resp = http
+            .post(format!("{}/server/response", server.url()))
+            .header("content-type", http_relay::proto::RESPONSE_CONTENT_TYPE)
+            .body(flood.clone())
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    let (a, b) = tokio::join!(post(), post());
+    for (status, body) in [a, b] {
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("header entries"), "{body}");
+    }
+    // The two bodies themselves (30 MiB) are read whole, as any chunk.
+    let peak = server.assert_healthy(before / 1024 + 100).await;
+    eprintln!("peak RSS {peak} KiB, {before} KiB before");
+}
+
 /// Request headers trickled byte by byte (slowloris) are cut off at
 /// `timeouts.header_read`: the first request's over TLS, and a later
 /// request's on a keep-alive connection.

@@ -11,7 +11,7 @@ use super::body::{Body, full, read_limited};
 use super::{State, gate};
 use crate::broker::BrokerError;
 use crate::error::RelayError;
-use crate::proto::{self, HttpResponse, ResponseChunk};
+use crate::proto::{self, ResponseChunk};
 use crate::telemetry::metrics::{method, result};
 
 /// Dispatches `/server/<what>`.
@@ -120,7 +120,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
             return Err(RelayError::ReadBody(format!("chunk stalled for {idle:?}")));
         }
     };
-    let mut msg = HttpResponse::decode(body).map_err(|e| RelayError::BadMessage(e.into()))?;
+    let mut msg = crate::proto::decode_response(body).map_err(RelayError::BadMessage)?;
     let id = msg.id.take().ok_or(BrokerError::MissingId)?;
     // The owner comes from the broker, never from the id string.
     let owner = state
