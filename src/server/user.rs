@@ -81,6 +81,9 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
+        // No more names than a header map may hold: a long list of one
+        // name repeated would only cost memory.
+        .take(crate::proto::MAX_HEADERS)
         .collect();
     for name in named {
         headers.remove(name);
@@ -409,13 +412,24 @@ pub(super) fn announce_trailers<'a>(
     if headers.contains_key(header::CONTENT_LENGTH) {
         return;
     }
-    let mut names: Vec<HeaderName> = headers
+    // Declared names, each once and no more than a header map may hold: a
+    // relay-client's `Trailer` value can be megabytes of one name.
+    let mut names: Vec<HeaderName> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let declared = headers
         .get_all(header::TRAILER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
+    for name in declared {
+        if names.len() == crate::proto::MAX_HEADERS {
+            break;
+        }
+        if seen.insert(name.clone()) {
+            names.push(name);
+        }
+    }
     let declared = names.len();
     let grpc = headers
         .get(header::CONTENT_TYPE)
@@ -426,7 +440,7 @@ pub(super) fn announce_trailers<'a>(
         .filter(|_| grpc)
         .map(|n| HeaderName::from_static(n));
     for name in known.cloned().chain(implied) {
-        if !names.contains(&name) {
+        if seen.insert(name.clone()) {
             names.push(name);
         }
     }
@@ -519,6 +533,40 @@ async fn pipe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay-client's `Trailer` and `Connection` values can be megabytes
+    /// of one name: each name is kept once, and no more names than a
+    /// header map may hold are taken.
+    #[test]
+    fn long_trailer_and_connection_lists_are_bounded() {
+        let mut headers = HeaderMap::new();
+        let repeated = "x-a, ".repeat(200_000);
+        headers.insert(header::TRAILER, repeated.parse().unwrap());
+        let known: Vec<HeaderName> = (0..crate::proto::MAX_HEADERS)
+            .map(|i| HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap())
+            .collect();
+        announce_trailers(&mut headers, known.iter());
+        let listed: Vec<&str> = headers[header::TRAILER]
+            .to_str()
+            .unwrap()
+            .split(", ")
+            .collect();
+        assert_eq!(listed.len(), 1 + known.len());
+        assert_eq!(listed[0], "x-a");
+        assert_eq!(
+            listed[1..],
+            known.iter().map(HeaderName::as_str).collect::<Vec<_>>()
+        );
+
+        let names: String = (0..5_000).map(|i| format!("x-{i},")).collect();
+        headers.insert(header::CONNECTION, names.parse().unwrap());
+        headers.insert("x-1", http::HeaderValue::from_static("named"));
+        headers.insert("x-4999", http::HeaderValue::from_static("past the cap"));
+        strip_hop_by_hop(&mut headers, false);
+        assert!(!headers.contains_key("x-1"));
+        assert!(!headers.contains_key(header::CONNECTION));
+        assert_eq!(headers["x-4999"], "past the cap");
+    }
 
     #[test]
     fn routing_forms() {
