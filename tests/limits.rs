@@ -526,6 +526,52 @@ async fn a_slow_chunk_post_that_keeps_moving_is_read_whole() {
     assert!(body.contains("feedfeed"), "{body}");
 }
 
+/// A v1 upload that keeps moving, however slowly, is read whole: the
+/// deadline is one of silence (`timeouts.inactive_request`), not of the
+/// whole upload. One that stops gets 400 at that deadline.
+#[tokio::test]
+async fn a_slow_v1_upload_that_keeps_moving_is_relayed_whole() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_millis(500);
+    })
+    .await;
+    let _client = relay_client(&relay, "slow-up", &backend.url, Transport::V1).await;
+    let data = common::pattern(100_000, 3);
+    let head_for = |data: &[u8]| {
+        format!(
+            "POST /client/slow-up/hash HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\n\r\n",
+            data.len()
+        )
+    };
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(head_for(&data).as_bytes()).await.unwrap();
+    // About 2 s in all, 200 ms between pieces.
+    for piece in data.chunks(10_000) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = vec![0u8; 64];
+    bounded(s.read_exact(&mut body)).await.unwrap();
+    assert_eq!(String::from_utf8(body).unwrap(), common::sha256_hex(&data));
+
+    // Half of it, then nothing.
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(head_for(&data).as_bytes()).await.unwrap();
+    s.write_all(&data[..50_000]).await.unwrap();
+    let started = Instant::now();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "after {:?}",
+        started.elapsed()
+    );
+}
+
 /// A chunk post made of empty header entries, two bytes each, is refused
 /// by its entry count before it is decoded: decoded, each entry would be
 /// a struct of 48 bytes, and two posts of 15 MiB (under the default chunk

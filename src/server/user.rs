@@ -227,12 +227,22 @@ async fn relay_admitted(
     let declared = refuse_declared_oversize(&parts.headers, limit)?;
     // v1 carries the whole body in one message (`PROTOCOL.md`, "What v1
     // cannot do").
-    // A trickling upload must not hold the request forever.
+    // An upload that stops must not hold the request (and its share of the
+    // body budget) forever; one that keeps moving, however slowly, is read
+    // whole, as the Go server does.
     let idle = state.cfg.timeouts.inactive_request;
-    let (body, reserved) =
-        tokio::time::timeout(idle, state.body_budget.read(body, limit, declared))
-            .await
-            .map_err(|_| RelayError::ReadBody(format!("not complete after {idle:?}")))??;
+    let progress = crate::clock::Progress::default();
+    let moving = progress.clone();
+    let body = http_body_util::BodyExt::map_frame(body, move |f| {
+        moving.moved();
+        f
+    });
+    let (body, reserved) = tokio::select! {
+        read = state.body_budget.read(body, limit, declared) => read?,
+        () = progress.stalled(idle) => {
+            return Err(RelayError::ReadBody(format!("no body bytes for {idle:?}")));
+        }
+    };
 
     span.record("relay.bytes_in", telemetry::int(body.len()));
     state.metrics.bytes(Direction::ToBackend, body.len());
