@@ -89,6 +89,34 @@ async fn missing_and_unknown_backend_names() {
     assert_eq!(resp.text().await.unwrap(), "ok");
 }
 
+/// Cookie fields that an HTTP/2 user-client sends apart reach the backend
+/// as one `Cookie` line, on both transports, as the Go server relays them.
+#[tokio::test]
+async fn cookie_fields_of_an_http2_user_reach_the_backend_as_one_line() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    for (name, transport) in [
+        ("robot-v1", http_relay::config::Transport::V1),
+        ("robot-v2", http_relay::config::Transport::V2),
+    ] {
+        let mut cfg = client_config(&relay, name, &backend.url);
+        cfg.transport = transport;
+        let _client = RelayClient::start(cfg);
+        relay.wait_for_backend(name).await;
+        let resp = relay
+            .http2()
+            .get(format!("{}/client/{name}/x", relay.url))
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        let text = resp.text().await.unwrap();
+        assert_eq!(line(&text, "cookie"), ["a=1; b=2"], "{transport:?}: {text}");
+    }
+}
+
 #[tokio::test]
 async fn method_host_headers_body_and_status_are_preserved() {
     let backend = Backend::start().await;

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
 use super::user::{
-    Route, announce_trailers, child, refuse_declared_oversize, strip_hop_by_hop, take_host,
+    Route, announce_trailers, child, join_cookies, refuse_declared_oversize, strip_hop_by_hop,
+    take_host,
 };
 use super::{State, gate, relay};
 use crate::auth::Claims;
@@ -326,6 +327,7 @@ pub async fn relay(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, false);
+    join_cookies(&mut headers);
     // The relay's own headers are the server's word to the relay-client
     // (`docs/transport-v2.md`, "Framing"): a user's copy would be taken
     // for it (an `x-relay-upgrade` would switch a plain request).

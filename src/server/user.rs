@@ -67,6 +67,26 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
 
 use crate::proto::HOP_BY_HOP;
 
+/// Joins the `cookie` fields that an HTTP/2 user-client may send apart
+/// (RFC 9113, section 8.2.3) into one, as the Go server does: relayed
+/// apart, they would reach an HTTP/1.1 backend as several `Cookie` lines,
+/// which RFC 6265 forbids and many frameworks read only the first of.
+pub(super) fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = http::HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Removes hop-by-hop headers and the ones `Connection` names. On an
 /// upgrade, `Connection` and `Upgrade` are what the backend must see.
 /// `TE: trailers` stays: gRPC backends require it.
@@ -249,6 +269,7 @@ async fn relay_admitted(
     let mut headers = parts.headers;
     let host = take_host(&mut headers, &parts.uri);
     strip_hop_by_hop(&mut headers, on_upgrade.is_some());
+    join_cookies(&mut headers);
     telemetry::pass_on(&span, &mut headers);
     let message = HttpRequest {
         id: None,
