@@ -446,6 +446,11 @@ impl Broker {
 
     /// The least busy open tunnel of `backend`, if it has one, counted as
     /// carrying one more request while the returned guard lives.
+    ///
+    /// Of equally busy ones, the newest: a relay-client that redials after
+    /// its network changed leaves a silent old tunnel behind until the
+    /// keep-alive finds it gone, and requests sent there would hang (v1
+    /// hands requests to the newest poll for the same reason).
     pub fn tunnel(&self, backend: &str) -> Result<Option<TunnelRequest>, BrokerError> {
         if self.inner.draining.is_cancelled() {
             return Err(BrokerError::Draining);
@@ -456,6 +461,7 @@ impl Broker {
         let tunnel = lock(&b.tunnels)
             .iter()
             .filter(|t| !t.is_closed())
+            .rev()
             .min_by_key(|t| t.in_flight())
             .cloned();
         Ok(tunnel.map(|tunnel| {
@@ -981,6 +987,24 @@ mod tests {
         (Tunnel::new(sender), server, stop)
     }
 
+    /// Requests go to the least busy tunnel, and of equally busy ones to
+    /// the newest.
+    #[tokio::test]
+    async fn the_newest_of_the_least_busy_tunnels_is_picked() {
+        let b = broker();
+        let (old, _old_server, _old_stop) = tunnel_pair().await;
+        let (new, _new_server, _new_stop) = tunnel_pair().await;
+        b.register_tunnel("r", old.clone());
+        b.register_tunnel("r", new.clone());
+        let first = b.tunnel("r").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first.tunnel, &new));
+        let second = b.tunnel("r").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&second.tunnel, &old), "the less busy one");
+        drop(first);
+        let third = b.tunnel("r").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&third.tunnel, &new));
+    }
+
     /// Has the relay-client's end of a pair say GOAWAY, and waits until
     /// our end has read it (its handle refuses new streams).
     async fn go_away(
@@ -1009,11 +1033,11 @@ mod tests {
         let b = broker();
         let (leaving, server, stop) = tunnel_pair().await;
         let (staying, _server, _stop) = tunnel_pair().await;
-        b.register_tunnel("r", leaving.clone());
         b.register_tunnel("r", staying.clone());
+        b.register_tunnel("r", leaving.clone());
         // The relay-client said GOAWAY, and the connection read it, but
         // the tunnel is still on the routes (its task has not seen it):
-        // equally loaded, it is the first one picked.
+        // equally loaded and newer, it is the first one picked.
         go_away(&leaving, server, stop).await;
         assert!(!leaving.is_closed());
         let ReadyTunnel {
