@@ -1012,6 +1012,65 @@ async fn a_silent_upgraded_stream_is_closed_after_idle_stream() {
     }
 }
 
+/// v2: users who stop reading large answers give the tunnel's window
+/// back after `timeouts.inactive_request`. Each unread stream holds its
+/// stream window of the connection's: twenty of them would hold all of
+/// it, and no stream of that relay-client would move any more.
+#[tokio::test]
+async fn v2_users_who_stop_reading_do_not_stop_the_tunnel() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let _client = relay_client(&relay, "big", &backend.url, Transport::V2).await;
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(relay.addr).await.unwrap();
+        s.write_all(b"GET /client/big/lazy/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Each has its answer started, then reads nothing more.
+    for s in &mut stalled {
+        let head = read_head(s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // The buffers on the way fill up, then every unread stream holds its
+    // window: a new answer waits for some to be given back.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let resp = bounded(
+        h2c_client()
+            .get(format!("{}/client/big/bytes/1048576", relay.url))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = bounded(resp.bytes()).await.unwrap();
+    assert_eq!(body.len(), 1 << 20);
+    // The stalled ones were cut off, not answered whole.
+    // Cut off, their backend calls dropped (not answered whole).
+    within(
+        Duration::from_secs(20),
+        "stalled answers cut off",
+        || async { (backend.open_streams.load(SeqCst) == 0).then_some(()) },
+    )
+    .await;
+    for mut s in stalled {
+        let mut read = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = bounded(s.read(&mut buf)).await {
+            read += n;
+        }
+        assert!(read < 64 << 20, "{read} bytes of a cut-off answer");
+    }
+}
+
 /// An upgraded stream whose user stops reading, so that the relay's
 /// writes block, is closed after `timeouts.idle_stream` (v1 and v2).
 #[tokio::test]

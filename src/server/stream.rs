@@ -10,7 +10,10 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
@@ -92,21 +95,113 @@ pub async fn send_body(
 }
 
 /// The response body of a tunnel stream, as the user side reads it.
+///
+/// A reader that stops taking bytes holds the stream's window, and with
+/// it part of the tunnel's connection window, shared by every stream of
+/// the relay-client: sixteen such readers would stop all of them. So a
+/// body whose reader has not come back for more within `reader_limit` of
+/// being handed bytes is cut off: its stream is dropped, which resets it
+/// and gives its buffered bytes' window back to the connection. A reader
+/// that waits for bytes the backend has not sent yet is not stalled.
 #[derive(Debug)]
 pub struct RecvBody {
-    stream: RecvStream,
+    watch: Arc<ReaderWatch>,
     data_done: bool,
+    reader_limit: Duration,
+    /// Data frames handed out, up to the second: the watchdog starts
+    /// with it, so an answer in one frame (a small response, a unary gRPC
+    /// call) costs no task.
+    frames: u8,
     /// Dropped with the body: a request body still being sent is reset
     /// (see [`send_body`]), the exchange is over.
     _exchange: Option<oneshot::Sender<Infallible>>,
 }
 
+/// What the watchdog of a [`RecvBody`] looks at.
+#[derive(Debug)]
+struct ReaderWatch {
+    /// `None` once the watchdog cut the body off.
+    stream: Mutex<Option<RecvStream>>,
+    start: tokio::time::Instant,
+    /// When bytes were handed to the reader that has not come back for
+    /// more since (milliseconds from `start`), or [`NOT_WAITING`].
+    handed: AtomicU64,
+}
+
+const NOT_WAITING: u64 = u64::MAX;
+
 impl RecvBody {
-    pub fn new(stream: RecvStream, exchange: Option<oneshot::Sender<Infallible>>) -> Self {
+    pub fn new(
+        stream: RecvStream,
+        exchange: Option<oneshot::Sender<Infallible>>,
+        reader_limit: Duration,
+    ) -> Self {
         Self {
-            stream,
+            watch: Arc::new(ReaderWatch {
+                stream: Mutex::new(Some(stream)),
+                start: tokio::time::Instant::now(),
+                handed: AtomicU64::new(NOT_WAITING),
+            }),
             data_done: false,
+            reader_limit,
+            frames: 0,
             _exchange: exchange,
+        }
+    }
+
+    fn poll_stream(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut RecvStream,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The window reopens as the user takes the bytes: a
+                    // slow reader slows the backend, nothing piles up here.
+                    let _ = stream.flow_control().release_capacity(data.len());
+                    let now = crate::clock::millis_since(self.watch.start);
+                    self.watch.handed.store(now, Ordering::Relaxed);
+                    if self.frames < 2 {
+                        self.frames += 1;
+                        if self.frames == 2 {
+                            tokio::spawn(watch_reader(
+                                Arc::downgrade(&self.watch),
+                                self.reader_limit,
+                            ));
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+}
+
+/// Cuts the body of `watch` off once its reader has been handed bytes and
+/// not come back for more within `limit`; ends with the body.
+async fn watch_reader(watch: Weak<ReaderWatch>, limit: Duration) {
+    let period = (limit / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(watch) = watch.upgrade() else {
+            return;
+        };
+        let handed = watch.handed.load(Ordering::Relaxed);
+        let waited = crate::clock::millis_since(watch.start).saturating_sub(handed);
+        if handed != NOT_WAITING && Duration::from_millis(waited) >= limit {
+            let stream = crate::lock(&watch.stream).take();
+            if stream.is_some() {
+                tracing::debug!(?limit, "user-client took no bytes; tunnel stream reset");
+            }
+            return;
         }
     }
 }
@@ -119,27 +214,21 @@ impl HttpBody for RecvBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
-            match ready!(self.stream.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // The window reopens as the user takes the bytes: a
-                    // slow reader slows the backend, nothing piles up here.
-                    let _ = self.stream.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.stream.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+        let this = &mut *self;
+        // The reader came back for more.
+        this.watch.handed.store(NOT_WAITING, Ordering::Relaxed);
+        let watch = Arc::clone(&this.watch);
+        let mut stream = crate::lock(&watch.stream);
+        match stream.as_mut() {
+            Some(stream) => this.poll_stream(cx, stream),
+            None => Poll::Ready(Some(Err(h2::Error::from(Reason::CANCEL)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
+        crate::lock(&self.watch.stream)
+            .as_ref()
+            .is_some_and(RecvStream::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -457,12 +457,19 @@ pub async fn relay(
         }
         Err(e) => return Err(RelayError::Tunnel(e.to_string())),
     };
-    let resp = resp.map(|recv| super::stream::RecvBody::new(recv, exchange));
-    let (mut head, body) = resp.into_parts();
-    let switched = head
-        .headers
+    let switched = resp
+        .headers()
         .get(v2::STATUS)
         .is_some_and(|v| v.as_bytes() == b"101");
+    // A user who takes no bytes for this long gives the stream's window
+    // back (see `RecvBody`); on an upgraded connection, the idle limit.
+    let reader_limit = if switched {
+        state.cfg.timeouts.idle_stream
+    } else {
+        inactive
+    };
+    let resp = resp.map(|recv| super::stream::RecvBody::new(recv, exchange, reader_limit));
+    let (mut head, body) = resp.into_parts();
     crate::proto::remove_all(&mut head.headers, &RELAY_HEADERS);
 
     if let (true, Some(on_upgrade), Some(to_backend), Some(token)) =

@@ -49,7 +49,7 @@ pub struct Backend {
     pub url: String,
     /// Requests that reached the backend.
     pub hits: Arc<AtomicUsize>,
-    /// `/sse` and `/forever` bodies currently being sent (a dropped body
+    /// `/sse`, `/forever` and `/lazy` bodies currently being sent (a dropped body
     /// decrements it).
     pub open_streams: Arc<AtomicUsize>,
     /// `/hang` handlers currently waiting (a dropped handler decrements it).
@@ -222,8 +222,11 @@ async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>
     } else if let Some(n) = path.strip_prefix("/lazy/") {
         let n: usize = n.parse().unwrap_or(0);
         let block = Bytes::from(super::pattern(64 * 1024, 64));
+        // Counted as an open stream until the body is over or dropped.
+        let open = OpenGuard::new(shared.open);
         let stream = futures::stream::unfold(0usize, move |sent| {
             let block = block.clone();
+            let _open = &open;
             async move {
                 (sent < n).then(|| {
                     let len = block.len().min(n - sent);
