@@ -728,7 +728,8 @@ pub struct ClientConfig {
     /// server does not reap a quiet stream.
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
-    /// HTTP/2 ping period towards the server; a dead connection is noticed
+    /// HTTP/2 ping period towards the server; a dead connection (nothing
+    /// read from the server, no full socket buffer draining) is noticed
     /// after this plus `relay_ping_timeout`.
     #[serde(with = "humantime_serde")]
     pub relay_ping_interval: Duration,

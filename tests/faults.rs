@@ -23,6 +23,12 @@ struct FreezingProxy {
 
 impl FreezingProxy {
     async fn start(target: SocketAddr) -> FreezingProxy {
+        Self::with_uplink(target, None).await
+    }
+
+    /// Bytes towards `target` pass at most at `uplink` bytes per second
+    /// (a robot's slow uplink), the other way at full speed.
+    async fn with_uplink(target: SocketAddr, uplink: Option<usize>) -> FreezingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -46,8 +52,8 @@ impl FreezingProxy {
                 };
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pump(dr, uw, conn_frozen.clone()));
-                tokio::spawn(pump(ur, dw, conn_frozen));
+                tokio::spawn(pump(dr, uw, conn_frozen.clone(), uplink));
+                tokio::spawn(pump(ur, dw, conn_frozen, None));
             }
         });
         FreezingProxy {
@@ -63,8 +69,11 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     frozen: Arc<AtomicBool>,
+    rate: Option<usize>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // A tenth of a second's worth at a time when throttled.
+    let piece = rate.map_or(64 * 1024, |r| (r / 10).max(1));
+    let mut buf = vec![0u8; piece];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -76,6 +85,9 @@ async fn pump(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(rate) = rate {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
         }
     }
 }
@@ -130,6 +142,69 @@ async fn relay_client_notices_a_dead_connection_within_seconds() {
     .await;
     assert!(text.contains("uri: /after-redial"), "{text}");
     assert!(backend.hits.load(Ordering::SeqCst) > hits);
+}
+
+/// v2: a path that dies without a FIN (the proxy swallows everything) is
+/// noticed after `relay_ping_interval + relay_ping_timeout` of silence,
+/// and the relay-client dials again.
+#[tokio::test]
+async fn v2_relay_client_notices_a_dead_connection_within_seconds() {
+    let backend = common::backend::Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let proxy = FreezingProxy::start(relay.addr).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = http_relay::config::Transport::V2;
+    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
+    cfg.relay_ping_interval = Duration::from_secs(1);
+    cfg.relay_ping_timeout = Duration::from_secs(1);
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    let before = proxy.accepted.load(Ordering::SeqCst);
+    proxy.frozen.store(true, Ordering::SeqCst);
+    within(Duration::from_secs(10), "a new connection", || async {
+        (proxy.accepted.load(Ordering::SeqCst) > before).then_some(())
+    })
+    .await;
+    within(Duration::from_secs(20), "a request served", || async {
+        let resp = relay
+            .http()
+            .get(format!("{}/client/robot-1/after-redial", relay.url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// v2: on a slow uplink busy with a download, the relay-client's pings
+/// wait behind the answer's bytes for longer than `relay_ping_timeout`;
+/// the tunnel is alive all the same (the server takes those bytes), and
+/// the download completes on the one connection.
+#[tokio::test]
+async fn a_slow_uplink_busy_with_a_download_keeps_its_tunnel() {
+    const SIZE: usize = 4 << 20;
+    let backend = common::backend::Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let proxy = FreezingProxy::with_uplink(relay.addr, Some(1 << 20)).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = http_relay::config::Transport::V2;
+    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
+    cfg.relay_ping_interval = Duration::from_secs(1);
+    cfg.relay_ping_timeout = Duration::from_secs(1);
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    let resp = relay
+        .http()
+        .get(format!("{}/client/robot-1/bytes/{SIZE}", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1, "tunnel redialled");
 }
 
 #[tokio::test]

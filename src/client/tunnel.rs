@@ -345,14 +345,40 @@ pub async fn run(
     }
 }
 
+/// Why a served connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("nothing heard from the server for {0:?}")]
+    Silent(Duration),
+}
+
 /// Serves one upgraded connection as the HTTP/2 server until it ends or
 /// `stop` asks for a graceful end (GOAWAY; streams in flight finish).
+///
+/// The connection is alive while bytes come from the server, or while the
+/// server's end takes the bytes sent to it (a write that had to wait for
+/// room in the socket's buffer went through). hyper's own keep-alive
+/// pings every `relay_ping_interval` without request frames read, and its
+/// timeout would count only the answer: on a slow uplink busy with a
+/// download, a ping waits behind megabytes of the answer, and a healthy
+/// tunnel would be dropped with every transfer on it. So its timeout is
+/// left far out, and the connection is given up after
+/// `relay_ping_interval + relay_ping_timeout` without either sign of life.
 async fn serve(
     ctx: Arc<Ctx>,
     upgraded: Upgraded,
     stop: CancellationToken,
-) -> Result<(), hyper::Error> {
+) -> Result<(), ServeError> {
     let (ping, ping_timeout) = (ctx.cfg.relay_ping_interval, ctx.cfg.relay_ping_timeout);
+    let progress = crate::clock::Progress::default();
+    let io = TokioIo::new(Alive {
+        io: TokioIo::new(upgraded),
+        progress: progress.clone(),
+        blocked: false,
+    });
+    let silence = ping.saturating_add(ping_timeout);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
@@ -367,15 +393,102 @@ async fn serve(
         // Overload is answered 503 by `handle`, not queued by HTTP/2.
         .max_concurrent_streams(u32::MAX)
         .keep_alive_interval(ping)
-        .keep_alive_timeout(ping_timeout);
-    let conn = builder.serve_connection(upgraded, svc);
+        .keep_alive_timeout(KEEP_ALIVE_ANSWER);
+    let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
+    let stalled = progress.stalled(silence);
+    tokio::pin!(stalled);
     tokio::select! {
-        r = conn.as_mut() => r,
+        r = conn.as_mut() => Ok(r?),
+        () = &mut stalled => Err(ServeError::Silent(silence)),
         () = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn.as_mut() => Ok(r?),
+                () = stalled => Err(ServeError::Silent(silence)),
+            }
         }
+    }
+}
+
+/// How long hyper's keep-alive waits for a ping's answer: longer than any
+/// transfer, so that only [`serve`]'s own rule ends a connection.
+const KEEP_ALIVE_ANSWER: Duration = Duration::from_secs(24 * 3600);
+
+/// The tunnel connection, recording signs that the server is there: bytes
+/// read, and a write that went through after the socket's buffer had been
+/// full (the server's end acknowledged bytes).
+struct Alive<T> {
+    io: T,
+    progress: crate::clock::Progress,
+    blocked: bool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Alive<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.progress.moved();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Alive<T> {
+    fn wrote(&mut self, polled: &std::task::Poll<std::io::Result<usize>>) {
+        match polled {
+            std::task::Poll::Pending => self.blocked = true,
+            std::task::Poll::Ready(Ok(n)) if *n > 0 && self.blocked => {
+                self.blocked = false;
+                self.progress.moved();
+            }
+            std::task::Poll::Ready(_) => {}
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Alive<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
