@@ -195,28 +195,47 @@ pub const MAX_TRAILERS: usize = MAX_HEADERS;
 /// accumulate over all its chunks.
 pub const MAX_TRAILER_BYTES: usize = 256 * 1024;
 
+/// A response chunk refused before it was decoded, and the request it
+/// names, if it can be read: that user-client is told at once.
+#[derive(Debug)]
+pub struct RefusedChunk {
+    pub id: Option<String>,
+    pub error: ProtoError,
+}
+
 /// Decodes one response chunk of a relay-client (`POST /server/response`).
 ///
 /// The entries of `header` and `trailer` are counted on the wire first:
 /// decoded, an empty entry (two bytes) becomes a struct of 48, so a chunk
 /// of the default size limit made of them alone would take half a GiB
 /// before any count could be checked.
-pub fn decode_response(buf: Bytes) -> Result<HttpResponse, ProtoError> {
-    let [headers, trailers] = count_fields(&buf, [2, 6])?;
-    if headers > MAX_HEADERS {
-        return Err(ProtoError::TooManyHeaders);
+pub fn decode_response(buf: Bytes) -> Result<HttpResponse, RefusedChunk> {
+    let refused = |id: Option<&[u8]>, error| RefusedChunk {
+        id: id.and_then(|id| String::from_utf8(id.to_vec()).ok()),
+        error,
+    };
+    let scan = scan_response(&buf).map_err(|e| refused(None, e))?;
+    if scan.headers > MAX_HEADERS {
+        return Err(refused(scan.id, ProtoError::TooManyHeaders));
     }
-    if trailers > MAX_TRAILERS {
-        return Err(ProtoError::TooManyTrailers);
+    if scan.trailers > MAX_TRAILERS {
+        return Err(refused(scan.id, ProtoError::TooManyTrailers));
     }
-    Ok(<HttpResponse as prost::Message>::decode(buf)?)
+    <HttpResponse as prost::Message>::decode(buf).map_err(|e| refused(None, e.into()))
 }
 
-/// How often each of the top-level field numbers `tags` occurs in the
-/// protobuf message `buf`, by its wire format alone (a message that is
-/// not well formed is an error). Groups, which none of our messages has,
-/// are refused.
-fn count_fields<const N: usize>(mut buf: &[u8], tags: [u64; N]) -> Result<[usize; N], ProtoError> {
+/// What [`decode_response`] reads of a message before decoding it.
+struct ResponseScan<'a> {
+    headers: usize,
+    trailers: usize,
+    /// The last `id` field, as a decoder would take it.
+    id: Option<&'a [u8]>,
+}
+
+/// Reads the top-level fields of an `HttpResponse` by the wire format
+/// alone (a message that is not well formed is an error). Groups, which
+/// none of our messages has, are refused.
+fn scan_response(mut buf: &[u8]) -> Result<ResponseScan<'_>, ProtoError> {
     fn varint(buf: &mut &[u8]) -> Option<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
@@ -229,12 +248,13 @@ fn count_fields<const N: usize>(mut buf: &[u8], tags: [u64; N]) -> Result<[usize
         }
         None
     }
-    let mut counts = [0; N];
+    let mut scan = ResponseScan {
+        headers: 0,
+        trailers: 0,
+        id: None,
+    };
     while !buf.is_empty() {
         let key = varint(&mut buf).ok_or(ProtoError::Truncated)?;
-        if let Some(i) = tags.iter().position(|&t| t == key >> 3) {
-            counts[i] += 1;
-        }
         let skip = match key & 7 {
             0 => varint(&mut buf).map(|_| 0),
             1 => Some(8),
@@ -243,9 +263,16 @@ fn count_fields<const N: usize>(mut buf: &[u8], tags: [u64; N]) -> Result<[usize
             _ => None,
         }
         .ok_or(ProtoError::Truncated)?;
-        buf = buf.get(skip..).ok_or(ProtoError::Truncated)?;
+        let field = buf.get(..skip).ok_or(ProtoError::Truncated)?;
+        match (key >> 3, key & 7) {
+            (2, _) => scan.headers += 1,
+            (6, _) => scan.trailers += 1,
+            (4, 2) => scan.id = Some(field),
+            _ => {}
+        }
+        buf = &buf[skip..];
     }
-    Ok(counts)
+    Ok(scan)
 }
 
 /// Shows bytes from the network in an error line: printable ASCII as is,
@@ -453,28 +480,23 @@ mod tests {
         };
         let wire = Bytes::from(msg.encode_to_vec());
         assert_eq!(decode_response(wire).unwrap(), msg);
+        let refused = |wire: Bytes| decode_response(wire).unwrap_err();
 
         let over = |header, trailer| HttpResponse {
             header: entry(header),
             trailer: entry(trailer),
             ..msg.clone()
         };
-        let wire = Bytes::from(over(MAX_HEADERS + 1, 0).encode_to_vec());
-        assert!(matches!(
-            decode_response(wire),
-            Err(ProtoError::TooManyHeaders)
-        ));
-        let wire = Bytes::from(over(0, MAX_TRAILERS + 1).encode_to_vec());
-        assert!(matches!(
-            decode_response(wire),
-            Err(ProtoError::TooManyTrailers)
-        ));
+        // Refused with the id, so that its user-client is told.
+        let r = refused(Bytes::from(over(MAX_HEADERS + 1, 0).encode_to_vec()));
+        assert!(matches!(r.error, ProtoError::TooManyHeaders), "{r:?}");
+        assert_eq!(r.id.as_deref(), Some("a:1"));
+        let r = refused(Bytes::from(over(0, MAX_TRAILERS + 1).encode_to_vec()));
+        assert!(matches!(r.error, ProtoError::TooManyTrailers), "{r:?}");
         // Empty entries, two bytes each: refused however small.
-        let empty: Vec<u8> = [0x12, 0x00].repeat(MAX_HEADERS + 1);
-        assert!(matches!(
-            decode_response(empty.into()),
-            Err(ProtoError::TooManyHeaders)
-        ));
+        let r = refused([0x12, 0x00].repeat(MAX_HEADERS + 1).into());
+        assert!(matches!(r.error, ProtoError::TooManyHeaders), "{r:?}");
+        assert_eq!(r.id, None);
     }
 
     #[test]

@@ -120,8 +120,20 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
             return Err(RelayError::ReadBody(format!("chunk stalled for {idle:?}")));
         }
     };
-    let mut msg = crate::proto::decode_response(body).map_err(RelayError::BadMessage)?;
-    let id = msg.id.take().ok_or(BrokerError::MissingId)?;
+    // Checked here, where the relay-client can still be told (400) and
+    // the user-client answered at once (502), instead of after the head.
+    let (id, chunk) = match crate::proto::decode_response(body) {
+        Ok(mut msg) => {
+            let id = msg.id.take().ok_or(BrokerError::MissingId)?;
+            (id, ResponseChunk::from_message(msg))
+        }
+        // Refused before decoding, but the request it answers is known.
+        Err(proto::RefusedChunk {
+            id: Some(id),
+            error,
+        }) => (id, Err(error)),
+        Err(refused) => return Err(RelayError::BadMessage(refused.error)),
+    };
     // The owner comes from the broker, never from the id string.
     let owner = state
         .broker
@@ -131,9 +143,6 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     gate::relay_cert(state, &parts.extensions, &owner)?;
     let m = &state.metrics;
     m.request(method::SERVER_RESPONSE, &owner);
-    // Checked here, where the relay-client can still be told (400) and
-    // the user-client answered at once (502), instead of after the head.
-    let chunk = ResponseChunk::from_message(msg);
     if let Err(e) = state.broker.respond(&id, chunk).await {
         let e = RelayError::from(e);
         m.response(method::SERVER_RESPONSE, e.metric_result(), &owner);
