@@ -96,8 +96,10 @@ fn h2c_client() -> reqwest::Client {
 }
 
 /// A backend that switches every request to a raw byte stream (`101`):
-/// on `/echo` it echoes, on `/flood` it writes without end. `ended`
-/// counts upgraded connections that are over.
+/// on `/echo` it echoes, on `/flood` it writes without end; on `/late`
+/// it reads to the user's half-close, then writes 20 KiB over 2 s; on
+/// `/deaf` it reads nothing, and after a second writes "bye" and
+/// half-closes; on `/reset` it writes 64 KiB and resets the connection. `ended` counts upgraded connections that are over.
 struct UpgradeBackend {
     url: String,
     ended: Arc<AtomicUsize>,
@@ -120,19 +122,43 @@ impl UpgradeBackend {
             while let Ok((tcp, _)) = listener.accept().await {
                 let count = count.clone();
                 let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    let flood = req.uri().path().ends_with("/flood");
+                    let path = req.uri().path().to_owned();
                     let on_upgrade = hyper::upgrade::on(&mut req);
                     let count = count.clone();
                     tokio::spawn(async move {
                         let Ok(upgraded) = on_upgrade.await else {
                             return;
                         };
+                        if path.ends_with("/reset") {
+                            // 64 KiB, then the connection fails (RST).
+                            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                                return;
+                            };
+                            let mut tcp = parts.io.into_inner();
+                            let _ = tcp.write_all(&[b'r'; 64 * 1024]).await;
+                            let _ = tcp.set_zero_linger();
+                            return;
+                        }
                         let mut io = TokioIo::new(upgraded);
-                        if flood {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        if path.ends_with("/flood") {
                             let block = vec![7u8; 64 * 1024];
                             while io.write_all(&block).await.is_ok() {}
+                        } else if path.ends_with("/late") {
+                            while let Ok(1..) = io.read(&mut buf).await {}
+                            for _ in 0..20 {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                if io.write_all(&[b'l'; 1024]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = io.shutdown().await;
+                        } else if path.ends_with("/deaf") {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let _ = io.write_all(b"bye").await;
+                            let _ = io.shutdown().await;
+                            std::future::pending::<()>().await;
                         } else {
-                            let mut buf = vec![0u8; 64 * 1024];
                             while let Ok(n @ 1..) = io.read(&mut buf).await {
                                 if io.write_all(&buf[..n]).await.is_err() {
                                     break;
@@ -1010,6 +1036,101 @@ async fn a_silent_upgraded_stream_is_closed_after_idle_stream() {
         )
         .await;
     }
+}
+
+/// After the user's half-close, the backend may go on talking as long as
+/// its bytes keep moving, not for `timeouts.inactive_request` in all
+/// (v1 and v2).
+#[tokio::test]
+async fn after_the_users_half_close_the_backend_talks_while_it_moves() {
+    for transport in [Transport::V1, Transport::V2] {
+        let backend = UpgradeBackend::start().await;
+        let relay = Relay::start(|c| {
+            c.tls.enabled = false;
+            c.timeouts.inactive_request = Duration::from_millis(500);
+        })
+        .await;
+        let _client = relay_client(&relay, "ws", &backend.url, transport).await;
+        let mut s = open_upgrade(&relay, "/client/ws/late").await;
+        s.write_all(b"question").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        bounded(s.read_to_end(&mut answer)).await.unwrap();
+        assert_eq!(answer, vec![b'l'; 20 * 1024], "{transport:?}");
+    }
+}
+
+/// v2: a backend connection that fails is no clean close for the user:
+/// over TLS the user sees the connection cut (no `close_notify`), not
+/// the end of the backend's output.
+#[tokio::test]
+async fn v2_a_failed_backend_connection_is_not_a_clean_close() {
+    let backend = UpgradeBackend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let _client = relay_client(&relay, "ws", &backend.url, Transport::V2).await;
+    let mut s = relay.tls_connect().await;
+    s.write_all(
+        b"GET /client/ws/reset HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut got = Vec::new();
+    let end = bounded(s.read_to_end(&mut got)).await;
+    let e = end.expect_err("a clean close after a failed backend connection");
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    assert!(got.len() <= 64 * 1024);
+}
+
+/// v2: a backend that stopped reading, then closed its side, ends the
+/// stream: the relay-client's write blocked on that backend does not hold
+/// its task, socket and request slot for ever.
+#[tokio::test]
+async fn v2_a_deaf_backend_does_not_keep_the_relay_clients_slot() {
+    let backend = UpgradeBackend::start().await;
+    // How long the user's last bytes may wait for the backend to take
+    // them, once both sides have closed.
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let mut cfg = client_config(&relay, "ws", &backend.url);
+    cfg.transport = Transport::V2;
+    cfg.max_concurrent_requests = 1;
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("ws").await;
+    let mut s = open_upgrade(&relay, "/client/ws/deaf").await;
+    // Sent until the buffers on the way are full; meanwhile the backend
+    // says "bye" and closes its side.
+    let block = vec![1u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while s.write_all(&block).await.is_ok() {}
+    })
+    .await;
+    let mut bye = Vec::new();
+    let _ = bounded(s.read_to_end(&mut bye)).await;
+    assert_eq!(bye, b"bye");
+    drop(s);
+    // The slot is free again: a new upgraded stream gets its echo.
+    within(Duration::from_secs(20), "a new stream served", || async {
+        let mut s = TcpStream::connect(relay.addr).await.ok()?;
+        s.write_all(
+            b"GET /client/ws/echo HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+        )
+        .await
+        .ok()?;
+        let head = read_head(&mut s).await;
+        if !head.starts_with("HTTP/1.1 101") {
+            return None;
+        }
+        s.write_all(b"ping").await.ok()?;
+        let mut echo = [0u8; 4];
+        bounded(s.read_exact(&mut echo)).await.ok()?;
+        (&echo == b"ping").then_some(())
+    })
+    .await;
 }
 
 /// v2: users who stop reading large answers give the tunnel's window

@@ -748,7 +748,7 @@ fn switched(
     crate::proto::remove_all(&mut headers, &crate::proto::HOP_BY_HOP);
     headers.insert(v2::STATUS, HeaderValue::from_static("101"));
     let on_upgrade = hyper::upgrade::on(resp);
-    let (to_user, from_backend) = mpsc::channel::<Bytes>(8);
+    let (to_user, from_backend) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     // Sent when the stream's response body ends; dropped unsent when the
     // stream goes away first (the user-client left, the stream was reset).
     let (ended, gone) = tokio::sync::oneshot::channel::<()>();
@@ -763,13 +763,15 @@ fn switched(
             }
         };
         let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+        // The stream's END_STREAM is the user's half-close, passed on; a
+        // failed stream is no half-close, and the backend gets none.
         let to_backend = async move {
             while let Some(frame) = user_bytes.frame().await {
-                let Ok(frame) = frame else { break };
+                let Ok(frame) = frame else { return };
                 if let Ok(data) = frame.into_data()
                     && wr.write_all(&data).await.is_err()
                 {
-                    break;
+                    return;
                 }
             }
             let _ = wr.shutdown().await;
@@ -781,31 +783,38 @@ fn switched(
             loop {
                 crate::readbuf::spare(&mut buf);
                 match rd.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
+                    // Reset, not END_STREAM: the user must not take a
+                    // failed connection for one the backend closed.
+                    Err(e) => {
+                        let _ = to_user.send(Err(e)).await;
+                        break;
+                    }
                     Ok(_) => {
-                        if to_user.send(buf.split().freeze()).await.is_err() {
+                        if to_user.send(Ok(buf.split().freeze())).await.is_err() {
                             break;
                         }
                     }
                 }
             }
         };
-        // Either direction may end first; the other is finished when the
-        // connection ends (the user side closes, or the backend does).
+        // The user may half-close first: the backend still talks. The
+        // backend's end (the response body ended) or the stream's end
+        // ends both directions now, as the server ends the pipe then:
+        // even a write to a backend that stopped reading, so that neither
+        // the task nor the backend socket outlives the stream.
         let both = async { tokio::join!(to_backend, to_user_side) };
         tokio::select! {
             _ = both => {}
-            // The stream is gone: both directions end now, even a read of
-            // a silent backend or a write to one that stopped reading, so
-            // neither the task nor the backend socket outlives it.
-            Err(_) = gone => {}
+            _ = gone => {}
         }
     });
     let stream = futures_util::stream::unfold(
         (from_backend, Some(ended)),
         |(mut rx, mut ended)| async move {
             match rx.recv().await {
-                Some(b) => Some((Ok::<_, BoxError>(Frame::data(b)), (rx, ended))),
+                Some(Ok(b)) => Some((Ok::<_, BoxError>(Frame::data(b)), (rx, ended))),
+                Some(Err(e)) => Some((Err(BoxError::from(e)), (rx, ended))),
                 None => {
                     if let Some(ended) = ended.take() {
                         let _ = ended.send(());

@@ -46,39 +46,54 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
 /// The time bounds of one pipe.
 #[derive(Clone, Copy, Debug)]
 pub struct Times {
-    /// How long the backend may go on after the user's half-close.
+    /// How long the direction left open after the other's clean end may
+    /// go without moving a byte.
     pub idle: Duration,
     /// `timeouts.idle_stream`.
     pub stalled: Duration,
 }
 
-/// Runs both directions until the backend's ends. After a clean
-/// half-close by the user the backend may still talk, for at most `idle`;
-/// after a failure on the user's side nobody is listening: end now.
-/// Whatever the state, nothing moving for `stalled` (`timeouts.idle_stream`:
-/// the user neither sends nor reads) ends both.
+/// Runs both directions, each ending with `true` when its sender closed
+/// it cleanly (a half-close), `false` on a failure.
+///
+/// After the user's half-close the backend may still talk, while its
+/// bytes move: until `idle` passes without one. The backend's end ends
+/// the pipe, as nginx ends an upgraded connection whose upstream closed:
+/// a backend's close is seldom a half-close, and a user-client that does
+/// not close in turn would hold the stream. After a failure on either
+/// side nobody is listening: end now. Whatever the state, nothing moving
+/// for `stalled` (`timeouts.idle_stream`: the user neither sends nor
+/// reads) ends both.
+///
+/// Returns whether both directions ended cleanly.
 pub async fn both_ways(
-    downstream: impl Future<Output = ()>,
+    downstream: impl Future<Output = bool>,
     upstream: impl Future<Output = bool>,
-    idle: Duration,
+    times: Times,
     progress: &Progress,
-    stalled: Duration,
-) {
-    tokio::pin!(downstream);
+) -> bool {
+    let Times { idle, stalled } = times;
+    tokio::pin!(downstream, upstream);
     let run = async {
         tokio::select! {
-            () = &mut downstream => {}
-            clean = upstream => {
-                if clean {
-                    let _ = tokio::time::timeout(idle, downstream).await;
+            // The user's side may be mid-way: no clean end of both.
+            _ = &mut downstream => false,
+            clean = &mut upstream => {
+                if !clean {
+                    return false;
+                }
+                tokio::select! {
+                    clean = &mut downstream => clean,
+                    () = progress.stalled(idle) => false,
                 }
             }
         }
     };
     tokio::select! {
-        () = run => {}
+        clean = run => clean,
         () = progress.stalled(stalled) => {
             tracing::debug!(after = ?stalled, "upgraded connection closed: nothing moved");
+            false
         }
     }
 }

@@ -434,12 +434,12 @@ pub async fn relay(
     // pipe (`pipe` keeps the response body): until then the user's bytes
     // go to the backend after the backend's side has ended, and the
     // user's half-close is END_STREAM, as on a TCP connection.
-    let exchange = if body_done {
-        None
+    let (exchange, sending) = if body_done {
+        (None, None)
     } else {
         let (exchange, abandoned) = tokio::sync::oneshot::channel();
-        tokio::spawn(super::stream::send_body(body, send, Some(abandoned)));
-        Some(exchange)
+        let sending = tokio::spawn(super::stream::send_body(body, send, Some(abandoned)));
+        (Some(exchange), Some(sending))
     };
     // The response head is due within `inactive_request` of the last
     // byte of the request body that moved (or of the start).
@@ -486,7 +486,7 @@ pub async fn relay(
         let piped = pipe(
             on_upgrade,
             body,
-            to_backend,
+            (to_backend, sending),
             treq,
             state.metrics.clone(),
             super::pipe::Times {
@@ -625,13 +625,12 @@ impl Drop for ChunkSpans {
 async fn pipe(
     on_upgrade: OnUpgrade,
     mut from_backend: super::stream::RecvBody,
-    to_backend: mpsc::Sender<Bytes>,
+    (to_backend, sending): (mpsc::Sender<Bytes>, Option<tokio::task::JoinHandle<()>>),
     treq: TunnelRequest,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
     times: super::pipe::Times,
     chunks: ChunkSpans,
 ) {
-    let super::pipe::Times { idle, stalled } = times;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -661,19 +660,31 @@ async fn pipe(
     let from_backend = &mut from_backend;
     let downstream = async move {
         while let Some(frame) = from_backend.frame().await {
-            let Ok(frame) = frame else { break };
+            // A failed stream (the backend's connection failed, the
+            // relay-client went away) is no end of the backend's output:
+            // no clean close for the user, whose TLS then reports the
+            // connection cut.
+            let Ok(frame) = frame else { return false };
             if let Ok(data) = frame.into_data() {
                 down_metrics.bytes(Direction::ToUser, data.len());
                 lock(&chunks).data(data.len());
                 if wr.write_all(&data).await.is_err() {
-                    return;
+                    return false;
                 }
                 down_progress.moved();
             }
         }
         let _ = wr.shutdown().await;
+        true
     };
-    super::pipe::both_ways(downstream, upstream, idle, &progress, stalled).await;
+    let clean = super::pipe::both_ways(downstream, upstream, times, &progress).await;
+    if clean && let Some(sending) = sending {
+        // Both sides closed, the user's first: its last bytes still reach
+        // the relay-client, then END_STREAM, as the last bytes and FIN of
+        // a TCP connection would. Dropping the response body before would
+        // reset the stream over them.
+        let _ = tokio::time::timeout(times.idle, sending).await;
+    }
     metrics.active_streams.dec();
     drop(treq);
 }

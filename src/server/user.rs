@@ -532,7 +532,7 @@ async fn pipe(
             sent += first.len();
             down_metrics.bytes(Direction::ToUser, first.len());
             if wr.write_all(&first).await.is_err() {
-                return;
+                return false;
             }
             down_progress.moved();
         }
@@ -543,7 +543,7 @@ async fn pipe(
                     sent += chunk.body.len();
                     down_metrics.bytes(Direction::ToUser, chunk.body.len());
                     if wr.write_all(&chunk.body).await.is_err() {
-                        return;
+                        return false;
                     }
                     down_progress.moved();
                 }
@@ -554,9 +554,12 @@ async fn pipe(
         }
         down_span.record("relay.bytes_out", telemetry::int(sent));
         let _ = wr.shutdown().await;
+        true
     };
-    // Keep-alive chunks do not extend the bound after a half-close.
-    super::pipe::both_ways(downstream, upstream, idle, &progress, stalled).await;
+    // Keep-alive chunks do not extend the bound after a half-close: only
+    // bytes move `progress`.
+    let times = super::pipe::Times { idle, stalled };
+    let _ = super::pipe::both_ways(downstream, upstream, times, &progress).await;
     metrics.active_streams.dec();
     tracing::debug!(parent: &span, id, "upgraded connection closed");
 }
