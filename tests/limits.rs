@@ -1192,6 +1192,111 @@ async fn v2_users_who_stop_reading_do_not_stop_the_tunnel() {
     }
 }
 
+/// v1: a user-client that stops reading its answer, its socket still
+/// open, is closed after `timeouts.inactive_request`: its request no
+/// longer holds its place under `limits.max_requests_per_backend`.
+#[tokio::test]
+async fn a_v1_user_who_stops_reading_gives_its_request_place_back() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_secs(1);
+        c.limits.max_requests_per_backend = 1;
+    })
+    .await;
+    let _client = relay_client(&relay, "big", &backend.url, Transport::V1).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(relay.addr).await.unwrap();
+    s.write_all(b"GET /client/big/lazy/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Not read any further; meanwhile the one place is taken.
+    let http = h2c_client();
+    let url = format!("{}/client/big/bytes/1000", relay.url);
+    let resp = bounded(http.get(&url).send()).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    within(Duration::from_secs(20), "the place given back", || async {
+        let resp = http.get(&url).send().await.ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    // The stalled connection was closed, its answer cut short.
+    let mut read = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = bounded(s.read(&mut buf)).await {
+        read += n;
+    }
+    assert!(read < 64 << 20, "{read} bytes of a cut-off answer");
+}
+
+/// The same with HTTP/2 user-clients, which stop reading by giving no
+/// window: their streams are reset, their connection stays.
+#[tokio::test]
+async fn v2_http2_users_who_stop_reading_do_not_stop_the_tunnel() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let _client = relay_client(&relay, "big", &backend.url, Transport::V2).await;
+    let tcp = TcpStream::connect(relay.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut unread = Vec::new();
+    for _ in 0..20 {
+        let req = Request::get(format!("http://localhost/client/big/lazy/{}", 256 << 20))
+            .body(())
+            .unwrap();
+        h2 = h2.ready().await.unwrap();
+        let (response, _) = h2.send_request(req, true).unwrap();
+        unread.push(response);
+    }
+    let mut bodies = Vec::new();
+    for response in unread {
+        let resp = bounded(response).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Kept, never read: no window is given back.
+        bodies.push(resp.into_body());
+    }
+    // Every unread stream comes to hold its window of the tunnel.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let resp = bounded(
+        h2c_client()
+            .get(format!("{}/client/big/bytes/1048576", relay.url))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(bounded(resp.bytes()).await.unwrap().len(), 1 << 20);
+    within(
+        Duration::from_secs(20),
+        "unread answers cut off",
+        || async { (backend.open_streams.load(SeqCst) == 0).then_some(()) },
+    )
+    .await;
+    // The user's connection serves on (the window of the bytes it never
+    // read given back).
+    drop(bodies);
+    let req = Request::get("http://localhost/client/big/bytes/1000")
+        .body(())
+        .unwrap();
+    h2 = h2.ready().await.unwrap();
+    let (response, _) = h2.send_request(req, true).unwrap();
+    let mut body = bounded(response).await.unwrap().into_body();
+    let mut n = 0;
+    while let Some(chunk) = bounded(body.data()).await {
+        let chunk = chunk.unwrap();
+        n += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    assert_eq!(n, 1000);
+}
+
 /// An upgraded stream whose user stops reading, so that the relay's
 /// writes block, is closed after `timeouts.idle_stream` (v1 and v2).
 #[tokio::test]

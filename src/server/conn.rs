@@ -1,12 +1,18 @@
 //! Time limits of connections and upgraded streams, against peers that
 //! hold a socket and a task without using them: a connection must send
 //! its first request within `timeouts.header_read` and is closed after
-//! `timeouts.idle_connection` without a request in flight; an upgraded
-//! stream is closed after `timeouts.idle_stream` without a byte moving.
+//! `timeouts.idle_connection` without a request in flight, or after
+//! `timeouts.inactive_request` with an answer in flight that the peer
+//! takes no byte of; an upgraded stream is closed after
+//! `timeouts.idle_stream` without a byte moving.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -18,6 +24,19 @@ pub enum Expired {
     HeaderRead,
     /// No request in flight for `timeouts.idle_connection`.
     Idle,
+    /// A request in flight, and the peer took no byte of what the server
+    /// has to write for `timeouts.inactive_request`: it stopped reading.
+    /// Its answer would hold the request's place, its buffers and (v2) a
+    /// share of its tunnel's window for as long as the socket stays open.
+    Stalled,
+}
+
+/// The time limits [`Activity::expired`] applies.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub stalled: Duration,
 }
 
 /// What the watchdog of one connection knows about its requests.
@@ -28,8 +47,13 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds after `start` of the last request's end.
     last: AtomicU64,
+    /// Milliseconds after `start` since when writes to the peer wait for
+    /// room in the socket, or [`NOT_BLOCKED`].
+    blocked: AtomicU64,
     changed: Notify,
 }
+
+const NOT_BLOCKED: u64 = u64::MAX;
 
 /// One request of a connection, from its head to the end (or drop) of its
 /// response body.
@@ -52,6 +76,7 @@ impl Activity {
             seen: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
+            blocked: AtomicU64::new(NOT_BLOCKED),
             changed: Notify::new(),
         })
     }
@@ -68,8 +93,31 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// A write to the peer had to wait (`true`), or went through.
+    fn wrote(&self, waited: bool) {
+        if waited {
+            if self.blocked.load(Ordering::Relaxed) == NOT_BLOCKED {
+                self.blocked.store(self.millis(), Ordering::Relaxed);
+            }
+        } else if self.blocked.load(Ordering::Relaxed) != NOT_BLOCKED {
+            self.blocked.store(NOT_BLOCKED, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether writes have waited for room for at least `limit`.
+    fn stalled_for(&self, limit: Duration) -> bool {
+        let since = self.blocked.load(Ordering::Relaxed);
+        since != NOT_BLOCKED && Duration::from_millis(self.millis().saturating_sub(since)) >= limit
+    }
+
     /// Resolves when the connection should be closed.
-    pub async fn expired(&self, header_read: Duration, idle: Duration) -> Expired {
+    pub async fn expired(&self, limits: Limits) -> Expired {
+        let Limits {
+            header_read,
+            idle,
+            stalled,
+        } = limits;
+        let period = (stalled / 4).max(Duration::from_millis(100));
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -86,7 +134,14 @@ impl Activity {
                 continue;
             }
             if self.in_flight.load(Ordering::Acquire) > 0 {
-                changed.await;
+                tokio::select! {
+                    () = &mut changed => {}
+                    () = tokio::time::sleep(period) => {
+                        if self.in_flight.load(Ordering::Acquire) > 0 && self.stalled_for(stalled) {
+                            return Expired::Stalled;
+                        }
+                    }
+                }
                 continue;
             }
             let last = self.last.load(Ordering::Relaxed);
@@ -103,6 +158,68 @@ impl Activity {
                 () = &mut changed => {}
             }
         }
+    }
+}
+
+/// A connection's socket (or TLS stream), telling its [`Activity`] when
+/// writes wait for room and when they go through: a slow reader lets some
+/// through now and then, a stalled one none.
+pub struct Writes<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Writes<T> {
+    pub fn new(io: T, activity: Arc<Activity>) -> Self {
+        Self { io, activity }
+    }
+
+    fn track<R>(&self, polled: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        self.activity.wrote(polled.is_pending());
+        polled
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Writes<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Writes<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.track(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.track(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.track(polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -139,12 +256,56 @@ use crate::clock::millis_since;
 mod tests {
     use super::*;
 
+    fn limits() -> Limits {
+        Limits {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+            stalled: Duration::from_secs(60),
+        }
+    }
+
+    /// Writes that wait for room for the stall limit, with a request in
+    /// flight, close the connection; writes that go through now and then,
+    /// however slowly, do not; nor do waiting writes without a request.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_takes_no_bytes_expires_the_connection() {
+        let a = Activity::new();
+        let watch = {
+            let a = a.clone();
+            tokio::spawn(async move { a.expired(limits()).await })
+        };
+        let req = a.begin();
+        for _ in 0..20 {
+            a.wrote(true);
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            a.wrote(false);
+        }
+        assert!(!watch.is_finished(), "a slow reader is no stalled one");
+        let stalled = Instant::now();
+        a.wrote(true);
+        a.wrote(true);
+        assert_eq!(watch.await.unwrap(), Expired::Stalled);
+        let after = stalled.elapsed();
+        assert!(
+            after >= Duration::from_secs(60) && after <= Duration::from_secs(76),
+            "{after:?}"
+        );
+        drop(req);
+        // Without a request in flight, only the idle limit counts.
+        let a = Activity::new();
+        let watch = {
+            let a = a.clone();
+            tokio::spawn(async move { a.expired(limits()).await })
+        };
+        drop(a.begin());
+        a.wrote(true);
+        assert_eq!(watch.await.unwrap(), Expired::Idle);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_expires_at_the_header_deadline() {
         let a = Activity::new();
-        let got = a
-            .expired(Duration::from_secs(10), Duration::from_secs(120))
-            .await;
+        let got = a.expired(limits()).await;
         assert_eq!(got, Expired::HeaderRead);
         assert!(a.start.elapsed() >= Duration::from_secs(10));
         assert!(a.start.elapsed() < Duration::from_secs(11));
@@ -155,10 +316,7 @@ mod tests {
         let a = Activity::new();
         let watch = {
             let a = a.clone();
-            tokio::spawn(async move {
-                a.expired(Duration::from_secs(10), Duration::from_secs(120))
-                    .await
-            })
+            tokio::spawn(async move { a.expired(limits()).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         let req = a.begin();

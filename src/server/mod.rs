@@ -484,6 +484,11 @@ async fn accept_loop(
     ));
     let header_read = state.cfg.timeouts.header_read;
     let idle = state.cfg.timeouts.idle_connection;
+    let limits = conn::Limits {
+        header_read,
+        idle,
+        stalled: state.cfg.timeouts.inactive_request,
+    };
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -514,8 +519,9 @@ async fn accept_loop(
             let metrics = state.metrics.clone();
             let activity = Activity::new();
             let watchdog = activity.clone();
+            let writes = activity.clone();
             let expired = async move {
-                let why = watchdog.expired(header_read, idle).await;
+                let why = watchdog.expired(limits).await;
                 tracing::debug!(%peer, reason = ?why, "closing connection");
             };
             let service = move |peer_cert: PeerCert| {
@@ -556,8 +562,8 @@ async fn accept_loop(
                             .peer_certificates()
                             .and_then(|chain| chain.first().cloned()),
                     );
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service(peer_cert));
+                    let io = TokioIo::new(conn::Writes::new(tls, writes));
+                    let conn = builder.serve_connection_with_upgrades(io, service(peer_cert));
                     tokio::select! {
                         r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with error");
@@ -567,10 +573,9 @@ async fn accept_loop(
                     }
                 }
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(tcp),
-                        service(PeerCert::default()),
-                    );
+                    let io = TokioIo::new(conn::Writes::new(tcp, writes));
+                    let conn =
+                        builder.serve_connection_with_upgrades(io, service(PeerCert::default()));
                     tokio::select! {
                         r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with error");

@@ -99,19 +99,21 @@ pub async fn send_body(
 /// A reader that stops taking bytes holds the stream's window, and with
 /// it part of the tunnel's connection window, shared by every stream of
 /// the relay-client: sixteen such readers would stop all of them. So a
-/// body whose reader has not come back for more within `reader_limit` of
-/// being handed bytes is cut off: its stream is dropped, which resets it
-/// and gives its buffered bytes' window back to the connection. A reader
-/// that waits for bytes the backend has not sent yet is not stalled.
+/// body that has bytes waiting for its reader (received, not yet taken)
+/// and has not been read for `reader_limit` is cut off: its stream is
+/// dropped, which resets it and gives the window of those bytes back to
+/// the connection. A reader that waits for bytes the backend has not sent
+/// yet is not stalled.
+///
+/// Only HTTP/2 user-clients (and upgraded connections) are watched here:
+/// an HTTP/1 user's connection has a watchdog of its own, which closes a
+/// connection that takes no bytes at all (`conn::Expired::Stalled`).
 #[derive(Debug)]
 pub struct RecvBody {
     watch: Arc<ReaderWatch>,
     data_done: bool,
-    reader_limit: Duration,
-    /// Data frames handed out, up to the second: the watchdog starts
-    /// with it, so an answer in one frame (a small response, a unary gRPC
-    /// call) costs no task.
-    frames: u8,
+    /// Dropped with the body: its watchdog ends at once.
+    _watched: Option<oneshot::Sender<Infallible>>,
     /// Dropped with the body: a request body still being sent is reset
     /// (see [`send_body`]), the exchange is over.
     _exchange: Option<oneshot::Sender<Infallible>>,
@@ -123,28 +125,30 @@ struct ReaderWatch {
     /// `None` once the watchdog cut the body off.
     stream: Mutex<Option<RecvStream>>,
     start: tokio::time::Instant,
-    /// When bytes were handed to the reader that has not come back for
-    /// more since (milliseconds from `start`), or [`NOT_WAITING`].
-    handed: AtomicU64,
+    /// When the body was last read (milliseconds from `start`).
+    read: AtomicU64,
 }
-
-const NOT_WAITING: u64 = u64::MAX;
 
 impl RecvBody {
     pub fn new(
         stream: RecvStream,
         exchange: Option<oneshot::Sender<Infallible>>,
-        reader_limit: Duration,
+        reader_limit: Option<Duration>,
     ) -> Self {
+        let watch = Arc::new(ReaderWatch {
+            stream: Mutex::new(Some(stream)),
+            start: tokio::time::Instant::now(),
+            read: AtomicU64::new(0),
+        });
+        let watched = reader_limit.map(|limit| {
+            let (watched, closed) = oneshot::channel();
+            tokio::spawn(watch_reader(Arc::downgrade(&watch), limit, closed));
+            watched
+        });
         Self {
-            watch: Arc::new(ReaderWatch {
-                stream: Mutex::new(Some(stream)),
-                start: tokio::time::Instant::now(),
-                handed: AtomicU64::new(NOT_WAITING),
-            }),
+            watch,
             data_done: false,
-            reader_limit,
-            frames: 0,
+            _watched: watched,
             _exchange: exchange,
         }
     }
@@ -160,17 +164,6 @@ impl RecvBody {
                     // The window reopens as the user takes the bytes: a
                     // slow reader slows the backend, nothing piles up here.
                     let _ = stream.flow_control().release_capacity(data.len());
-                    let now = crate::clock::millis_since(self.watch.start);
-                    self.watch.handed.store(now, Ordering::Relaxed);
-                    if self.frames < 2 {
-                        self.frames += 1;
-                        if self.frames == 2 {
-                            tokio::spawn(watch_reader(
-                                Arc::downgrade(&self.watch),
-                                self.reader_limit,
-                            ));
-                        }
-                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -185,22 +178,34 @@ impl RecvBody {
     }
 }
 
-/// Cuts the body of `watch` off once its reader has been handed bytes and
-/// not come back for more within `limit`; ends with the body.
-async fn watch_reader(watch: Weak<ReaderWatch>, limit: Duration) {
+/// Cuts the body of `watch` off once bytes have waited for its reader and
+/// it has not been read for `limit`; ends with the body (`closed`).
+async fn watch_reader(
+    watch: Weak<ReaderWatch>,
+    limit: Duration,
+    mut closed: oneshot::Receiver<Infallible>,
+) {
     let period = (limit / 4).max(Duration::from_millis(100));
     loop {
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            _ = &mut closed => return,
+        }
         let Some(watch) = watch.upgrade() else {
             return;
         };
-        let handed = watch.handed.load(Ordering::Relaxed);
-        let waited = crate::clock::millis_since(watch.start).saturating_sub(handed);
-        if handed != NOT_WAITING && Duration::from_millis(waited) >= limit {
-            let stream = crate::lock(&watch.stream).take();
-            if stream.is_some() {
-                tracing::debug!(?limit, "user-client took no bytes; tunnel stream reset");
-            }
+        let read = watch.read.load(Ordering::Relaxed);
+        let unread = crate::clock::millis_since(watch.start).saturating_sub(read);
+        if Duration::from_millis(unread) < limit {
+            continue;
+        }
+        let mut stream = crate::lock(&watch.stream);
+        let waiting = stream
+            .as_mut()
+            .is_some_and(|s| s.flow_control().used_capacity() > 0);
+        if waiting {
+            drop(stream.take());
+            tracing::debug!(?limit, "user-client took no bytes; tunnel stream reset");
             return;
         }
     }
@@ -215,8 +220,8 @@ impl HttpBody for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
-        // The reader came back for more.
-        this.watch.handed.store(NOT_WAITING, Ordering::Relaxed);
+        let now = crate::clock::millis_since(this.watch.start);
+        this.watch.read.store(now, Ordering::Relaxed);
         let watch = Arc::clone(&this.watch);
         let mut stream = crate::lock(&watch.stream);
         match stream.as_mut() {

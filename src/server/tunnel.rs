@@ -461,12 +461,13 @@ pub async fn relay(
         .headers()
         .get(v2::STATUS)
         .is_some_and(|v| v.as_bytes() == b"101");
-    // A user who takes no bytes for this long gives the stream's window
-    // back (see `RecvBody`); on an upgraded connection, the idle limit.
+    // An HTTP/2 user who takes no bytes for this long gives the stream's
+    // window back (see `RecvBody`); on an upgraded connection, the idle
+    // limit. An HTTP/1 user's connection has a watchdog of its own.
     let reader_limit = if switched {
-        state.cfg.timeouts.idle_stream
+        Some(state.cfg.timeouts.idle_stream)
     } else {
-        inactive
+        (version >= http::Version::HTTP_2).then_some(inactive)
     };
     let resp = resp.map(|recv| super::stream::RecvBody::new(recv, exchange, reader_limit));
     let (mut head, body) = resp.into_parts();
