@@ -98,6 +98,8 @@ impl Activity {
         if waited {
             if self.blocked.load(Ordering::Relaxed) == NOT_BLOCKED {
                 self.blocked.store(self.millis(), Ordering::Relaxed);
+                // The watchdog times a stall only once there is one.
+                self.changed.notify_waiters();
             }
         } else if self.blocked.load(Ordering::Relaxed) != NOT_BLOCKED {
             self.blocked.store(NOT_BLOCKED, Ordering::Relaxed);
@@ -117,7 +119,6 @@ impl Activity {
             idle,
             stalled,
         } = limits;
-        let period = (stalled / 4).max(Duration::from_millis(100));
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -134,9 +135,18 @@ impl Activity {
                 continue;
             }
             if self.in_flight.load(Ordering::Acquire) > 0 {
+                let since = self.blocked.load(Ordering::Relaxed);
+                if since == NOT_BLOCKED {
+                    changed.await;
+                    continue;
+                }
+                let deadline = crate::clock::after(
+                    self.start,
+                    Duration::from_millis(since).saturating_add(stalled),
+                );
                 tokio::select! {
                     () = &mut changed => {}
-                    () = tokio::time::sleep(period) => {
+                    () = tokio::time::sleep_until(deadline) => {
                         if self.in_flight.load(Ordering::Acquire) > 0 && self.stalled_for(stalled) {
                             return Expired::Stalled;
                         }
