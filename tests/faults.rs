@@ -144,6 +144,19 @@ async fn relay_client_notices_a_dead_connection_within_seconds() {
     assert!(backend.hits.load(Ordering::SeqCst) > hits);
 }
 
+/// A v2 relay-client of `robot-1` that reaches the relay through `proxy`,
+/// pinging every second with a second to answer; ready when it returns.
+async fn v2_client_through(relay: &Relay, proxy: &FreezingProxy, backend: &str) -> RelayClient {
+    let mut cfg = client_config(relay, "robot-1", backend);
+    cfg.transport = http_relay::config::Transport::V2;
+    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
+    cfg.relay_ping_interval = Duration::from_secs(1);
+    cfg.relay_ping_timeout = Duration::from_secs(1);
+    let client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    client
+}
+
 /// v2: a path that dies without a FIN (the proxy swallows everything) is
 /// noticed after `relay_ping_interval + relay_ping_timeout` of silence,
 /// and the relay-client dials again.
@@ -152,13 +165,7 @@ async fn v2_relay_client_notices_a_dead_connection_within_seconds() {
     let backend = common::backend::Backend::start().await;
     let relay = Relay::start(|_| {}).await;
     let proxy = FreezingProxy::start(relay.addr).await;
-    let mut cfg = client_config(&relay, "robot-1", &backend.url);
-    cfg.transport = http_relay::config::Transport::V2;
-    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
-    cfg.relay_ping_interval = Duration::from_secs(1);
-    cfg.relay_ping_timeout = Duration::from_secs(1);
-    let _client = RelayClient::start(cfg);
-    relay.wait_for_backend("robot-1").await;
+    let _client = v2_client_through(&relay, &proxy, &backend.url).await;
     let before = proxy.accepted.load(Ordering::SeqCst);
     proxy.frozen.store(true, Ordering::SeqCst);
     within(Duration::from_secs(10), "a new connection", || async {
@@ -188,13 +195,7 @@ async fn a_slow_uplink_busy_with_a_download_keeps_its_tunnel() {
     let backend = common::backend::Backend::start().await;
     let relay = Relay::start(|_| {}).await;
     let proxy = FreezingProxy::with_uplink(relay.addr, Some(1 << 20)).await;
-    let mut cfg = client_config(&relay, "robot-1", &backend.url);
-    cfg.transport = http_relay::config::Transport::V2;
-    cfg.relay_url = format!("https://127.0.0.1:{}", proxy.addr.port());
-    cfg.relay_ping_interval = Duration::from_secs(1);
-    cfg.relay_ping_timeout = Duration::from_secs(1);
-    let _client = RelayClient::start(cfg);
-    relay.wait_for_backend("robot-1").await;
+    let _client = v2_client_through(&relay, &proxy, &backend.url).await;
     let resp = relay
         .http()
         .get(format!("{}/client/robot-1/bytes/{SIZE}", relay.url))

@@ -1148,18 +1148,7 @@ async fn v2_users_who_stop_reading_do_not_stop_the_tunnel() {
     let _client = relay_client(&relay, "big", &backend.url, Transport::V2).await;
     let mut stalled = Vec::new();
     for _ in 0..20 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut s = socket.connect(relay.addr).await.unwrap();
-        s.write_all(b"GET /client/big/lazy/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        stalled.push(s);
-    }
-    // Each has its answer started, then reads nothing more.
-    for s in &mut stalled {
-        let head = read_head(s).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stalled.push(unread_answer(&relay, "/client/big/lazy/268435456").await);
     }
     // The buffers on the way fill up, then every unread stream holds its
     // window: a new answer waits for some to be given back.
@@ -1182,14 +1171,33 @@ async fn v2_users_who_stop_reading_do_not_stop_the_tunnel() {
         || async { (backend.open_streams.load(SeqCst) == 0).then_some(()) },
     )
     .await;
-    for mut s in stalled {
-        let mut read = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = bounded(s.read(&mut buf)).await {
-            read += n;
-        }
-        assert!(read < 64 << 20, "{read} bytes of a cut-off answer");
+    for s in stalled {
+        assert_cut_short(s).await;
     }
+}
+
+/// An HTTP/1.1 GET of `path` whose answer is started and then not read
+/// (a small receive buffer: little of it is taken on the way).
+async fn unread_answer(relay: &Relay, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(relay.addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// Reads what is left of an answer of 256 MiB: the connection was closed
+/// with far less of it sent.
+async fn assert_cut_short(mut s: TcpStream) {
+    let mut read = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = bounded(s.read(&mut buf)).await {
+        read += n;
+    }
+    assert!(read < 64 << 20, "{read} bytes of a cut-off answer");
 }
 
 /// v1: a user-client that stops reading its answer, its socket still
@@ -1205,14 +1213,7 @@ async fn a_v1_user_who_stops_reading_gives_its_request_place_back() {
     })
     .await;
     let _client = relay_client(&relay, "big", &backend.url, Transport::V1).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(relay.addr).await.unwrap();
-    s.write_all(b"GET /client/big/lazy/268435456 HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let s = unread_answer(&relay, "/client/big/lazy/268435456").await;
     // Not read any further; meanwhile the one place is taken.
     let http = h2c_client();
     let url = format!("{}/client/big/bytes/1000", relay.url);
@@ -1224,12 +1225,7 @@ async fn a_v1_user_who_stops_reading_gives_its_request_place_back() {
     })
     .await;
     // The stalled connection was closed, its answer cut short.
-    let mut read = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n @ 1..) = bounded(s.read(&mut buf)).await {
-        read += n;
-    }
-    assert!(read < 64 << 20, "{read} bytes of a cut-off answer");
+    assert_cut_short(s).await;
 }
 
 /// The same with HTTP/2 user-clients, which stop reading by giving no
