@@ -439,27 +439,37 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Removes cookie `name` from the `Cookie` header(s), returning its value.
+///
+/// Cookie lines are read as bytes: a line with bytes that are not visible
+/// ASCII (other cookies' values may hold any) is searched too, and kept
+/// whole but for the token, so the token never reaches the backend and no
+/// other cookie is lost.
 fn take_cookie(headers: &mut HeaderMap, name: &str) -> Option<String> {
-    let mut found = None;
-    let mut kept = Vec::new();
+    let mut found: Option<Option<String>> = None;
+    let mut kept: Vec<&[u8]> = Vec::new();
     for value in headers.get_all(http::header::COOKIE) {
-        let Ok(value) = value.to_str() else { continue };
-        for pair in value.split(';') {
-            let pair = pair.trim();
-            match pair.split_once('=') {
-                Some((k, v)) if k.trim() == name => found = Some(v.trim().to_owned()),
-                _ if !pair.is_empty() => kept.push(pair.to_owned()),
-                _ => {}
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            let key = pair.split(|&b| b == b'=').next().unwrap_or_default();
+            if pair.contains(&b'=') && key.trim_ascii() == name.as_bytes() {
+                let token = &pair[key.len() + 1..];
+                found = Some(
+                    std::str::from_utf8(token.trim_ascii())
+                        .ok()
+                        .map(str::to_owned),
+                );
+            } else if !pair.is_empty() {
+                kept.push(pair);
             }
         }
     }
-    if found.is_some() {
-        headers.remove(http::header::COOKIE);
-        if !kept.is_empty()
-            && let Ok(v) = http::HeaderValue::from_str(&kept.join("; "))
-        {
-            headers.insert(http::header::COOKIE, v);
-        }
+    let found = found?;
+    let rest = kept.join(&b"; "[..]);
+    headers.remove(http::header::COOKIE);
+    if let Ok(v) = http::HeaderValue::from_bytes(&rest)
+        && !rest.is_empty()
+    {
+        headers.insert(http::header::COOKIE, v);
     }
     found
 }
@@ -475,6 +485,18 @@ mod tests {
         assert_eq!(take_cookie(&mut h, "relay_token").as_deref(), Some("tok"));
         assert_eq!(h["cookie"], "a=1; b=2");
         assert_eq!(take_cookie(&mut h, "relay_token"), None);
+
+        // A line with bytes that are not visible ASCII is searched too, and
+        // what else it holds is kept.
+        let mut h = HeaderMap::new();
+        h.append("cookie", "x=1".parse().unwrap());
+        h.append(
+            "cookie",
+            http::HeaderValue::from_bytes(b"pref=\xc3\xa9; relay_token=tok").unwrap(),
+        );
+        assert_eq!(take_cookie(&mut h, "relay_token").as_deref(), Some("tok"));
+        assert_eq!(h["cookie"].as_bytes(), b"x=1; pref=\xc3\xa9");
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
     }
 
     #[test]
