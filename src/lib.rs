@@ -28,6 +28,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod observed;
 pub mod proto;
 pub mod readbuf;
 pub mod server;

@@ -373,11 +373,13 @@ async fn serve(
 ) -> Result<(), ServeError> {
     let (ping, ping_timeout) = (ctx.cfg.relay_ping_interval, ctx.cfg.relay_ping_timeout);
     let progress = crate::clock::Progress::default();
-    let io = TokioIo::new(Alive {
-        io: TokioIo::new(upgraded),
-        progress: progress.clone(),
-        blocked: false,
-    });
+    let io = TokioIo::new(crate::observed::Observed::new(
+        TokioIo::new(upgraded),
+        Alive {
+            progress: progress.clone(),
+            blocked: false,
+        },
+    ));
     let silence = ping.saturating_add(ping_timeout);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -415,31 +417,19 @@ async fn serve(
 /// transfer, so that only [`serve`]'s own rule ends a connection.
 const KEEP_ALIVE_ANSWER: Duration = Duration::from_secs(24 * 3600);
 
-/// The tunnel connection, recording signs that the server is there: bytes
-/// read, and a write that went through after the socket's buffer had been
-/// full (the server's end acknowledged bytes).
-struct Alive<T> {
-    io: T,
+/// Records signs that the server is there: bytes read, and a write that
+/// went through after the socket's buffer had been full (the server's end
+/// acknowledged bytes).
+struct Alive {
     progress: crate::clock::Progress,
     blocked: bool,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Alive<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.progress.moved();
-        }
-        polled
+impl crate::observed::Observer for Alive {
+    fn read(&mut self) {
+        self.progress.moved();
     }
-}
 
-impl<T: AsyncWrite + Unpin> Alive<T> {
     fn wrote(&mut self, polled: &std::task::Poll<std::io::Result<usize>>) {
         match polled {
             std::task::Poll::Pending => self.blocked = true,
@@ -449,46 +439,6 @@ impl<T: AsyncWrite + Unpin> Alive<T> {
             }
             std::task::Poll::Ready(_) => {}
         }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Alive<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.wrote(&polled);
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.wrote(&polled);
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -6,13 +6,10 @@
 //! takes no byte of; an upgraded stream is closed after
 //! `timeouts.idle_stream` without a byte moving.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -171,65 +168,18 @@ impl Activity {
     }
 }
 
-/// A connection's socket (or TLS stream), telling its [`Activity`] when
-/// writes wait for room and when they go through: a slow reader lets some
-/// through now and then, a stalled one none.
-pub struct Writes<T> {
-    io: T,
-    activity: Arc<Activity>,
-}
+/// Tells a connection's [`Activity`] when writes to its socket (or TLS
+/// stream) wait for room and when they go through: a slow reader lets
+/// some through now and then, a stalled one none.
+pub struct Writes(pub Arc<Activity>);
 
-impl<T> Writes<T> {
-    pub fn new(io: T, activity: Arc<Activity>) -> Self {
-        Self { io, activity }
+impl crate::observed::Observer for Writes {
+    fn wrote(&mut self, polled: &Poll<std::io::Result<usize>>) {
+        self.0.wrote(polled.is_pending());
     }
 
-    fn track<R>(&self, polled: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
-        self.activity.wrote(polled.is_pending());
-        polled
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Writes<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Writes<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.track(polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.track(polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.track(polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn flushed(&mut self, waited: bool) {
+        self.0.wrote(waited);
     }
 }
 

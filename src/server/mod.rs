@@ -33,6 +33,7 @@ use crate::auth::dev::{DevIssuer, DevIssuerError};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::{AuthMode, DEV_CERT_DIR, DEV_ISSUER, ServerConfig};
 use crate::error::RelayError;
+use crate::observed::Observed;
 use crate::telemetry::Metrics;
 use crate::telemetry::limit::LogLimiter;
 use crate::tls::client_cert::PeerCert;
@@ -562,7 +563,7 @@ async fn accept_loop(
                             .peer_certificates()
                             .and_then(|chain| chain.first().cloned()),
                     );
-                    let io = TokioIo::new(conn::Writes::new(tls, writes));
+                    let io = TokioIo::new(Observed::new(tls, conn::Writes(writes)));
                     let conn = builder.serve_connection_with_upgrades(io, service(peer_cert));
                     tokio::select! {
                         r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
@@ -573,7 +574,7 @@ async fn accept_loop(
                     }
                 }
                 None => {
-                    let io = TokioIo::new(conn::Writes::new(tcp, writes));
+                    let io = TokioIo::new(Observed::new(tcp, conn::Writes(writes)));
                     let conn =
                         builder.serve_connection_with_upgrades(io, service(PeerCert::default()));
                     tokio::select! {

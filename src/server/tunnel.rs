@@ -9,10 +9,9 @@
 //! buffers a whole body.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,7 +21,7 @@ use http_body_util::{BodyExt as _, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
@@ -112,10 +111,10 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
         .max_header_list_size(v2::MAX_HEADER_LIST)
         .max_send_buffer_size(v2::SEND_BUFFER)
         .enable_push(false)
-        .handshake::<_, Bytes>(Heard {
-            io: TokioIo::new(upgraded),
-            reads: heard.clone(),
-        });
+        .handshake::<_, Bytes>(crate::observed::Observed::new(
+            TokioIo::new(upgraded),
+            Heard(heard.clone()),
+        ));
     let handshake = Box::pin(async move {
         let (sender, conn) = handshake.await?;
         Ok::<_, h2::Error>((sender, Box::new(conn)))
@@ -199,55 +198,13 @@ fn goaway(sender: &mut h2::client::SendRequest<Bytes>) -> impl Future<Output = h
     })
 }
 
-/// The relay-client's connection, counting the reads that brought bytes:
+/// Counts the reads of the relay-client's connection that brought bytes:
 /// a connection that is heard from needs no ping to prove it alive.
-struct Heard<T> {
-    io: T,
-    reads: Arc<AtomicU64>,
-}
+struct Heard(Arc<AtomicU64>);
 
-impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+impl crate::observed::Observer for Heard {
+    fn read(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
