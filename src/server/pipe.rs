@@ -46,8 +46,8 @@ pub async fn user_to_backend<R: AsyncRead + Unpin>(
 /// The time bounds of one pipe.
 #[derive(Clone, Copy, Debug)]
 pub struct Times {
-    /// How long the direction left open after the other's clean end may
-    /// go without moving a byte.
+    /// How long the backend may go without moving a byte after the user's
+    /// half-close.
     pub idle: Duration,
     /// `timeouts.idle_stream`.
     pub stalled: Duration,

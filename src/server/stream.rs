@@ -154,11 +154,11 @@ impl RecvBody {
     }
 
     fn poll_stream(
-        &mut self,
+        data_done: &mut bool,
         cx: &mut Context<'_>,
         stream: &mut RecvStream,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
+        if !*data_done {
             match ready!(stream.poll_data(cx)) {
                 Some(Ok(data)) => {
                     // The window reopens as the user takes the bytes: a
@@ -167,7 +167,7 @@ impl RecvBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => self.data_done = true,
+                None => *data_done = true,
             }
         }
         match ready!(stream.poll_trailers(cx)) {
@@ -219,13 +219,14 @@ impl HttpBody for RecvBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        let now = crate::clock::millis_since(this.watch.start);
-        this.watch.read.store(now, Ordering::Relaxed);
-        let watch = Arc::clone(&this.watch);
+        let Self {
+            watch, data_done, ..
+        } = &mut *self;
+        let now = crate::clock::millis_since(watch.start);
+        watch.read.store(now, Ordering::Relaxed);
         let mut stream = crate::lock(&watch.stream);
         match stream.as_mut() {
-            Some(stream) => this.poll_stream(cx, stream),
+            Some(stream) => Self::poll_stream(data_done, cx, stream),
             None => Poll::Ready(Some(Err(h2::Error::from(Reason::CANCEL)))),
         }
     }
