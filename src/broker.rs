@@ -732,13 +732,20 @@ impl Broker {
 
     /// Next user-to-backend bytes of an upgraded request: waits up to the
     /// poll timeout and then answers empty; [`BrokerError::StreamClosed`]
-    /// once the user-client closed its side or the request is gone.
+    /// once the request is gone.
+    ///
+    /// The user-client's half-close is [`BrokerError::StreamClosed`] too
+    /// only with `half_close` (a relay-client that asked for it, see
+    /// [`crate::proto::HALF_CLOSE_PARAM`]). A Go relay-client closes the
+    /// whole backend connection on 410, losing what the backend still had
+    /// to say, so for it the stream stays open and silent until the
+    /// request ends, as the Go server keeps it.
     ///
     /// While the server drains, a read waits at most [`DRAINING_WAIT`]:
     /// short enough not to hold up the shutdown, long enough that the
     /// relay-client's next read does not come back at once, round after
     /// round, for the rest of the shutdown.
-    pub async fn request_stream(&self, id: &str) -> Result<Bytes, BrokerError> {
+    pub async fn request_stream(&self, id: &str, half_close: bool) -> Result<Bytes, BrokerError> {
         let pending = self.pending(id).map_err(|_| BrokerError::StreamClosed)?;
         let mut rx = pending.stream.lock().await;
         let draining = self.inner.draining.is_cancelled();
@@ -755,7 +762,15 @@ impl Broker {
             () = self.inner.draining.cancelled(), if !draining => return Ok(Bytes::new()),
         };
         let Some(first) = first else {
-            return Err(BrokerError::StreamClosed);
+            if half_close {
+                return Err(BrokerError::StreamClosed);
+            }
+            return tokio::select! {
+                // The user's task dropped its end: the request is over.
+                () = pending.responses.closed() => Err(BrokerError::StreamClosed),
+                () = tokio::time::sleep(wait) => Ok(Bytes::new()),
+                () = self.inner.draining.cancelled(), if !draining => Ok(Bytes::new()),
+            };
         };
         // Coalesce what is already queued, to save round trips.
         let bytes = if rx.is_empty() {
@@ -1375,7 +1390,7 @@ mod tests {
         let reader = {
             let b = b.clone();
             let id = id.clone();
-            tokio::spawn(async move { b.request_stream(&id).await })
+            tokio::spawn(async move { b.request_stream(&id, true).await })
         };
         tokio::task::yield_now().await;
         let started = tokio::time::Instant::now();
@@ -1384,10 +1399,51 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(10));
         // Later reads wait for bytes, up to the draining wait.
         let started = tokio::time::Instant::now();
-        assert!(b.request_stream(&id).await.unwrap().is_empty());
+        assert!(b.request_stream(&id, true).await.unwrap().is_empty());
         assert_eq!(started.elapsed(), DRAINING_WAIT);
         to_backend.send(Bytes::from_static(b"typed")).await.unwrap();
-        assert_eq!(b.request_stream(&id).await.unwrap(), "typed");
+        assert_eq!(b.request_stream(&id, true).await.unwrap(), "typed");
+    }
+
+    /// The user's half-close is a 410 only for a relay-client that asked
+    /// for it; for the others the stream stays open, silent, until the
+    /// request is over.
+    #[tokio::test(start_paused = true)]
+    async fn the_users_half_close_is_told_only_when_asked() {
+        let b = Broker::new(BrokerConfig {
+            poll_timeout: Duration::from_secs(30),
+            relay_timeout: Duration::from_secs(30),
+            inactive_request: Duration::from_secs(300),
+            inactive_backend: Duration::from_secs(300),
+        });
+        let (mut ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
+        let to_backend = ex.take_stream().unwrap();
+        to_backend.send(Bytes::from_static(b"last")).await.unwrap();
+        drop(to_backend);
+        // Bytes sent before the close come first, whichever the caller.
+        assert_eq!(b.request_stream(&id, false).await.unwrap(), "last");
+        let started = tokio::time::Instant::now();
+        assert!(b.request_stream(&id, false).await.unwrap().is_empty());
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(matches!(
+            b.request_stream(&id, true).await,
+            Err(BrokerError::StreamClosed)
+        ));
+        // A silent read ends when the request does.
+        let reader = {
+            let b = b.clone();
+            let id = id.clone();
+            tokio::spawn(async move { b.request_stream(&id, false).await })
+        };
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        drop(ex);
+        assert!(matches!(
+            reader.await.unwrap(),
+            Err(BrokerError::StreamClosed)
+        ));
+        assert!(started.elapsed() < Duration::from_millis(10));
     }
 
     #[tokio::test]

@@ -16,6 +16,13 @@ pub const RESPONSE_CONTENT_TYPE: &str =
     "application/vnd.google.protobuf;proto=cloudrobotics.http_relay.v1alpha1.HttpResponse";
 /// Content type of the user-to-backend bytes of an upgraded connection.
 pub const STREAM_CONTENT_TYPE: &str = "application/octet-data";
+/// Query parameter (`=1`) of a `/server/requeststream` call by a
+/// relay-client that takes 410 as the user-client's half-close: it shuts
+/// down the backend's write side and goes on relaying the backend's bytes.
+/// Without it the server never answers 410 while the request lasts
+/// (`docs/PROTOCOL.md`, "How this implementation meets them"); a server
+/// that does not know it ignores it.
+pub const HALF_CLOSE_PARAM: &str = "half_close";
 
 /// Headers that describe one connection, not the message; never relayed
 /// (except `connection`/`upgrade` on a 101, which *is* about the

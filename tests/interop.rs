@@ -650,6 +650,100 @@ async fn posts_for_a_departed_user_client_get_400_at_once() {
     .await;
 }
 
+/// A Go relay-client closes its whole backend connection when a
+/// `/server/requeststream` call is answered 410, so the user-client's
+/// half-close must not be told that way: what the backend says after it
+/// still reaches the user, as through the Go server. The peer here reads
+/// the request stream as the Go client does (no `half_close` parameter)
+/// and stops its backend's output once told 410.
+#[tokio::test]
+async fn a_go_relay_client_still_relays_the_backend_after_the_users_half_close() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let relay = Relay::start(|c| c.timeouts.poll = Duration::from_secs(1)).await;
+    let http = relay.http();
+    register(&http, &relay, "exec").await;
+    let mut user = relay.tls_connect().await;
+    user.write_all(
+        b"GET /client/exec/x HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let req = v1_poll(&http, &relay, "exec").await;
+    let id = req.id.unwrap();
+    let head = HttpResponse {
+        id: Some(id.clone()),
+        status_code: Some(101),
+        header: vec![header("Connection", "Upgrade"), header("Upgrade", "x-test")],
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &head).await, 200);
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        got.push(bounded(user.read_u8()).await.unwrap());
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    user.write_all(b"question").await.unwrap();
+    user.shutdown().await.unwrap();
+
+    // The Go client's request-stream loop.
+    let closed = Arc::new(AtomicBool::new(false));
+    let stream_url = format!("{}/server/requeststream?id={id}", relay.url);
+    let reader = {
+        let http = http.clone();
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut to_backend = Vec::new();
+            loop {
+                let resp = http.post(&stream_url).send().await.unwrap();
+                match resp.status().as_u16() {
+                    200 => to_backend.extend_from_slice(&resp.bytes().await.unwrap()),
+                    410 => {
+                        closed.store(true, SeqCst);
+                        return to_backend;
+                    }
+                    s => panic!("request stream answered {s}"),
+                }
+            }
+        })
+    };
+    // The backend answers in pieces, longer than a request-stream wait,
+    // while its connection is open.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if closed.load(SeqCst) {
+            break;
+        }
+        let piece = format!("answer-{i} ");
+        let chunk = HttpResponse {
+            id: Some(id.clone()),
+            body: Some(Bytes::from(piece)),
+            ..Default::default()
+        };
+        assert_eq!(v1_post(&http, &relay, &chunk).await, 200);
+    }
+    let eof = HttpResponse {
+        id: Some(id.clone()),
+        eof: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &eof).await, 200);
+    let mut answer = Vec::new();
+    bounded(user.read_to_end(&mut answer)).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "answer-0 answer-1 answer-2 answer-3 answer-4 answer-5 "
+    );
+    // The request over, the stream's end is told at once.
+    assert_eq!(bounded(reader).await.unwrap(), b"question");
+}
+
 // === Our relay-client against a server that implements only v1 ===
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpResponse> {

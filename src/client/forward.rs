@@ -408,7 +408,9 @@ const STREAM_RETRIES: u32 = 5;
 
 /// Pipes an upgraded backend connection (`PROTOCOL.md`, "Upgrades"):
 /// backend bytes go out as response chunks; user bytes come from
-/// `/server/requeststream` until 410, which half-closes the backend side.
+/// `/server/requeststream` until 410, which half-closes the backend side
+/// (we ask our server for that 410 at the user's half-close;
+/// [`proto::HALF_CLOSE_PARAM`]).
 async fn pipe(
     ctx: &Ctx,
     id: String,

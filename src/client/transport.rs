@@ -286,7 +286,11 @@ impl RelayTransport {
     /// Reads the next user-to-backend bytes of an upgraded request.
     pub async fn request_stream(&self, id: &str) -> Result<StreamRead, TransportError> {
         let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
-        let path = format!("/server/requeststream?id={id}");
+        // We take 410 as the user's half-close (`forward::pipe`).
+        let path = format!(
+            "/server/requeststream?id={id}&{}=1",
+            proto::HALF_CLOSE_PARAM
+        );
         let resp = self.call(Method::POST, &path, Bytes::new()).await?;
         match resp.status() {
             StatusCode::OK => Ok(StreamRead::Bytes(

@@ -166,6 +166,7 @@ async fn request_stream(
     let owner = state.broker.owner(&id).ok_or(BrokerError::StreamClosed)?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, req.extensions(), &owner)?;
-    let bytes = state.broker.request_stream(&id).await?;
+    let half_close = query_param(req, proto::HALF_CLOSE_PARAM).is_ok_and(|v| v == "1");
+    let bytes = state.broker.request_stream(&id, half_close).await?;
     Ok(ok_with(proto::STREAM_CONTENT_TYPE, bytes))
 }

@@ -492,9 +492,10 @@ pub(super) fn announce_trailers<'a>(
 /// backend-to-user bytes come as response chunks, user-to-backend bytes
 /// wait for the relay-client's `/server/requeststream` calls.
 ///
-/// The user-client closing its side ends the request stream (410 to the
-/// relay-client); the backend's `eof` closes the user-client's side and
-/// ends the pipe.
+/// The user-client closing its side ends the request stream: 410 to a
+/// relay-client that asked for it (ours), silence to the others until the
+/// request ends ([`crate::proto::HALF_CLOSE_PARAM`]). The backend's `eof`
+/// closes the user-client's side and ends the pipe.
 async fn pipe(
     on_upgrade: OnUpgrade,
     mut exchange: Exchange,
@@ -518,7 +519,7 @@ async fn pipe(
     let span = exchange.span().clone();
     metrics.active_streams.inc();
 
-    // The end of the sender is the relay-client's 410 Gone.
+    // The end of the sender is the user's half-close.
     let progress = crate::clock::Progress::default();
     let down_progress = progress.clone();
     let upstream =
