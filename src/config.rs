@@ -313,6 +313,10 @@ pub struct AuthConfig {
     pub token_header: String,
     /// Cookie that may carry user-client tokens (browsers, WebSockets).
     pub token_cookie: Option<String>,
+    /// Origins (`https://host[:port]`) besides the relay's own whose
+    /// pages may send requests with the token cookie: a browser sends
+    /// cookies on other sites' behalf too (`auth::origin`).
+    pub cookie_origins: Vec<String>,
     /// Trusted token issuers.
     pub issuers: Vec<IssuerConfig>,
     /// Claims every user-client token must carry, for any backend: the
@@ -354,6 +358,7 @@ impl Default for AuthConfig {
             leeway: Duration::from_secs(30),
             token_header: "authorization".into(),
             token_cookie: None,
+            cookie_origins: Vec::new(),
             issuers: vec![IssuerConfig {
                 issuer: DEV_ISSUER.into(),
                 jwks_uri: None,
@@ -482,6 +487,16 @@ impl AuthConfig {
         }
         if HeaderName::from_bytes(self.token_header.as_bytes()).is_err() {
             return Err(invalid("auth.token_header", "is not a valid header name"));
+        }
+        if let Some(bad) = self
+            .cookie_origins
+            .iter()
+            .find(|o| crate::auth::origin::parse_origin(o).is_none())
+        {
+            return Err(invalid(
+                "auth.cookie_origins",
+                format!("{bad:?} is not an origin (https://host[:port])"),
+            ));
         }
         for i in &self.issuers {
             // Keys from a file need no fetch, so no https check.
@@ -1093,6 +1108,16 @@ mod tests {
         c.validate().unwrap();
         c.auth.issuers[0].algorithms = vec![jsonwebtoken::Algorithm::HS256];
         assert!(c.validate().unwrap_err().to_string().contains("asymmetric"));
+        let mut c = ServerConfig::default();
+        c.auth.cookie_origins = vec!["https://console.example.com".into()];
+        c.validate().unwrap();
+        c.auth.cookie_origins.push("console.example.com".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("auth.cookie_origins")
+        );
     }
 
     #[test]

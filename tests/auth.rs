@@ -1266,6 +1266,18 @@ type Wss =
 /// Opens a WebSocket to `path` through the relay over TLS, with `cookie`
 /// as the `Cookie` header; on refusal, the handshake's HTTP status.
 async fn ws_connect(relay: &Relay, path: &str, cookie: Option<&str>) -> Result<Wss, Option<u16>> {
+    match cookie {
+        Some(cookie) => ws_connect_with(relay, path, &[("cookie", cookie)]).await,
+        None => ws_connect_with(relay, path, &[]).await,
+    }
+}
+
+/// [`ws_connect`] with the handshake's extra headers.
+async fn ws_connect_with(
+    relay: &Relay,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<Wss, Option<u16>> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let tls = http_relay::tls::client_config(Some(&common::certs().ca_cert)).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -1274,8 +1286,8 @@ async fn ws_connect(relay: &Relay, path: &str, cookie: Option<&str>) -> Result<W
     let stream = connector.connect(name, tcp).await.unwrap();
     let url = format!("wss://localhost:{}{path}", relay.addr.port());
     let mut req = url.into_client_request().unwrap();
-    if let Some(cookie) = cookie {
-        req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    for (name, value) in headers {
+        req.headers_mut().insert(*name, value.parse().unwrap());
     }
     match tokio_tungstenite::client_async(req, stream).await {
         Ok((ws, _)) => Ok(ws),
@@ -1353,4 +1365,93 @@ async fn token_cookie_authenticates_websocket_upgrades_and_is_not_forwarded() {
     // Without the cookie the upgrade is refused before it reaches the backend.
     let refused = ws_connect(&relay, "/client/ws/echo", Some("theme=dark")).await;
     assert_eq!(refused.err(), Some(Some(401)));
+}
+
+/// A browser sends the token cookie with other sites' WebSockets too: the
+/// relay takes the cookie from pages of its own origin or of a trusted
+/// one only. A token in a header is no browser's doing and needs no check.
+#[tokio::test]
+async fn cross_site_websockets_with_the_token_cookie_are_refused() {
+    let idp = Idp::start().await;
+    let (backend_url, _upgrades) = ws_header_backend().await;
+    let relay = relay_with(&idp, |c| {
+        c.auth.token_cookie = Some("relay_token".into());
+        c.auth.cookie_origins = vec!["https://console.example.com".into()];
+    })
+    .await;
+    let file = token_file(&idp.sign("ec-1", &idp.claims(&relay_aud("ws"), "ws")));
+    let _client = client_with_token(&relay, "ws", &backend_url, &file);
+    let token = idp.sign("rsa-1", &idp.claims(&user_aud("ws"), "alice"));
+    let cookie = format!("relay_token={token}");
+    let bearer = format!("Bearer {token}");
+    let own = format!("https://localhost:{}", relay.addr.port());
+    let evil = "https://evil.example";
+
+    // A page of the relay's own origin (retried until the relay-client
+    // polls).
+    let same_origin = [
+        ("cookie", cookie.as_str()),
+        ("origin", own.as_str()),
+        ("sec-fetch-site", "same-origin"),
+        ("sec-fetch-mode", "websocket"),
+    ];
+    eventually(|| async {
+        ws_connect_with(&relay, "/client/ws/echo", &same_origin)
+            .await
+            .ok()
+    })
+    .await;
+    let c = cookie.as_str();
+    let path = "/client/ws/echo";
+    // Another site's page, in a current browser and in an older one.
+    let other_site = [
+        ("cookie", c),
+        ("origin", evil),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "websocket"),
+    ];
+    assert_eq!(
+        ws_connect_with(&relay, path, &other_site).await.err(),
+        Some(Some(403))
+    );
+    let old_browser = [("cookie", c), ("origin", evil)];
+    assert_eq!(
+        ws_connect_with(&relay, path, &old_browser).await.err(),
+        Some(Some(403))
+    );
+    // A sibling site is another origin too.
+    let sibling = [
+        ("cookie", c),
+        ("origin", "https://other.localhost"),
+        ("sec-fetch-site", "same-site"),
+    ];
+    assert_eq!(
+        ws_connect_with(&relay, path, &sibling).await.err(),
+        Some(Some(403))
+    );
+    // A trusted origin, and the relay's own in an older browser.
+    let trusted = [
+        ("cookie", c),
+        ("origin", "https://console.example.com"),
+        ("sec-fetch-site", "same-site"),
+    ];
+    assert!(ws_connect_with(&relay, path, &trusted).await.is_ok());
+    let own_old_browser = [("cookie", c), ("origin", own.as_str())];
+    assert!(
+        ws_connect_with(&relay, path, &own_old_browser)
+            .await
+            .is_ok()
+    );
+    // The token in a header, from anywhere.
+    let with_header = [
+        ("authorization", bearer.as_str()),
+        ("origin", evil),
+        ("sec-fetch-site", "cross-site"),
+    ];
+    assert!(ws_connect_with(&relay, path, &with_header).await.is_ok());
+    let metrics = relay.get_text("/metrics").await;
+    assert!(
+        metrics.contains("relay_auth_failures_total{reason=\"cross_site\"} 3"),
+        "{metrics}"
+    );
 }

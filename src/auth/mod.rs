@@ -11,6 +11,7 @@
 pub mod client;
 pub mod dev;
 mod keys;
+pub mod origin;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -62,6 +63,10 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("cannot verify tokens yet: the identity provider's keys are not loaded")]
     KeysUnavailable,
+    /// A browser sent the cookie token on another site's behalf
+    /// ([`origin`]).
+    #[error("cookie token sent from {0}")]
+    CrossSite(String),
 }
 
 impl AuthError {
@@ -69,9 +74,9 @@ impl AuthError {
     /// keys cannot be loaded.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            AuthError::WrongAudience { .. } | AuthError::MissingClaim(_) => {
-                http::StatusCode::FORBIDDEN
-            }
+            AuthError::WrongAudience { .. }
+            | AuthError::MissingClaim(_)
+            | AuthError::CrossSite(_) => http::StatusCode::FORBIDDEN,
             AuthError::KeysUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
             _ => http::StatusCode::UNAUTHORIZED,
         }
@@ -94,6 +99,7 @@ impl AuthError {
             AuthError::WrongAudience { .. } => "wrong_audience",
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::CrossSite(_) => "cross_site",
         }
     }
 }
@@ -220,6 +226,8 @@ fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {
 /// Verifies tokens and applies the audience policy of a server.
 pub struct Authenticator {
     cfg: AuthConfig,
+    /// `cfg.cookie_origins`, normalised ([`origin::parse_origin`]).
+    cookie_origins: Vec<String>,
     issuers: Vec<Arc<KeySource>>,
 }
 
@@ -253,6 +261,12 @@ impl Authenticator {
             .collect();
         Ok(Some(Arc::new(Self {
             cfg: cfg.clone(),
+            // Checked by the config's validation.
+            cookie_origins: cfg
+                .cookie_origins
+                .iter()
+                .filter_map(|o| origin::parse_origin(o))
+                .collect(),
             issuers,
         })))
     }
@@ -388,7 +402,7 @@ impl Authenticator {
 
     /// Takes the user-client's token out of the request (header or
     /// cookie), so it is never relayed to the backend.
-    pub fn take_user_token(&self, headers: &mut HeaderMap) -> Option<String> {
+    pub fn take_user_token(&self, headers: &mut HeaderMap) -> Option<UserToken> {
         let name = self.cfg.token_header.as_str();
         let from_header = headers
             .get(name)
@@ -414,8 +428,37 @@ impl Authenticator {
             .token_cookie
             .as_deref()
             .and_then(|cookie| take_cookie(headers, cookie));
-        from_header.or(from_cookie)
+        match (from_header, from_cookie) {
+            (Some(token), _) => Some(UserToken {
+                token,
+                from_cookie: false,
+            }),
+            (None, Some(token)) => Some(UserToken {
+                token,
+                from_cookie: true,
+            }),
+            (None, None) => None,
+        }
     }
+
+    /// For a token from the cookie: refuses the request if a browser sent
+    /// it on another site's behalf ([`origin`]). `host` is the request's
+    /// authority.
+    pub fn check_cookie_origin(
+        &self,
+        method: &http::Method,
+        headers: &HeaderMap,
+        host: Option<&str>,
+    ) -> Result<(), AuthError> {
+        origin::check(method, headers, host, &self.cookie_origins)
+    }
+}
+
+/// A user-client's token, and where it was found.
+pub struct UserToken {
+    pub token: String,
+    /// Browsers send cookies on other sites' behalf: see [`origin`].
+    pub from_cookie: bool,
 }
 
 /// `template` with `{backend}` replaced.

@@ -46,17 +46,28 @@ pub fn log_suppressed(reason: &'static str, suppressed: u64) {
 /// A user-client request for `backend`: verifies and checks its token,
 /// and removes the token from the headers so it is never relayed.
 /// Returns the token's subject (`None` with auth off).
-pub async fn user(
+pub async fn user<B>(
     state: &State,
-    headers: &mut HeaderMap,
+    req: &mut http::Request<B>,
     backend: &str,
 ) -> Result<Option<String>, RelayError> {
     let Some(auth) = &state.auth else {
         return Ok(None);
     };
     let token = auth
-        .take_user_token(headers)
+        .take_user_token(req.headers_mut())
         .ok_or_else(|| refuse(state, AuthError::Missing, None, backend))?;
+    if token.from_cookie {
+        // HTTP/2 names the authority in `:authority`, HTTP/1.1 in `Host`.
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        auth.check_cookie_origin(req.method(), req.headers(), host)
+            .map_err(|e| refuse(state, e, None, backend))?;
+    }
+    let token = token.token;
     let claims = auth
         .verify(&token)
         .await

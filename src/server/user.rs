@@ -203,7 +203,7 @@ async fn relay_request(
     started: std::time::Instant,
 ) -> Result<Response<Body>, RelayError> {
     let traced = telemetry::is_sampled(&span);
-    let subject = super::gate::user(state, req.headers_mut(), &route.backend).await?;
+    let subject = super::gate::user(state, &mut req, &route.backend).await?;
     if let Some(sub) = &subject {
         span.record("enduser.id", sub.as_str());
     }
