@@ -151,15 +151,14 @@ impl Dialer {
         })
     }
 
-    /// Dials and upgrades; returns the upgraded connection and the token
-    /// it presented.
-    pub async fn open(&self, ctx: &Ctx) -> Result<(Upgraded, Option<String>), TunnelError> {
+    /// Dials and upgrades.
+    pub async fn open(&self, ctx: &Ctx) -> Result<Opened, TunnelError> {
         tokio::time::timeout(OPEN_TIMEOUT, self.open_inner(ctx))
             .await
             .map_err(|_| TunnelError::Connect("timed out".into()))?
     }
 
-    async fn open_inner(&self, ctx: &Ctx) -> Result<(Upgraded, Option<String>), TunnelError> {
+    async fn open_inner(&self, ctx: &Ctx) -> Result<Opened, TunnelError> {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| TunnelError::Connect(e.to_string()))?;
@@ -176,7 +175,7 @@ impl Dialer {
         }
     }
 
-    async fn upgrade<T>(&self, ctx: &Ctx, io: T) -> Result<(Upgraded, Option<String>), TunnelError>
+    async fn upgrade<T>(&self, ctx: &Ctx, io: T) -> Result<Opened, TunnelError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -212,7 +211,16 @@ impl Dialer {
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Ok((hyper::upgrade::on(resp).await?, token));
+            let server_time = resp
+                .headers()
+                .get(header::DATE)
+                .and_then(|d| d.to_str().ok())
+                .and_then(|d| httpdate::parse_http_date(d).ok());
+            return Ok(Opened {
+                upgraded: hyper::upgrade::on(resp).await?,
+                token,
+                server_time,
+            });
         }
         let body = http_body_util::Limited::new(resp.into_body(), 4096)
             .collect()
@@ -236,9 +244,23 @@ impl Dialer {
     }
 }
 
+/// An upgraded v2 connection.
+pub struct Opened {
+    upgraded: Upgraded,
+    /// The token it presented.
+    token: Option<String>,
+    /// The server's clock when it answered (its `Date`).
+    server_time: Option<SystemTime>,
+}
+
 /// When a connection opened with `token` should be replaced by one with a
-/// fresh token: the server closes it when the token expires.
-fn renewal_in(token: Option<&str>) -> Option<Duration> {
+/// fresh token: the server closes it when the token expires, by its own
+/// clock. `server_time` is that clock when the connection opened; the
+/// robot's own clock (often wrong on a robot that just booted) only
+/// stands in without it. Off by an hour either way, the robot would
+/// otherwise redial every second, or lose its connection, streams and
+/// all, at expiry.
+fn renewal_in(token: Option<&str>, server_time: Option<SystemTime>) -> Option<Duration> {
     #[derive(serde::Deserialize)]
     struct Exp {
         exp: serde_json::Value,
@@ -247,7 +269,11 @@ fn renewal_in(token: Option<&str>) -> Option<Duration> {
     // connection at that time.
     let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?).ok()?;
     let exp = crate::auth::numeric_date(&exp.exp)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let now = server_time
+        .unwrap_or_else(SystemTime::now)
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs();
     let left = Duration::from_secs(exp.saturating_sub(now));
     // The token source's rule, and never in a tight loop.
     Some(crate::auth::client::refresh_after(left).max(Duration::from_secs(1)))
@@ -266,7 +292,7 @@ const STABLE: Duration = Duration::from_secs(10);
 pub async fn run(
     ctx: Arc<Ctx>,
     dialer: &Dialer,
-    first: (Upgraded, Option<String>),
+    first: Opened,
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(), TunnelError> {
@@ -274,7 +300,11 @@ pub async fn run(
     let mut backoff = Backoff::new();
     let mut previous: Option<CancellationToken> = None;
     loop {
-        let (upgraded, token) = match next.take() {
+        let Opened {
+            upgraded,
+            token,
+            server_time,
+        } = match next.take() {
             Some(conn) => conn,
             None => {
                 let opened = tokio::select! {
@@ -304,7 +334,7 @@ pub async fn run(
         }
         let conn_stop = stop.child_token();
         let served = tasks.spawn(serve(ctx.clone(), upgraded, conn_stop.clone()));
-        let renew = renewal_in(token.as_deref());
+        let renew = renewal_in(token.as_deref(), server_time);
         let renewal = async {
             match renew {
                 Some(d) => tokio::time::sleep(d).await,
@@ -803,13 +833,32 @@ mod tests {
             serde_json::json!(now + 100),
             serde_json::json!(now as f64 + 100.4),
         ] {
-            let renew = renewal_in(Some(&token_expiring(exp.clone()))).expect("a renewal");
+            let renew = renewal_in(Some(&token_expiring(exp.clone())), None).expect("a renewal");
             // 80 % of the life, and at least 10 s before expiry.
             assert!(
                 renew >= Duration::from_secs(75) && renew <= Duration::from_secs(81),
                 "{exp}: {renew:?}"
             );
         }
-        assert_eq!(renewal_in(None), None);
+        assert_eq!(renewal_in(None, None), None);
+    }
+
+    /// The server's clock decides, whatever the robot's says.
+    #[test]
+    fn renewal_follows_the_servers_clock() {
+        let hour = Duration::from_secs(3600);
+        for server_now in [SystemTime::now() + 3 * hour, SystemTime::now() - 3 * hour] {
+            let exp = server_now
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_secs()
+                + 100;
+            let token = token_expiring(serde_json::json!(exp));
+            let renew = renewal_in(Some(&token), Some(server_now)).expect("a renewal");
+            assert!(
+                renew >= Duration::from_secs(75) && renew <= Duration::from_secs(81),
+                "{renew:?}"
+            );
+        }
     }
 }
