@@ -1367,9 +1367,10 @@ async fn token_cookie_authenticates_websocket_upgrades_and_is_not_forwarded() {
     assert_eq!(refused.err(), Some(Some(401)));
 }
 
-/// A browser sends the token cookie with other sites' WebSockets too: the
-/// relay takes the cookie from pages of its own origin or of a trusted
-/// one only. A token in a header is no browser's doing and needs no check.
+/// A browser sends the token cookie with other sites' WebSockets and
+/// posts too: the relay takes the cookie for those from pages of its own
+/// origin or of a trusted one only. A token in a header is no browser's
+/// doing and needs no check.
 #[tokio::test]
 async fn cross_site_websockets_with_the_token_cookie_are_refused() {
     let idp = Idp::start().await;
@@ -1449,9 +1450,41 @@ async fn cross_site_websockets_with_the_token_cookie_are_refused() {
         ("sec-fetch-site", "cross-site"),
     ];
     assert!(ws_connect_with(&relay, path, &with_header).await.is_ok());
+    // HTTP/2 names the relay in `:authority`: a post from its own pages
+    // passes, one from another site's does not; another site's GET does
+    // (it cannot read the answer).
+    let h2 = relay.http2();
+    let url = format!("{}/client/ws/echo", relay.url);
+    let post = |origin: &str| {
+        h2.post(&url)
+            .header("cookie", c)
+            .header("origin", origin)
+            .header(
+                "sec-fetch-site",
+                if origin == own {
+                    "same-origin"
+                } else {
+                    "cross-site"
+                },
+            )
+            .send()
+    };
+    let resp = post(&own).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_ne!(resp.status(), 403);
+    assert_eq!(post(evil).await.unwrap().status(), 403);
+    let get = h2
+        .get(&url)
+        .header("cookie", c)
+        .header("origin", evil)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(get.status(), 403);
     let metrics = relay.get_text("/metrics").await;
     assert!(
-        metrics.contains("relay_auth_failures_total{reason=\"cross_site\"} 3"),
+        metrics.contains("relay_auth_failures_total{reason=\"cross_site\"} 4"),
         "{metrics}"
     );
 }

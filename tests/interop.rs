@@ -662,7 +662,7 @@ async fn a_go_relay_client_still_relays_the_backend_after_the_users_half_close()
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    let relay = Relay::start(|c| c.timeouts.poll = Duration::from_secs(1)).await;
+    let relay = Relay::start(|c| c.timeouts.poll = Duration::from_secs(20)).await;
     let http = relay.http();
     register(&http, &relay, "exec").await;
     let mut user = relay.tls_connect().await;
@@ -734,14 +734,21 @@ async fn a_go_relay_client_still_relays_the_backend_after_the_users_half_close()
         ..Default::default()
     };
     assert_eq!(v1_post(&http, &relay, &eof).await, 200);
+    let ended = std::time::Instant::now();
     let mut answer = Vec::new();
     bounded(user.read_to_end(&mut answer)).await.unwrap();
     assert_eq!(
         String::from_utf8_lossy(&answer),
         "answer-0 answer-1 answer-2 answer-3 answer-4 answer-5 "
     );
-    // The request over, the stream's end is told at once.
+    // The request over, the stream's end is told at once, not after the
+    // 20 s wait of a silent read.
     assert_eq!(bounded(reader).await.unwrap(), b"question");
+    assert!(
+        ended.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        ended.elapsed()
+    );
 }
 
 // === Our relay-client against a server that implements only v1 ===

@@ -4,16 +4,19 @@
 //! a form post, a `fetch` with credentials, a WebSocket (`SameSite=None`
 //! cookies always; browsers differ on cookies without `SameSite`). A token
 //! read from a cookie therefore proves who the user is, not that the user
-//! meant the request: a page elsewhere could open an `exec` WebSocket to a
-//! robot in the user's name. Such requests must come from the relay's own
-//! origin or from one in `auth.cookie_origins`, as the browser tells in
-//! `Sec-Fetch-Site` (every current browser) or, older ones, in `Origin`.
-//! Tokens in headers need no check: no other site can make a browser send
-//! them.
+//! meant the request: a page elsewhere could post to a robot's API, or
+//! open an `exec` WebSocket to it, in the user's name. Such requests must
+//! come from the relay's own origin or from one in `auth.cookie_origins`,
+//! as the browser tells in `Sec-Fetch-Site` (every current browser) or,
+//! older ones, in `Origin`. Tokens in headers need no check: no other
+//! site can make a browser send them.
 //!
-//! The rules follow the Fetch Metadata resource isolation policy, as Go's
-//! `net/http.CrossOriginProtection` applies it, with one difference: a
-//! WebSocket handshake is a GET but no navigation, so it is checked too.
+//! The rules are those of Go's `net/http.CrossOriginProtection` (safe
+//! methods pass: another site can make a browser send a GET, but cannot
+//! read the answer without the backend's CORS consent), with two
+//! additions: a WebSocket handshake is a GET that does act, and is
+//! checked like a post; and `<object>`/`<embed>` loads from other sites
+//! are refused, as the Fetch Metadata resource isolation policy does.
 
 use http::{HeaderMap, Method};
 
@@ -21,8 +24,8 @@ use super::AuthError;
 
 /// Refuses a request whose cookie token a browser sent on another site's
 /// behalf. `host` is the request's authority (`Host`, or `:authority` on
-/// HTTP/2); `trusted` are the configured origins (`scheme://host[:port]`,
-/// lower case).
+/// HTTP/2); `trusted` are the configured origins, normalised by
+/// [`parse_origin`].
 pub fn check(
     method: &Method,
     headers: &HeaderMap,
@@ -30,66 +33,80 @@ pub fn check(
     trusted: &[String],
 ) -> Result<(), AuthError> {
     let origin = headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
-    let is_trusted =
-        || origin.is_some_and(|o| trusted.iter().any(|t| t.as_bytes().eq_ignore_ascii_case(o)));
-    let refused = || {
-        let from = origin.map_or_else(
-            || "another site".to_owned(),
-            |o| format!("origin {}", String::from_utf8_lossy(o)),
-        );
-        AuthError::CrossSite(from)
+    let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+    let same_origin = match site {
+        Some(site) => site == b"same-origin" || site == b"none",
+        // Browsers before Fetch Metadata send `Origin` with every
+        // cross-origin request but a GET navigation or subresource, and
+        // with every WebSocket.
+        None => origin.is_none_or(|o| same_host(o, host)),
     };
-    if let Some(site) = headers.get("sec-fetch-site") {
-        let site = site.as_bytes();
-        if site == b"same-origin" || site == b"none" || is_trusted() {
-            return Ok(());
-        }
-        // A link followed from another site: a navigation changes nothing
-        // by itself (`SameSite=Lax` cookies go along with it anyway).
-        let navigation = headers
-            .get("sec-fetch-mode")
-            .is_some_and(|m| m.as_bytes() == b"navigate");
-        if navigation && (method == Method::GET || method == Method::HEAD) {
-            return Ok(());
-        }
-        return Err(refused());
+    if same_origin || origin.is_some_and(|o| trusted.iter().any(|t| t.as_bytes() == o)) {
+        return Ok(());
     }
-    // Browsers before Fetch Metadata: `Origin` comes with every
-    // cross-origin request but a navigation, and with every WebSocket.
-    match origin {
-        None => Ok(()),
-        Some(o) if is_trusted() || same_host(o, host) => Ok(()),
-        Some(_) => Err(refused()),
+    let upgrade = headers.contains_key(http::header::UPGRADE)
+        || fetch_is(headers, "sec-fetch-mode", &["websocket"]);
+    let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let plugin = fetch_is(headers, "sec-fetch-dest", &["object", "embed"]);
+    if safe && !upgrade && !plugin {
+        return Ok(());
     }
+    Err(AuthError::CrossSite(origin.map_or_else(
+        || "another site".to_owned(),
+        |o| format!("origin {}", String::from_utf8_lossy(o)),
+    )))
 }
 
-/// Whether `origin` (`scheme://host[:port]`) names `host`.
+/// Whether Fetch Metadata header `name` is one of `values`.
+fn fetch_is(headers: &HeaderMap, name: &str, values: &[&str]) -> bool {
+    headers
+        .get(name)
+        .is_some_and(|v| values.iter().any(|w| v.as_bytes() == w.as_bytes()))
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names `host`; default ports
+/// count as absent on both sides (a proxy may write `Host: relay:443`).
 fn same_host(origin: &[u8], host: Option<&str>) -> bool {
-    let Some(host) = host else {
+    let (Some(origin), Some(host)) = (
+        std::str::from_utf8(origin).ok().and_then(parse_origin),
+        host,
+    ) else {
         return false;
     };
-    let rest = origin
-        .strip_prefix(b"https://")
-        .or_else(|| origin.strip_prefix(b"http://"));
-    rest.is_some_and(|r| r.eq_ignore_ascii_case(host.as_bytes()))
+    let (scheme, authority) = origin.split_once("://").unwrap_or_default();
+    let host = host.to_ascii_lowercase();
+    authority == without_default_port(scheme, &host)
 }
 
-/// A configured origin, normalised: `scheme://host[:port]` with an http
-/// or https scheme and nothing after the authority but a `/`; `None`
-/// otherwise.
+fn without_default_port<'a>(scheme: &str, authority: &'a str) -> &'a str {
+    let default = if scheme == "https" { ":443" } else { ":80" };
+    authority.strip_suffix(default).unwrap_or(authority)
+}
+
+/// An origin, normalised as browsers write it in `Origin`:
+/// `scheme://host[:port]` in lower case, http or https, without a default
+/// port, with nothing after the authority but a `/`; `None` otherwise
+/// (wildcards, user info, paths, queries and fragments are no origins).
 pub fn parse_origin(s: &str) -> Option<String> {
+    if s.contains(['#', '*']) {
+        return None;
+    }
     let uri: http::Uri = s.parse().ok()?;
     let scheme = uri.scheme_str()?;
-    let authority = uri.authority()?;
+    let authority = uri.authority()?.as_str().to_ascii_lowercase();
     let bare = uri
         .path_and_query()
         .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/");
-    if !(scheme == "https" || scheme == "http") || !bare || authority.as_str().contains('@') {
+    if !(scheme == "https" || scheme == "http")
+        || !bare
+        || authority.contains('@')
+        || authority.ends_with(':')
+    {
         return None;
     }
     Some(format!(
         "{scheme}://{}",
-        authority.as_str().to_ascii_lowercase()
+        without_default_port(scheme, &authority)
     ))
 }
 
@@ -116,17 +133,13 @@ mod tests {
     fn fetch_metadata() {
         assert!(ok(Method::POST, &[("sec-fetch-site", "same-origin")]));
         assert!(ok(Method::GET, &[("sec-fetch-site", "none")]));
-        // Another site's form post, fetch or WebSocket.
+        // Another site's form post, or its WebSocket.
         assert!(!ok(
             Method::POST,
             &[
                 ("sec-fetch-site", "cross-site"),
                 ("sec-fetch-mode", "navigate")
             ]
-        ));
-        assert!(!ok(
-            Method::GET,
-            &[("sec-fetch-site", "cross-site"), ("sec-fetch-mode", "cors")]
         ));
         assert!(!ok(
             Method::GET,
@@ -136,7 +149,11 @@ mod tests {
                 ("origin", "https://other.example.com"),
             ]
         ));
-        // A link from another site.
+        assert!(!ok(
+            Method::GET,
+            &[("sec-fetch-site", "cross-site"), ("upgrade", "websocket")]
+        ));
+        // Its links, images and reads it cannot see the answer of.
         assert!(ok(
             Method::GET,
             &[
@@ -144,12 +161,35 @@ mod tests {
                 ("sec-fetch-mode", "navigate")
             ]
         ));
-        // A trusted origin.
+        assert!(ok(
+            Method::GET,
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-dest", "image")
+            ]
+        ));
+        // But no plugin content.
+        assert!(!ok(
+            Method::GET,
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-dest", "embed")
+            ]
+        ));
+        // A trusted origin may do anything.
         assert!(ok(
             Method::POST,
             &[
                 ("sec-fetch-site", "same-site"),
-                ("origin", "https://APP.example.com")
+                ("origin", "https://app.example.com")
+            ]
+        ));
+        assert!(ok(
+            Method::GET,
+            &[
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-mode", "websocket"),
+                ("origin", "https://app.example.com")
             ]
         ));
     }
@@ -157,17 +197,36 @@ mod tests {
     #[test]
     fn origin_without_fetch_metadata() {
         assert!(ok(Method::POST, &[]));
-        assert!(ok(Method::GET, &[("origin", "https://relay.example.com")]));
-        assert!(ok(Method::GET, &[("origin", "https://app.example.com")]));
-        assert!(!ok(Method::GET, &[("origin", "https://evil.example")]));
-        assert!(!ok(Method::GET, &[("origin", "null")]));
-        // The port is part of the origin.
+        assert!(ok(Method::POST, &[("origin", "https://relay.example.com")]));
+        assert!(ok(Method::POST, &[("origin", "https://app.example.com")]));
+        assert!(ok(Method::GET, &[("origin", "https://evil.example")]));
+        assert!(!ok(Method::POST, &[("origin", "https://evil.example")]));
         assert!(!ok(
             Method::GET,
+            &[("origin", "https://evil.example"), ("upgrade", "websocket")]
+        ));
+        assert!(!ok(Method::POST, &[("origin", "null")]));
+        // The port is part of the origin; a default one is no port.
+        assert!(!ok(
+            Method::POST,
             &[("origin", "https://relay.example.com:8443")]
         ));
+        let trusted = ["https://app.example.com".to_owned()];
+        let post = |origin: &'static str, host: &str| {
+            check(
+                &Method::POST,
+                &headers(&[("origin", origin)]),
+                Some(host),
+                &trusted,
+            )
+            .is_ok()
+        };
+        assert!(post("https://relay.example.com", "relay.example.com:443"));
+        assert!(post("https://relay.example.com", "Relay.Example.com"));
+        assert!(post("http://[::1]:8080", "[::1]:8080"));
+        assert!(!post("https://relay.example.com", "relay.example.com:8443"));
         let e = check(
-            &Method::GET,
+            &Method::POST,
             &headers(&[("origin", "https://evil.example")]),
             HOST,
             &[],
@@ -182,22 +241,25 @@ mod tests {
 
     #[test]
     fn configured_origins() {
-        assert_eq!(
-            parse_origin("https://App.Example.com:8443").as_deref(),
-            Some("https://app.example.com:8443")
-        );
-        assert_eq!(
-            parse_origin("http://localhost:3000").as_deref(),
-            Some("http://localhost:3000")
-        );
-        assert_eq!(
-            parse_origin("https://app.example.com/").as_deref(),
-            Some("https://app.example.com")
-        );
+        for (given, normal) in [
+            (
+                "https://App.Example.com:8443",
+                "https://app.example.com:8443",
+            ),
+            ("https://app.example.com:443", "https://app.example.com"),
+            ("https://app.example.com/", "https://app.example.com"),
+            ("http://localhost:3000", "http://localhost:3000"),
+            ("http://[::1]:80", "http://[::1]"),
+        ] {
+            assert_eq!(parse_origin(given).as_deref(), Some(normal), "{given}");
+        }
         for bad in [
             "app.example.com",
             "https://a.b/x",
             "https://a.b?q",
+            "https://a.b#f",
+            "https://*.a.b",
+            "https://a.b:",
             "ftp://a.b",
             "https://u@a.b",
             "",
