@@ -299,6 +299,15 @@ pub async fn relay(
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(HeaderName::from_static(v2::REQUEST_ID), v);
     }
+    // Values new with every request stay out of the tunnel's HPACK
+    // tables (sent as "never indexed"): indexed, each would evict the
+    // entries that later requests could have reused, and cost both ends
+    // an insertion and an eviction per request.
+    for name in [v2::REQUEST_ID, "traceparent"] {
+        if let Some(v) = headers.get_mut(name) {
+            v.set_sensitive(true);
+        }
+    }
     if let Some(token) = &upgrade {
         headers.insert(HeaderName::from_static(v2::UPGRADE), token.clone());
     }
