@@ -34,8 +34,66 @@ pub enum ConfigError {
     /// figment's message names the key and the source (file, env or flag).
     #[error("{0}")]
     Figment(Box<figment::Error>),
-    #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    /// `origin` says where the value came from, as figment's messages do.
+    #[error("invalid value for `{key}`{}: {reason}", origin.as_deref().map(|s| format!(" (from {s})")).unwrap_or_default())]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        origin: Option<String>,
+    },
+}
+
+impl ConfigError {
+    /// Names the source of an invalid value: the file, the environment
+    /// variable or the flag it came from (nothing for a default).
+    fn with_source(self, fig: &Figment) -> Self {
+        match self {
+            ConfigError::Invalid {
+                key,
+                reason,
+                origin: None,
+            } => {
+                let origin = fig.find_metadata(key).and_then(|md| {
+                    let keys: Vec<&str> = key.split('.').collect();
+                    match &md.source {
+                        Some(figment::Source::File(path)) => {
+                            Some(format!("{} {}", md.name, path.display()))
+                        }
+                        // Defaults are the values' own code location.
+                        Some(_) => None,
+                        None if md.name.contains("environment") => {
+                            let var = md.interpolate(&Profile::Default, &keys);
+                            Some(format!("{ENV_PREFIX}{}", var.replace('.', "__")))
+                        }
+                        None => Some(md.name.to_string()),
+                    }
+                });
+                ConfigError::Invalid {
+                    key,
+                    reason,
+                    origin,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// What the types of a configuration cannot check; [`load`] runs it.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+impl Validate for ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ServerConfig::validate(self)
+    }
+}
+
+impl Validate for ClientConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ClientConfig::validate(self)
+    }
 }
 
 impl From<figment::Error> for ConfigError {
@@ -48,6 +106,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.into(),
+        origin: None,
     }
 }
 
@@ -606,9 +665,22 @@ impl AuthConfig {
     }
 }
 
+/// Checked here, not only once an exporter is built: a bad ratio is a
+/// bad configuration whether or not an endpoint is set.
+fn check_sample_ratio(ratio: Option<f64>) -> Result<(), ConfigError> {
+    match ratio {
+        Some(r) if !(0.0..=1.0).contains(&r) => Err(invalid(
+            "telemetry.sample_ratio",
+            format!("must be within 0 and 1, not {r}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ServerConfig {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_sample_ratio(self.telemetry.sample_ratio)?;
         if self.tls.client_ca.is_some() && !self.tls.enabled {
             return Err(invalid(
                 "tls.client_ca",
@@ -900,6 +972,7 @@ impl ClientConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("tls_cert", "tls_cert and tls_key go together"));
         }
+        check_sample_ratio(self.telemetry.sample_ratio)?;
         self.auth.validate()
     }
 }
@@ -968,10 +1041,11 @@ impl Provider for Flags {
     }
 }
 
-/// Layers defaults, file, environment and flags into `T`.
+/// Layers defaults, file, environment and flags into `T`, and validates
+/// the result: an error names the key and where its value came from.
 pub fn load<T>(file: Option<&Path>, flags: Flags) -> Result<T, ConfigError>
 where
-    T: Default + Serialize + for<'de> Deserialize<'de>,
+    T: Default + Serialize + for<'de> Deserialize<'de> + Validate,
 {
     let mut fig = Figment::from(Serialized::defaults(T::default()));
     if let Some(path) = file {
@@ -983,7 +1057,9 @@ where
     fig = fig
         .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
         .merge(flags);
-    Ok(fig.extract()?)
+    let cfg: T = fig.extract()?;
+    cfg.validate().map_err(|e| e.with_source(&fig))?;
+    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -1039,6 +1115,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/x.toml"), "{err}");
+
+        // Values that parse but are refused by the checks name their
+        // source too: a file, a flag.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "[telemetry]\nsample_ratio = 5.0\n").unwrap();
+        let err = load::<ServerConfig>(Some(&file), Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.sample_ratio"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        let flags = Flags::default().set("relay_url", Some("ftp://relay"));
+        let flags = flags.set("backend_name", Some("robot-1"));
+        let err = load::<ClientConfig>(None, flags).unwrap_err().to_string();
+        assert!(err.contains("relay_url"), "{err}");
+        assert!(err.contains("command-line flag"), "{err}");
+        // A default needs no source.
+        let err = load::<ClientConfig>(None, Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "invalid value for `backend_name`: is required");
     }
 
     #[test]

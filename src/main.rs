@@ -153,7 +153,6 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 .set("tls.key", args.tls_key)
                 .set("tls.enabled", args.no_tls.then_some(false));
             let cfg: ServerConfig = config::load(args.config.as_deref(), flags)?;
-            cfg.validate()?;
             if args.check_config {
                 for note in http_relay::server::check(&cfg)? {
                     println!("note: {note}");
@@ -189,7 +188,6 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 .set("transport", args.transport)
                 .set("auth.token_file", args.token_file);
             let cfg: ClientConfig = config::load(args.config.as_deref(), flags)?;
-            cfg.validate()?;
             let telemetry = telemetry::init(&cfg.telemetry, "http-relay-client", log_format)?;
             let result = http_relay::client::run(cfg, shutdown_signal()).await;
             flush(telemetry).await;
