@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::backend::Backend;
-use common::v1server::V1Server;
+use common::v1server::{StreamAnswer, V1Server};
 use common::{Relay, RelayClient, bounded, pattern};
 use http::{Request, Response};
 use http_body_util::{BodyExt as _, Full};
@@ -967,4 +967,57 @@ async fn grpc_error_statuses_survive_the_go_server_with_our_relay_client() {
     };
     let reply = bounded(grpc.unary(ok)).await.unwrap().into_inner();
     assert_eq!(reply.message, "yes");
+}
+
+/// A request-stream read that failed after the server may have answered
+/// it took the user's bytes with it: the relay-client closes the backend
+/// connection, as the Go relay-client does, instead of writing on with a
+/// hole in the stream; and the user's side ends.
+#[tokio::test]
+async fn a_lost_request_stream_answer_closes_the_backend_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // A backend that switches protocols, then keeps what it reads until
+    // its connection ends.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_url = format!("http://{}", listener.local_addr().unwrap());
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(s.read_u8().await.unwrap());
+        }
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = got_tx.send(got);
+    });
+    let server = V1Server::start().await;
+    server.stream_answers(vec![
+        StreamAnswer::Bytes(b"abc"),
+        StreamAnswer::Lost(b"de"),
+        StreamAnswer::Bytes(b"xyz"),
+        StreamAnswer::Gone,
+    ]);
+    let _client = RelayClient::start(server.client_config(&backend_url));
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:33333333333333333333333333333333".into()),
+            method: Some("GET".into()),
+            url: Some("http://invalid/ws".into()),
+            header: vec![header("Connection", "Upgrade"), header("Upgrade", "x-test")],
+            ..Default::default()
+        })
+        .await;
+    // The backend's connection ends after the bytes before the loss.
+    let got = bounded(got_rx).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "abc");
+    // The user's side: the 101, then the end.
+    let chunks = collect(rx).await;
+    assert_eq!(chunks[0].status_code, Some(101));
+    assert_eq!(chunks.last().unwrap().eof, Some(true));
 }

@@ -410,7 +410,8 @@ const STREAM_RETRIES: u32 = 5;
 /// backend bytes go out as response chunks; user bytes come from
 /// `/server/requeststream` until 410, which half-closes the backend side
 /// (we ask our server for that 410 at the user's half-close;
-/// [`proto::HALF_CLOSE_PARAM`]).
+/// [`proto::HALF_CLOSE_PARAM`]). A read that failed after the server may
+/// have answered it closes the backend connection.
 async fn pipe(
     ctx: &Ctx,
     id: String,
@@ -440,8 +441,11 @@ async fn pipe(
         Chunker::new(ctx, first, true).run(body).await
     };
     let to_backend = async {
-        // A brief failure (e.g. a reconnect) is retried; the stream ends
-        // only when the server says so, or after repeated failures.
+        // A call the server did not take (a reconnect, a 503) is retried.
+        // One it may have answered is not: its answer carried the user's
+        // next bytes off the server, and going on would write the stream
+        // with a hole in it (`kubectl cp` would land corrupt). Like the Go
+        // relay-client, the connection is given up instead.
         let mut backoff = Backoff::new();
         let mut failures = 0;
         loop {
@@ -454,23 +458,41 @@ async fn pipe(
                     }
                 }
                 Ok(StreamRead::Closed) => break,
-                Err(e) if failures < STREAM_RETRIES => {
+                Err(e) if e.not_taken() && failures < STREAM_RETRIES => {
                     failures += 1;
-                    let wait = backoff.step();
-                    tracing::debug!(id, error = %e, retry_in = ?wait, "request stream read failed");
+                    let wait = backoff.after_failure(e.is_refusal());
+                    tracing::debug!(id, error = %e, retry_in = ?wait, "request stream read not taken");
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    tracing::warn!(id, error = %e, "request stream failed; closing backend side");
-                    break;
+                    tracing::warn!(
+                        id,
+                        error = %e,
+                        "request stream failed, user bytes may be lost: closing the backend connection"
+                    );
+                    return false;
                 }
             }
         }
         let _ = wr.shutdown().await;
+        true
     };
-    tokio::pin!(from_backend);
+    let mut from_backend = Box::pin(from_backend);
     tokio::select! {
         r = &mut from_backend => r,
-        () = to_backend => from_backend.await,
+        whole = to_backend => {
+            if whole {
+                return from_backend.await;
+            }
+            // Both halves dropped: the backend connection closes, and the
+            // user's side ends with it.
+            drop(from_backend);
+            let eof = HttpResponse {
+                id: Some(id.clone()),
+                eof: Some(true),
+                ..Default::default()
+            };
+            post(ctx, &eof).await
+        }
     }
 }

@@ -44,6 +44,19 @@ struct V1Shared {
     connect_calls: std::sync::atomic::AtomicUsize,
     /// Chunk posts still to be answered 503 without being looked at.
     unavailable_posts: std::sync::atomic::AtomicUsize,
+    /// Answers of the next `/server/requeststream` calls, in order.
+    stream: Mutex<std::collections::VecDeque<StreamAnswer>>,
+}
+
+/// An answer of the v1 server to a `/server/requeststream` call.
+pub enum StreamAnswer {
+    /// 200 with these bytes of the user's.
+    Bytes(&'static [u8]),
+    /// The user's bytes taken off the queue, and the answer cut short:
+    /// the connection ends after part of the body.
+    Lost(&'static [u8]),
+    /// 410: the request is over.
+    Gone,
 }
 
 type V1Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -61,6 +74,7 @@ impl V1Server {
             connect: Mutex::new(StatusCode::GONE),
             connect_calls: Default::default(),
             unavailable_posts: Default::default(),
+            stream: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -105,6 +119,12 @@ impl V1Server {
         self.shared
             .unavailable_posts
             .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Answers the next `/server/requeststream` calls with `answers`; the
+    /// calls after them wait 1 s and get 200 without bytes.
+    pub fn stream_answers(&self, answers: Vec<StreamAnswer>) {
+        self.shared.stream.lock().unwrap().extend(answers);
     }
 
     /// Calls of `/server/connect` so far.
@@ -170,6 +190,29 @@ async fn v1_handle(
             match sender {
                 Some(tx) if tx.send(chunk).is_ok() => Response::new(v1_body("ok")),
                 _ => status_only(StatusCode::BAD_REQUEST),
+            }
+        }
+        "/server/requeststream" => {
+            let next = s.stream.lock().unwrap().pop_front();
+            match next {
+                Some(StreamAnswer::Bytes(b)) => Response::new(v1_body(b)),
+                Some(StreamAnswer::Lost(b)) => {
+                    // More declared than sent: hyper closes the connection.
+                    // (A body of unknown size: a known one would have to
+                    // match the header.)
+                    let frames = futures::stream::iter([Ok::<_, Infallible>(
+                        hyper::body::Frame::data(Bytes::from_static(b)),
+                    )]);
+                    let mut r = Response::new(http_body_util::StreamBody::new(frames).boxed());
+                    r.headers_mut()
+                        .insert(http::header::CONTENT_LENGTH, (b.len() + 100).into());
+                    r
+                }
+                Some(StreamAnswer::Gone) => status_only(StatusCode::GONE),
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Response::new(v1_body(Bytes::new()))
+                }
             }
         }
         "/server/connect" => {
