@@ -405,13 +405,41 @@ pub fn relay_url(path: &str, query: Option<&str>) -> String {
 /// Extracts `/<path>?<query>` from a message `url`, whatever its authority.
 ///
 /// Only the path and query matter to the relay-client: the backend address
-/// comes from its own configuration.
-pub fn path_and_query(url: &str) -> Result<http::uri::PathAndQuery, ProtoError> {
-    let uri: http::Uri = url.parse().map_err(|_| ProtoError::Url(url.to_owned()))?;
+/// comes from its own configuration. The Go server copies the user's raw
+/// query into `url`, and Go's HTTP server takes bytes in a query that
+/// `http::Uri` refuses (`"`, `<`, `>`, `\`, bytes past ASCII): a URL that
+/// does not parse as it is gets every byte outside RFC 3986's characters
+/// percent-encoded, as a browser would have sent them. One that parses
+/// is passed on byte for byte.
+pub fn path_and_query(url: &[u8]) -> Result<http::uri::PathAndQuery, ProtoError> {
+    let parsed = std::str::from_utf8(url)
+        .ok()
+        .and_then(|u| u.parse::<http::Uri>().ok());
+    let uri = match parsed {
+        Some(uri) => uri,
+        None => escape_url(url)
+            .parse::<http::Uri>()
+            .map_err(|_| ProtoError::Url(String::from_utf8_lossy(url).into_owned()))?,
+    };
     match uri.path_and_query() {
         Some(pq) => Ok(pq.clone()),
         None => Ok(http::uri::PathAndQuery::from_static("/")),
     }
+}
+
+/// `url` with every byte percent-encoded that is not unreserved, a
+/// delimiter of RFC 3986 or `%`.
+fn escape_url(url: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(url.len() + 16);
+    for &b in url {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?#[]%".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// Whether `name` may name a backend: 1 to 63 of `A-Z a-z 0-9 . _ -`.
@@ -640,7 +668,23 @@ mod tests {
     fn urls_keep_path_and_query() {
         let url = relay_url("/a/b", Some("q=1&r=%20"));
         assert_eq!(url, "http://invalid/a/b?q=1&r=%20");
-        assert_eq!(path_and_query(&url).unwrap().as_str(), "/a/b?q=1&r=%20");
-        assert_eq!(path_and_query("http://invalid").unwrap().as_str(), "/");
+        assert_eq!(
+            path_and_query(url.as_bytes()).unwrap().as_str(),
+            "/a/b?q=1&r=%20"
+        );
+        assert_eq!(path_and_query(b"http://invalid").unwrap().as_str(), "/");
+        // What a Go server copies from a user's raw query.
+        let raw = b"http://invalid/api?query=up{job=\"x\"}&s=<a>&n=\xc3\xa9\xff";
+        assert_eq!(
+            path_and_query(raw).unwrap().as_str(),
+            "/api?query=up%7Bjob=%22x%22%7D&s=%3Ca%3E&n=%C3%A9%FF"
+        );
+        // Parsable ones are not touched.
+        assert_eq!(
+            path_and_query(b"http://invalid/a?b={c}|d")
+                .unwrap()
+                .as_str(),
+            "/a?b={c}|d"
+        );
     }
 }

@@ -171,10 +171,7 @@ async fn forward_inner(
 fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, String> {
     let method = http::Method::from_bytes(req.method.as_deref().unwrap_or("GET").as_bytes())
         .map_err(|_| format!("invalid method {:?}", req.method))?;
-    let url = match req.url.as_deref() {
-        None => "/",
-        Some(u) => std::str::from_utf8(u).map_err(|_| "request URL is not UTF-8".to_owned())?,
-    };
+    let url = req.url.as_deref().unwrap_or(b"/");
     let pq = proto::path_and_query(url).map_err(|e| e.to_string())?;
     let uri = format!("{}{}", ctx.backend_base, pq);
     let mut headers = proto::headers_from_proto(&req.header).map_err(|e| e.to_string())?;
