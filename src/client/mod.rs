@@ -90,8 +90,8 @@ impl Ctx {
         let tokens = Arc::new(TokenSource::new(&cfg.auth)?);
         let transport = RelayTransport::new(&cfg, tokens)?;
         let backend_tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
-        let backend = transport::https_client(backend_tls.clone(), |_| {}, cfg.backend_http2);
-        let backend_stream = transport::https_client(backend_tls, |_| {}, cfg.backend_http2);
+        let backend = transport::https_client(backend_tls.clone(), |_| {}, cfg.backend_http2, None);
+        let backend_stream = transport::https_client(backend_tls, |_| {}, cfg.backend_http2, None);
         let backend_base = cfg.backend_url.trim_end_matches('/').to_owned();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_requests));
         Ok(Self {

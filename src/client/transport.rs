@@ -115,10 +115,19 @@ pub struct RelayTransport {
     backend_query: String,
 }
 
+/// TCP keep-alive of a connection: the first probe after `idle` without
+/// traffic, then one every `interval`, given up after three unanswered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+}
+
 pub(crate) fn https_client<B>(
     tls: rustls::ClientConfig,
     configure: impl FnOnce(&mut hyper_util::client::legacy::Builder),
     http2_only: bool,
+    keepalive: Option<TcpKeepalive>,
 ) -> HttpsClient<B>
 where
     B: http_body::Body + Send + 'static + Unpin,
@@ -129,6 +138,11 @@ where
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
+    if let Some(k) = keepalive {
+        http.set_keepalive(Some(k.idle));
+        http.set_keepalive_interval(Some(k.interval));
+        http.set_keepalive_retries(Some(3));
+    }
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -151,6 +165,15 @@ impl RelayTransport {
         let tls = crate::tls::client_config_with(cfg.ca_file.as_deref(), cfg.relay_identity())?;
         let ping = cfg.relay_ping_interval;
         let ping_timeout = cfg.relay_ping_timeout;
+        // HTTP/2 pings find a dead path for calls over HTTP/2. Over
+        // HTTP/1.1 (cleartext, or a front that offers no h2) a poll on a
+        // path that died after it was sent (the robot changed networks)
+        // would wait out `CALL_TIMEOUT` while users get errors for want of
+        // a poll: TCP keep-alive finds it in about the same time.
+        let keepalive = TcpKeepalive {
+            idle: ping,
+            interval: (ping_timeout / 3).max(Duration::from_secs(1)),
+        };
         let client = https_client(
             tls,
             |b| {
@@ -160,6 +183,7 @@ impl RelayTransport {
                     .pool_idle_timeout(Duration::from_secs(90));
             },
             false,
+            Some(keepalive),
         );
         Ok(Self {
             client,
