@@ -292,7 +292,7 @@ impl<'a> Chunker<'a> {
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let max = usize::try_from(self.ctx.cfg.max_chunk_size.as_u64()).unwrap_or(usize::MAX);
+        let max = usize::try_from(self.ctx.max_chunk()).unwrap_or(usize::MAX);
         let flush = self.ctx.cfg.flush_interval;
         let keepalive = self.ctx.cfg.keepalive_interval;
         let mut body = body;

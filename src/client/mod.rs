@@ -50,7 +50,17 @@ pub struct Ctx {
     backend_base: String,
     /// One permit per request in flight (`max_concurrent_requests`).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Set while the server offers no v2: most likely the fleet's Go
+    /// server, whose chunks must stay small ([`Ctx::max_chunk`]).
+    v1_only_server: std::sync::atomic::AtomicBool,
 }
+
+/// Largest chunk posted to a server that offers no v2, as the Go
+/// relay-client sends. The Go server hands each chunk to its user-client
+/// while it holds the lock of its whole broker, until the previous chunk
+/// is written out: with a slow user, a large chunk stops every poll and
+/// post of every robot on that server for as long.
+pub const V1_SERVER_MAX_CHUNK: u64 = 50 * 1024;
 
 /// Exponential backoff between failed polls, so a down server is not
 /// hammered and a restarted one is found again quickly.
@@ -101,7 +111,22 @@ impl Ctx {
             backend_stream,
             backend_base,
             in_flight,
+            v1_only_server: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Largest body per response chunk: `max_chunk_size`, but at most
+    /// [`V1_SERVER_MAX_CHUNK`] while the server offers no v2.
+    pub fn max_chunk(&self) -> u64 {
+        let max = self.cfg.max_chunk_size.as_u64();
+        if self
+            .v1_only_server
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            max.min(V1_SERVER_MAX_CHUNK)
+        } else {
+            max
+        }
     }
 }
 
@@ -177,6 +202,8 @@ async fn drive(
                     tracing::info!("the server offers v2 now: v1 polls stop");
                     polls.cancel();
                 }
+                ctx.v1_only_server
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 backoff.reset();
                 match tunnel::run(ctx.clone(), &dialer, conn, stop.clone(), &tasks).await {
                     Ok(()) => return Ok(()),
@@ -190,6 +217,10 @@ async fn drive(
                 return Err(ClientError::V2NotOffered(status));
             }
             e if ctx.cfg.transport == Transport::Auto && e.falls_back() => {
+                if matches!(e, TunnelError::NotOffered(_)) {
+                    ctx.v1_only_server
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 // A refusal may be our token's, which a fresh one cures:
                 // v2 is probed again as a refused call is retried. A
                 // server (or ingress) without v2 only every REPROBE.
