@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper_util::rt::TokioIo;
@@ -151,19 +151,41 @@ async fn forward_inner(
         i64::from(resp.status().as_u16()),
     );
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    // Headers about the backend connection stay here (a 101 keeps
+    // `Connection` and `Upgrade`: they announce the switch to the user).
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let hop_by_hop: &[HeaderName] = if switching {
+        &RESPONSE_HOP_BY_HOP_101
+    } else {
+        &proto::HOP_BY_HOP
+    };
+    let header = if proto::holds_any(resp.headers(), hop_by_hop) {
+        let mut headers = resp.headers().clone();
+        proto::remove_all(&mut headers, hop_by_hop);
+        proto::headers_to_proto(&headers)
+    } else {
+        proto::headers_to_proto(resp.headers())
+    };
     let first = HttpResponse {
         id: Some(id.clone()),
         status_code: Some(i32::from(resp.status().as_u16())),
-        header: proto::headers_to_proto(resp.headers()),
+        header,
         backend_duration_ms: Some(duration_ms),
         ..Default::default()
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && wants_upgrade {
+    if switching && wants_upgrade {
         return pipe(ctx, id, first, resp).await;
     }
     let chunker = Chunker::new(ctx, first, false);
     chunker.run(resp.into_body()).await
 }
+
+/// [`proto::HOP_BY_HOP`] but `Connection` and `Upgrade`.
+const RESPONSE_HOP_BY_HOP_101: [HeaderName; 3] = [
+    header::TRANSFER_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Turns the relayed message into the backend request: path and query
 /// from its URL, the backend's scheme and authority, and the user-client's
