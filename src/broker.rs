@@ -1373,25 +1373,38 @@ mod tests {
         assert!(user.await.unwrap().is_ok());
     }
 
-    /// During a drain a request-stream read still waits (briefly) for
-    /// bytes: the relay-client's reads do not spin.
-    #[tokio::test(start_paused = true)]
-    async fn request_stream_reads_wait_while_draining() {
-        let b = Broker::new(BrokerConfig {
+    /// A broker with the default poll timeout (30 s) and long inactivity
+    /// limits, for request-stream reads.
+    fn stream_broker() -> Broker {
+        Broker::new(BrokerConfig {
             poll_timeout: Duration::from_secs(30),
             relay_timeout: Duration::from_secs(30),
             inactive_request: Duration::from_secs(300),
             inactive_backend: Duration::from_secs(300),
-        });
+        })
+    }
+
+    /// A request-stream read of `id` in a task of its own.
+    fn spawn_read(
+        b: &Broker,
+        id: &str,
+        half_close: bool,
+    ) -> tokio::task::JoinHandle<Result<Bytes, BrokerError>> {
+        let b = b.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { b.request_stream(&id, half_close).await })
+    }
+
+    /// During a drain a request-stream read still waits (briefly) for
+    /// bytes: the relay-client's reads do not spin.
+    #[tokio::test(start_paused = true)]
+    async fn request_stream_reads_wait_while_draining() {
+        let b = stream_broker();
         let (mut ex, got) = delivered(&b).await;
         let id = got.id.unwrap();
         let to_backend = ex.take_stream().unwrap();
         // A read waiting when the drain begins is answered at once.
-        let reader = {
-            let b = b.clone();
-            let id = id.clone();
-            tokio::spawn(async move { b.request_stream(&id, true).await })
-        };
+        let reader = spawn_read(&b, &id, true);
         tokio::task::yield_now().await;
         let started = tokio::time::Instant::now();
         b.begin_drain();
@@ -1410,12 +1423,7 @@ mod tests {
     /// request is over.
     #[tokio::test(start_paused = true)]
     async fn the_users_half_close_is_told_only_when_asked() {
-        let b = Broker::new(BrokerConfig {
-            poll_timeout: Duration::from_secs(30),
-            relay_timeout: Duration::from_secs(30),
-            inactive_request: Duration::from_secs(300),
-            inactive_backend: Duration::from_secs(300),
-        });
+        let b = stream_broker();
         let (mut ex, got) = delivered(&b).await;
         let id = got.id.unwrap();
         let to_backend = ex.take_stream().unwrap();
@@ -1431,11 +1439,7 @@ mod tests {
             Err(BrokerError::StreamClosed)
         ));
         // A silent read ends when the request does.
-        let reader = {
-            let b = b.clone();
-            let id = id.clone();
-            tokio::spawn(async move { b.request_stream(&id, false).await })
-        };
+        let reader = spawn_read(&b, &id, false);
         tokio::task::yield_now().await;
         let started = tokio::time::Instant::now();
         drop(ex);
