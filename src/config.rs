@@ -53,21 +53,29 @@ impl ConfigError {
                 reason,
                 origin: None,
             } => {
-                let origin = fig.find_metadata(key).and_then(|md| {
-                    let keys: Vec<&str> = key.split('.').collect();
-                    match &md.source {
-                        Some(figment::Source::File(path)) => {
-                            Some(format!("{} {}", md.name, path.display()))
+                // A table's tag is that of the last provider to set any
+                // key in it, which need not be the culprit: no source then.
+                let leaf = fig
+                    .find_value(key)
+                    .is_ok_and(|v| !matches!(v, Value::Dict(..)));
+                let origin = leaf
+                    .then(|| fig.find_metadata(key))
+                    .flatten()
+                    .and_then(|md| {
+                        let keys: Vec<&str> = key.split('.').collect();
+                        match &md.source {
+                            Some(figment::Source::File(path)) => {
+                                Some(format!("{} {}", md.name, path.display()))
+                            }
+                            // Defaults are the values' own code location.
+                            Some(_) => None,
+                            None if md.name.contains("environment") => {
+                                let var = md.interpolate(&Profile::Default, &keys);
+                                Some(format!("{ENV_PREFIX}{}", var.replace('.', "__")))
+                            }
+                            None => Some(md.name.to_string()),
                         }
-                        // Defaults are the values' own code location.
-                        Some(_) => None,
-                        None if md.name.contains("environment") => {
-                            let var = md.interpolate(&Profile::Default, &keys);
-                            Some(format!("{ENV_PREFIX}{}", var.replace('.', "__")))
-                        }
-                        None => Some(md.name.to_string()),
-                    }
-                });
+                    });
                 ConfigError::Invalid {
                     key,
                     reason,
@@ -969,8 +977,10 @@ impl ClientConfig {
         if self.max_chunk_size.as_u64() == 0 {
             return Err(invalid("max_chunk_size", "must be greater than zero"));
         }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(invalid("tls_cert", "tls_cert and tls_key go together"));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(invalid("tls_key", "is needed with tls_cert")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "is needed with tls_key")),
+            _ => {}
         }
         check_sample_ratio(self.telemetry.sample_ratio)?;
         self.auth.validate()
@@ -1131,6 +1141,12 @@ mod tests {
         let err = load::<ClientConfig>(None, flags).unwrap_err().to_string();
         assert!(err.contains("relay_url"), "{err}");
         assert!(err.contains("command-line flag"), "{err}");
+        // The key named is the one that is missing.
+        let flags = Flags::default()
+            .set("backend_name", Some("robot-1"))
+            .set("tls_cert", Some("client.pem"));
+        let err = load::<ClientConfig>(None, flags).unwrap_err().to_string();
+        assert!(err.starts_with("invalid value for `tls_key`"), "{err}");
         // A default needs no source.
         let err = load::<ClientConfig>(None, Flags::default())
             .unwrap_err()

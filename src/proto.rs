@@ -407,13 +407,15 @@ pub fn relay_url(path: &str, query: Option<&str>) -> String {
 /// Only the path and query matter to the relay-client: the backend address
 /// comes from its own configuration. The Go server copies the user's raw
 /// query into `url`, and Go's HTTP server takes bytes in a query that
-/// `http::Uri` refuses (`"`, `<`, `>`, `\`, bytes past ASCII): a URL that
-/// does not parse as it is gets every byte outside RFC 3986's characters
-/// percent-encoded, as a browser would have sent them. One that parses
-/// is passed on byte for byte.
+/// `http::Uri` refuses (`"`, `<`, `>`, bytes past ASCII), and a `#`,
+/// which `http::Uri` would take for the start of a fragment and drop with
+/// the rest of the query. Such a URL gets every byte outside RFC 3986's
+/// characters, and `#`, percent-encoded, as a browser would have sent
+/// them. Any other is passed on byte for byte.
 pub fn path_and_query(url: &[u8]) -> Result<http::uri::PathAndQuery, ProtoError> {
     let parsed = std::str::from_utf8(url)
         .ok()
+        .filter(|u| !u.contains('#'))
         .and_then(|u| u.parse::<http::Uri>().ok());
     let uri = match parsed {
         Some(uri) => uri,
@@ -428,12 +430,12 @@ pub fn path_and_query(url: &[u8]) -> Result<http::uri::PathAndQuery, ProtoError>
 }
 
 /// `url` with every byte percent-encoded that is not unreserved, a
-/// delimiter of RFC 3986 or `%`.
+/// delimiter of RFC 3986 (but `#`) or `%`.
 fn escape_url(url: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(url.len() + 16);
     for &b in url {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?#[]%".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?[]%".contains(&b) {
             out.push(char::from(b));
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -678,6 +680,13 @@ mod tests {
         assert_eq!(
             path_and_query(raw).unwrap().as_str(),
             "/api?query=up%7Bjob=%22x%22%7D&s=%3Ca%3E&n=%C3%A9%FF"
+        );
+        // A `#` in the query (Go keeps it there) is no fragment.
+        assert_eq!(
+            path_and_query(b"http://invalid/a?b=1#2&c=3")
+                .unwrap()
+                .as_str(),
+            "/a?b=1%232&c=3"
         );
         // Parsable ones are not touched.
         assert_eq!(

@@ -483,6 +483,10 @@ async fn pipe(
                     tracing::debug!(id, error = %e, retry_in = ?wait, "request stream read not taken");
                     tokio::time::sleep(wait).await;
                 }
+                Err(e) if e.not_taken() => {
+                    tracing::warn!(id, error = %e, "request stream unavailable: closing the backend connection");
+                    return false;
+                }
                 Err(e) => {
                     tracing::warn!(
                         id,
@@ -498,6 +502,8 @@ async fn pipe(
     };
     let mut from_backend = Box::pin(from_backend);
     tokio::select! {
+        // The backend's end first: its eof may be posted already.
+        biased;
         r = &mut from_backend => r,
         whole = to_backend => {
             if whole {

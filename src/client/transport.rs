@@ -170,8 +170,9 @@ impl RelayTransport {
         // path that died after it was sent (the robot changed networks)
         // would wait out `CALL_TIMEOUT` while users get errors for want of
         // a poll: TCP keep-alive finds it in about the same time.
+        // Whole seconds, at least one: the kernel refuses zero.
         let keepalive = TcpKeepalive {
-            idle: ping,
+            idle: ping.max(Duration::from_secs(1)),
             interval: (ping_timeout / 3).max(Duration::from_secs(1)),
         };
         let client = https_client(

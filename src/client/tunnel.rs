@@ -269,11 +269,14 @@ fn renewal_in(token: Option<&str>, server_time: Option<SystemTime>) -> Option<Du
     // connection at that time.
     let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?).ok()?;
     let exp = crate::auth::numeric_date(&exp.exp)?;
-    let now = server_time
-        .unwrap_or_else(SystemTime::now)
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_secs();
+    let local = || SystemTime::now().duration_since(UNIX_EPOCH).ok();
+    let now = match server_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+        // A server clock past `exp` cannot have let the token in: that
+        // `Date` is someone else's (a proxy's).
+        Some(t) if t.as_secs() <= exp => t,
+        _ => local()?,
+    }
+    .as_secs();
     let left = Duration::from_secs(exp.saturating_sub(now));
     // The token source's rule, and never in a tight loop.
     Some(crate::auth::client::refresh_after(left).max(Duration::from_secs(1)))
@@ -841,6 +844,17 @@ mod tests {
             );
         }
         assert_eq!(renewal_in(None, None), None);
+    }
+
+    /// A `Date` past the token's `exp` is not the server's clock.
+    #[test]
+    fn a_date_past_expiry_is_not_believed() {
+        let now = SystemTime::now();
+        let exp = now.duration_since(UNIX_EPOCH).expect("clock").as_secs() + 100;
+        let token = token_expiring(serde_json::json!(exp));
+        let late = now + Duration::from_secs(3600);
+        let renew = renewal_in(Some(&token), Some(late)).expect("a renewal");
+        assert!(renew >= Duration::from_secs(75), "{renew:?}");
     }
 
     /// The server's clock decides, whatever the robot's says.
