@@ -21,6 +21,8 @@ pub enum RelayError {
     MissingParam(&'static str),
     #[error("invalid backend name: 1 to 63 of A-Z a-z 0-9 . _ -")]
     BadBackendName,
+    #[error("invalid URL escape in the path: a % must start %XX")]
+    BadPathEscape,
     #[error("too many backends connected (limits.max_backends = {0})")]
     TooManyBackends(usize),
     #[error(
@@ -64,7 +66,8 @@ impl RelayError {
         match self {
             RelayError::NoBackendName
             | RelayError::MissingParam(_)
-            | RelayError::BadBackendName => StatusCode::BAD_REQUEST,
+            | RelayError::BadBackendName
+            | RelayError::BadPathEscape => StatusCode::BAD_REQUEST,
             RelayError::TooManyBackends(_)
             | RelayError::BackendBusy(_)
             | RelayError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,

@@ -751,6 +751,34 @@ async fn a_go_relay_client_still_relays_the_backend_after_the_users_half_close()
     );
 }
 
+/// A `%` that starts no escape passes `http`'s URI parser but not Go's,
+/// and the fleet's Go relay-client crashes on the error: such a path is
+/// answered 400 before it is relayed, as the Go server answers it.
+#[tokio::test]
+async fn a_stray_percent_in_a_path_is_refused_before_it_reaches_a_relay_client() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+    register(&http, &relay, "pct").await;
+    for path in ["/client/pct/100%", "/client/pct/a%zz/b"] {
+        let mut s = relay.tls_connect().await;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = bounded(s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid URL escape"), "{path}: {answer}");
+    }
+    // Nothing was queued for the backend's relay-client.
+    let poll = http
+        .get(format!("{}/server/request?server=pct", relay.url))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(poll.is_err_and(|e| e.is_timeout()));
+}
+
 // === Our relay-client against a server that implements only v1 ===
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpResponse> {

@@ -34,7 +34,15 @@ pub struct Route {
 
 /// `/client/<name>/<rest>` forwards `/<rest>`; any other path goes to the
 /// backend named by `X-Server-Name`, unchanged.
+///
+/// A path with a `%` that starts no `%XX` escape is refused (400), as the
+/// Go server refuses it: `http` lets it through, Go's URL parser does
+/// not, and the fleet's Go relay-client, which parses every relayed URL,
+/// crashes on the error, every request and session of its robot with it.
 pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
+    if !escapes_valid(path) {
+        return Err(RelayError::BadPathEscape);
+    }
     if let Some(rest) = path.strip_prefix("/client/") {
         let (name, tail) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -355,6 +363,20 @@ pub(super) fn child(traced: bool, make: impl FnOnce() -> tracing::Span) -> traci
     }
 }
 
+/// Whether every `%` of `path` starts a `%XX` escape (two hex digits).
+fn escapes_valid(path: &str) -> bool {
+    let b = path.as_bytes();
+    let mut i = 0;
+    while let Some(at) = b[i..].iter().position(|&c| c == b'%') {
+        let at = i + at;
+        match b.get(at + 1..at + 3) {
+            Some([h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => i = at + 3,
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Builds the user-client's response from the first chunk.
 /// What the task of an upgraded connection keeps until it ends: its
 /// connection's place (`limits.max_connections`) and its request's
@@ -606,6 +628,22 @@ mod tests {
     #[test]
     fn routing_forms() {
         let none = HeaderMap::new();
+        // Escapes: valid ones pass as they are, a stray `%` is refused.
+        assert_eq!(
+            route("/client/r/a%2Fb%e9?", &none).unwrap().path,
+            "/a%2Fb%e9?"
+        );
+        for bad in [
+            "/client/r/100%",
+            "/client/r/a%zz",
+            "/client/r/%4",
+            "/pkg.Svc/%",
+        ] {
+            assert!(
+                matches!(route(bad, &none), Err(RelayError::BadPathEscape)),
+                "{bad}"
+            );
+        }
         let r = route("/client/robot-1/a/b", &none).unwrap();
         assert_eq!((r.backend.as_str(), r.path.as_str()), ("robot-1", "/a/b"));
         assert_eq!(route("/client/robot-1", &none).unwrap().path, "/");
