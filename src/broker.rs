@@ -31,8 +31,15 @@ use crate::proto::{HttpRequest, MAX_TRAILER_BYTES, MAX_TRAILERS, ProtoError, Res
 const RESPONSE_CHANNEL: usize = 4;
 /// User-to-backend reads buffered for an upgraded connection.
 const STREAM_CHANNEL: usize = 16;
-/// Largest answer to one `/server/requeststream` call.
+/// Queued reads are joined into one `/server/requeststream` answer up to
+/// this much (a read of the user's is at most 64 KiB).
 const MAX_STREAM_READ: usize = 1 << 20;
+/// The same for a relay-client that did not ask for `half_close`: the Go
+/// relay-client, whose 60 s call timeout also covers copying the answer
+/// to its backend, and which closes the backend connection when it
+/// passes. The Go server answered one read of at most 10 KiB; a megabyte
+/// would not cross a weak mobile link in time.
+const GO_STREAM_READ: usize = 16 * 1024;
 /// Longest request-stream read while the server drains.
 const DRAINING_WAIT: Duration = Duration::from_secs(1);
 /// Tunnels one request tries before it falls back to v1 polls, each one
@@ -773,11 +780,16 @@ impl Broker {
             };
         };
         // Coalesce what is already queued, to save round trips.
-        let bytes = if rx.is_empty() {
+        let bytes = if rx.is_empty() || (!half_close && first.len() >= GO_STREAM_READ) {
             first
         } else {
+            let limit = if half_close {
+                MAX_STREAM_READ
+            } else {
+                GO_STREAM_READ
+            };
             let mut buf = BytesMut::from(first);
-            while buf.len() < MAX_STREAM_READ {
+            while buf.len() < limit {
                 match rx.try_recv() {
                     Ok(more) => buf.extend_from_slice(&more),
                     Err(_) => break,
@@ -1416,6 +1428,25 @@ mod tests {
         assert_eq!(started.elapsed(), DRAINING_WAIT);
         to_backend.send(Bytes::from_static(b"typed")).await.unwrap();
         assert_eq!(b.request_stream(&id, true).await.unwrap(), "typed");
+    }
+
+    /// Queued reads are joined into one answer, less for a relay-client
+    /// that did not ask for `half_close` (the Go relay-client).
+    #[tokio::test]
+    async fn request_stream_answers_join_queued_reads() {
+        let b = stream_broker();
+        let (mut ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
+        let to_backend = ex.take_stream().unwrap();
+        let read = Bytes::from(vec![7u8; 10 * 1024]);
+        for _ in 0..8 {
+            to_backend.send(read.clone()).await.unwrap();
+        }
+        // Go: 10 KiB, then one more read past 16 KiB.
+        assert_eq!(b.request_stream(&id, false).await.unwrap().len(), 20 * 1024);
+        assert_eq!(b.request_stream(&id, false).await.unwrap().len(), 20 * 1024);
+        // Ours: all that is queued.
+        assert_eq!(b.request_stream(&id, true).await.unwrap().len(), 40 * 1024);
     }
 
     /// The user's half-close is a 410 only for a relay-client that asked
