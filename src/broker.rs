@@ -40,6 +40,11 @@ const MAX_STREAM_READ: usize = 1 << 20;
 /// passes. The Go server answered one read of at most 10 KiB; a megabyte
 /// would not cross a weak mobile link in time.
 const GO_STREAM_READ: usize = 16 * 1024;
+/// Longest a chunk post waits for room for its chunk (at most
+/// `inactive_request`): below the Go relay-client's 60 s call timeout.
+/// That client posts the same chunk again when its call times out, and a
+/// post still waiting here would then deliver it twice.
+const MAX_POST_WAIT: Duration = Duration::from_secs(45);
 /// Longest request-stream read while the server drains.
 const DRAINING_WAIT: Duration = Duration::from_secs(1);
 /// Tunnels one request tries before it falls back to v1 polls, each one
@@ -715,7 +720,7 @@ impl Broker {
             tracing::Span::none()
         };
         let send = tokio::time::timeout(
-            self.inner.cfg.inactive_request,
+            self.inner.cfg.inactive_request.min(MAX_POST_WAIT),
             pending.responses.send(chunk),
         );
         let sent = send.await;
@@ -1428,6 +1433,24 @@ mod tests {
         assert_eq!(started.elapsed(), DRAINING_WAIT);
         to_backend.send(Bytes::from_static(b"typed")).await.unwrap();
         assert_eq!(b.request_stream(&id, true).await.unwrap(), "typed");
+    }
+
+    /// A chunk post waits for room at most 45 s, however long
+    /// `inactive_request`: then the request is over (400 to the post).
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_post_waits_for_room_less_than_a_go_call_lasts() {
+        let b = stream_broker();
+        let (_ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
+        for _ in 0..RESPONSE_CHANNEL {
+            b.respond(&id, chunk(None, HeaderMap::new())).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            b.respond(&id, chunk(None, HeaderMap::new())).await,
+            Err(BrokerError::UnknownRequest(_))
+        ));
+        assert_eq!(started.elapsed(), MAX_POST_WAIT);
     }
 
     /// Queued reads are joined into one answer, less for a relay-client
