@@ -930,6 +930,11 @@ impl Exchange {
         &self.guard.id
     }
 
+    /// The backend the request is for.
+    pub fn backend(&self) -> &str {
+        &self.shared.backend
+    }
+
     /// The next chunk; `Ok(None)` if the request was reaped from the
     /// relay-client side, an error after the inactive-request timeout or
     /// when the relay-client's answer could not be relayed.

@@ -779,6 +779,58 @@ async fn a_stray_percent_in_a_path_is_refused_before_it_reaches_a_relay_client()
     assert!(poll.is_err_and(|e| e.is_timeout()));
 }
 
+/// The Go relay-client gives the backend's time on its last chunk, not
+/// on the first: a longer answer still counts in the backend-time and
+/// overhead histograms.
+#[tokio::test]
+async fn backend_time_on_the_last_chunk_is_recorded() {
+    let relay = Relay::start(|_| {}).await;
+    let http = relay.http();
+    register(&http, &relay, "timed").await;
+    let user = user_get(&relay, "/client/timed/x");
+    let req = v1_poll(&http, &relay, "timed").await;
+    let id = req.id.unwrap();
+    let head = HttpResponse {
+        id: Some(id.clone()),
+        status_code: Some(200),
+        body: Some(Bytes::from_static(b"part one, ")),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &head).await, 200);
+    let last = HttpResponse {
+        id: Some(id),
+        body: Some(Bytes::from_static(b"part two")),
+        eof: Some(true),
+        backend_duration_ms: Some(1250),
+        ..Default::default()
+    };
+    assert_eq!(v1_post(&http, &relay, &last).await, 200);
+    let resp = bounded(user).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "part one, part two");
+    let metrics = relay.get_text("/metrics").await;
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("backend=\"timed\""))
+            .map(str::to_owned)
+    };
+    let count = line("broker_backend_responses_durations_count");
+    assert!(
+        count.as_deref().is_some_and(|l| l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let sum = line("broker_backend_responses_durations_sum");
+    assert!(
+        sum.as_deref().is_some_and(|l| l.ends_with(" 1.25")),
+        "{metrics}"
+    );
+    let overhead = line("broker_overhead_durations_count");
+    assert!(
+        overhead.as_deref().is_some_and(|l| l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
+
 // === Our relay-client against a server that implements only v1 ===
 
 async fn collect(mut rx: mpsc::UnboundedReceiver<HttpResponse>) -> Vec<HttpResponse> {

@@ -119,6 +119,9 @@ pub struct RelayBody {
     trailers: Option<HeaderMap>,
     done: bool,
     idle: Pin<Box<Sleep>>,
+    /// When the request came, while the backend's time is still to be
+    /// recorded from the last chunk (a Go relay-client's way).
+    backend_time: Option<std::time::Instant>,
 }
 
 impl RelayBody {
@@ -129,6 +132,7 @@ impl RelayBody {
         first: ResponseChunk,
         trailers: HeaderMap,
         metrics: Arc<Metrics>,
+        backend_time: Option<std::time::Instant>,
     ) -> Result<Self, ProtoError> {
         let idle = Box::pin(tokio::time::sleep(exchange.inactive_timeout()));
         let mut body = Self {
@@ -139,6 +143,7 @@ impl RelayBody {
             trailers: (!trailers.is_empty()).then_some(trailers),
             done: false,
             idle,
+            backend_time,
         };
         body.absorb(first)?;
         Ok(body)
@@ -162,6 +167,12 @@ impl RelayBody {
         }
         if chunk.eof {
             self.done = true;
+            if let (Some(ms), Some(started)) = (chunk.backend_duration_ms, self.backend_time.take())
+            {
+                let total = started.elapsed().as_secs_f64();
+                self.metrics
+                    .backend_time(self.exchange.backend(), total, ms);
+            }
         }
         if !chunk.body.is_empty() {
             self.data = Some(chunk.body);

@@ -302,14 +302,18 @@ async fn relay_admitted(
         .await?
         .ok_or(BrokerError::Inactive(inactive))?;
     drop(first_chunk);
-    if let Some(ms) = first.backend_duration_ms {
-        let backend_secs = ms.max(0) as f64 / 1000.0;
-        state.metrics.backend_time(
-            &route.backend,
-            started.elapsed().as_secs_f64(),
-            backend_secs,
-        );
-    }
+    // Our relay-client gives the backend's time on the first chunk (time
+    // to the head); the Go relay-client on the last one (the whole call),
+    // as the Go server reads it: the body records it then.
+    let backend_time = match first.backend_duration_ms {
+        Some(ms) => {
+            state
+                .metrics
+                .backend_time(&route.backend, started.elapsed().as_secs_f64(), ms);
+            None
+        }
+        None => Some(started),
+    };
     let resp = respond(
         exchange,
         first,
@@ -319,6 +323,7 @@ async fn relay_admitted(
         }),
         version,
         state,
+        backend_time,
     )?;
     // The buffered body counts against the budget until the request ends.
     Ok(resp.map(|b| super::body::holding(b, reserved)))
@@ -392,6 +397,7 @@ fn respond(
     on_upgrade: Option<(OnUpgrade, Upgraded)>,
     version: http::Version,
     state: &State,
+    backend_time: Option<std::time::Instant>,
 ) -> Result<Response<Body>, RelayError> {
     let metrics = state.metrics.clone();
     let ResponseHead {
@@ -436,7 +442,7 @@ fn respond(
     if version <= http::Version::HTTP_11 {
         announce_trailers(&mut headers, trailers.keys().chain(first.trailers.keys()));
     }
-    let body = RelayBody::new(exchange, first, trailers, metrics)
+    let body = RelayBody::new(exchange, first, trailers, metrics, backend_time)
         .map_err(RelayError::BadBackendResponse)?;
     let mut resp = Response::new(http_body_util::BodyExt::boxed(body));
     *resp.status_mut() = status;

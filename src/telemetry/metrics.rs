@@ -223,7 +223,10 @@ impl Metrics {
     }
 
     /// Backend time and relay overhead of one answer.
-    pub fn backend_time(&self, backend: &str, total: f64, backend_seconds: f64) {
+    /// `total` seconds since the request came, `backend_ms` of them the
+    /// relay-client's call of the backend (`backend_duration_ms`).
+    pub fn backend_time(&self, backend: &str, total: f64, backend_ms: i64) {
+        let backend_seconds = backend_ms.max(0) as f64 / 1000.0;
         self.backend_durations
             .with_label_values(&[method::CLIENT, backend])
             .observe(backend_seconds);
@@ -282,7 +285,7 @@ mod tests {
         m.request(method::CLIENT, "robot-1");
         m.response(method::CLIENT, result::OK, "robot-1");
         m.duration(method::CLIENT, "robot-1", 0.01);
-        m.backend_time("robot-1", 0.02, 0.01);
+        m.backend_time("robot-1", 0.02, 10);
         let text = m.encode();
         assert!(text.contains("# TYPE broker_requests counter"), "{text}");
         assert!(
@@ -319,7 +322,7 @@ mod tests {
         m.request(method::CLIENT, "b");
         m.response(method::CLIENT, result::OK, "b");
         m.duration(method::CLIENT, "b", 0.1);
-        m.backend_time("b", 0.2, 0.1);
+        m.backend_time("b", 0.2, 100);
         m.bytes(Direction::ToUser, 1);
         m.auth_failure("expired");
         m.tls_handshake_failures.inc();
