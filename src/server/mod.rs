@@ -277,6 +277,12 @@ pub async fn run_with_admin(
         inactive_backend: cfg.timeouts.inactive_backend,
     });
     let auth = authenticator(&cfg)?;
+    if cfg.timeouts.poll >= GO_CALL_TIMEOUT {
+        tracing::warn!(
+            poll = ?cfg.timeouts.poll,
+            "timeouts.poll is not below the fleet's Go relay-client's 60 s call timeout: such a relay-client gives its polls up before they are answered"
+        );
+    }
     let stop_refresh = CancellationToken::new();
     if let Some(auth) = &auth {
         auth.spawn_refresh(stop_refresh.clone());
@@ -367,6 +373,10 @@ pub async fn run_with_admin(
     tracing::info!("server stopped");
     Ok(())
 }
+
+/// How long the fleet's Go relay-client waits for any call to the server
+/// (its HTTP client's `Timeout`).
+const GO_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The authenticator of `cfg`, creating the development issuer's key when
 /// the configuration trusts it and it is absent.
