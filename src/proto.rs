@@ -123,6 +123,12 @@ pub struct HttpResponse {
     pub trailer: Vec<HttpHeader>,
     #[prost(int64, optional, tag = "7")]
     pub backend_duration_ms: Option<i64>,
+    /// Ours, not the fleet's (a Go server skips it): the backend's answer
+    /// broke off. v1 has no other way to say so, and an `eof` would make
+    /// a cut body look complete to a user-client reading a chunked or
+    /// HTTP/2 answer. The request then ends as failed.
+    #[prost(bool, optional, tag = "1000")]
+    pub aborted: Option<bool>,
 }
 
 /// Why a message from the network could not be turned into HTTP.
@@ -142,6 +148,8 @@ pub enum ProtoError {
     Status(i32),
     #[error("missing field {0}")]
     Missing(&'static str),
+    #[error("the backend's answer broke off")]
+    Aborted,
     #[error("more than {MAX_HEADERS} header entries")]
     TooManyHeaders,
     #[error("invalid url {0:?}")]
@@ -353,6 +361,9 @@ impl ResponseChunk {
     /// Validates a decoded message. The `header` of a chunk without
     /// `status_code` is ignored, as v1 peers do.
     pub fn from_message(msg: HttpResponse) -> Result<Self, ProtoError> {
+        if msg.aborted == Some(true) {
+            return Err(ProtoError::Aborted);
+        }
         let head = match msg.status_code {
             Some(code) => {
                 let status = status_from_proto(code)?;
@@ -514,9 +525,20 @@ mod tests {
             eof: Some(true),
             trailer: entry(MAX_TRAILERS),
             backend_duration_ms: Some(-1),
+            aborted: None,
         };
         let wire = Bytes::from(msg.encode_to_vec());
         assert_eq!(decode_response(wire).unwrap(), msg);
+        // The abort mark: a chunk that ends its request as failed.
+        let cut = HttpResponse {
+            aborted: Some(true),
+            ..msg.clone()
+        };
+        let cut = decode_response(Bytes::from(cut.encode_to_vec())).unwrap();
+        assert!(matches!(
+            ResponseChunk::from_message(cut),
+            Err(ProtoError::Aborted)
+        ));
         let refused = |wire: Bytes| decode_response(wire).unwrap_err();
 
         let over = |header, trailer| HttpResponse {

@@ -171,3 +171,44 @@ async fn quiet_stream_without_keepalive_is_cut_at_inactive_request() {
         "stream survived 3 s of silence without keep-alives: {body:?}"
     );
 }
+
+/// v1 has no abort message of the fleet's: a backend answer that breaks
+/// off is marked `aborted` by our relay-client, and the user-client sees
+/// the answer fail (a 502, or a body that errors), never a complete short
+/// body, on chunked HTTP/1.1 and on HTTP/2.
+#[tokio::test]
+async fn v1_a_backend_answer_that_breaks_off_never_looks_complete() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7530\r\n";
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(&[b'x'; 20000]).await;
+                // Gone, 10000 bytes into a chunk of 30000.
+            });
+        }
+    });
+    let relay = Relay::start(|_| {}).await;
+    let _client = RelayClient::start(client_config(&relay, "robot-1", &url));
+    relay.wait_for_backend("robot-1").await;
+    for http in [relay.http1(), relay.http2()] {
+        let resp = bounded(http.get(format!("{}/client/robot-1/x", relay.url)).send())
+            .await
+            .unwrap();
+        if resp.status() == 502 {
+            continue;
+        }
+        assert_eq!(resp.status(), 200);
+        let body = bounded(resp.bytes()).await;
+        assert!(
+            body.is_err(),
+            "a short body was presented as complete: {:?} bytes",
+            body.map(|b| b.len())
+        );
+    }
+}

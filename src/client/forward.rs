@@ -361,11 +361,11 @@ impl<'a> Chunker<'a> {
             match frame {
                 None | Some(None) => return self.send(true).await,
                 Some(Some(Err(e))) => {
-                    // No abort message exists in v1: end the answer where
-                    // it broke (the user-client sees a short body or a
-                    // missing gRPC status).
+                    // Never an `eof`: that would make the cut body look
+                    // complete. Our server ends the request as failed; a Go
+                    // server skips the mark and reaps the request later.
                     tracing::warn!(id = self.id, error = %e, "backend body failed");
-                    return self.send(true).await;
+                    return self.abort().await;
                 }
                 Some(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
@@ -390,6 +390,24 @@ impl<'a> Chunker<'a> {
                     }
                 },
             }
+        }
+    }
+
+    /// Posts what is buffered with the [`HttpResponse::aborted`] mark.
+    async fn abort(&mut self) -> Result<(), ForwardError> {
+        let mut chunk = self.first.take().unwrap_or_else(|| HttpResponse {
+            id: Some(self.id.clone()),
+            ..Default::default()
+        });
+        let body = self.buf.split().freeze();
+        if !body.is_empty() {
+            chunk.body = Some(body);
+        }
+        chunk.aborted = Some(true);
+        match post(self.ctx, &chunk).await {
+            // Our server ends the request at once and says so.
+            Ok(()) | Err(ForwardError::Gone) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
