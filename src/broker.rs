@@ -743,7 +743,7 @@ impl Broker {
     }
 
     /// Next user-to-backend bytes of an upgraded request: waits up to the
-    /// poll timeout and then answers empty; [`BrokerError::StreamClosed`]
+    /// poll timeout and then answers empty; [`BrokerError::UnknownRequest`]
     /// once the request is gone.
     ///
     /// The user-client's half-close is [`BrokerError::StreamClosed`] too
@@ -758,7 +758,7 @@ impl Broker {
     /// relay-client's next read does not come back at once, round after
     /// round, for the rest of the shutdown.
     pub async fn request_stream(&self, id: &str, half_close: bool) -> Result<Bytes, BrokerError> {
-        let pending = self.pending(id).map_err(|_| BrokerError::StreamClosed)?;
+        let pending = self.pending(id)?;
         let mut rx = pending.stream.lock().await;
         let draining = self.inner.draining.is_cancelled();
         let wait = if draining {
@@ -775,7 +775,14 @@ impl Broker {
         };
         let Some(first) = first else {
             if half_close {
-                return Err(BrokerError::StreamClosed);
+                // The user's end of input, unless the request itself is
+                // over (reaped, or its answer ended): that is no
+                // half-close.
+                return Err(if self.inner.requests.contains_key(id) {
+                    BrokerError::StreamClosed
+                } else {
+                    BrokerError::UnknownRequest(id.to_owned())
+                });
             }
             return tokio::select! {
                 // The user's task dropped its end: the request is over.
@@ -1507,6 +1514,31 @@ mod tests {
             Err(BrokerError::StreamClosed)
         ));
         assert!(started.elapsed() < Duration::from_millis(10));
+        // A request that is over is no half-close.
+        assert!(matches!(
+            b.request_stream(&id, true).await,
+            Err(BrokerError::UnknownRequest(_))
+        ));
+    }
+
+    /// A request that ends while the user is still sending (reaped, or
+    /// its answer over) is not the user's end of input.
+    #[tokio::test]
+    async fn a_request_that_ends_is_no_half_close() {
+        let b = stream_broker();
+        let (mut ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
+        let to_backend = ex.take_stream().unwrap();
+        let reader = spawn_read(&b, &id, true);
+        tokio::task::yield_now().await;
+        // The pipe's end drops its sender first, then the exchange.
+        b.forget(&id);
+        drop(to_backend);
+        drop(ex);
+        assert!(matches!(
+            reader.await.unwrap(),
+            Err(BrokerError::UnknownRequest(_))
+        ));
     }
 
     #[tokio::test]

@@ -494,7 +494,12 @@ async fn pipe(
                         break;
                     }
                 }
-                Ok(StreamRead::Closed) => break,
+                // A Go server answers 410 only for a request that is over.
+                Ok(StreamRead::Closed) if !ctx.v1_only_server() => break,
+                Ok(StreamRead::Closed | StreamRead::Gone) => {
+                    tracing::debug!(id, "request over: closing the backend connection");
+                    return false;
+                }
                 Err(e) if e.not_taken() && failures < STREAM_RETRIES => {
                     failures += 1;
                     let wait = backoff.after_failure(e.is_refusal());

@@ -100,8 +100,10 @@ pub enum PostOutcome {
 #[derive(Debug, PartialEq, Eq)]
 pub enum StreamRead {
     Bytes(Bytes),
-    /// 410: the user-client's side is over.
+    /// 410 from our server: the user-client's side is over (a half-close).
     Closed,
+    /// 400, or a Go server's 410: the request itself is over.
+    Gone,
 }
 
 /// HTTPS/HTTP client for the relay server; one HTTP/2 connection is
@@ -322,7 +324,8 @@ impl RelayTransport {
                 Self::read_body(resp, MAX_STREAM_ANSWER).await?,
             )),
             // 400: the id is unknown (request over or reaped).
-            StatusCode::GONE | StatusCode::BAD_REQUEST => Ok(StreamRead::Closed),
+            StatusCode::BAD_REQUEST => Ok(StreamRead::Gone),
+            StatusCode::GONE => Ok(StreamRead::Closed),
             _ => Err(self.unexpected(resp).await),
         }
     }

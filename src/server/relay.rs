@@ -163,10 +163,28 @@ async fn request_stream(
     let id = query_param(req, "id")?;
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     gate::relay_cert_presented(state, req.extensions())?;
-    let owner = state.broker.owner(&id).ok_or(BrokerError::StreamClosed)?;
+    let half_close = query_param(req, proto::HALF_CLOSE_PARAM).is_ok_and(|v| v == "1");
+    // To a relay-client that takes 410 for the user's half-close, a gone
+    // request is a 400, as for chunk posts: it must not take the end of a
+    // reaped upload for the end of the user's input. A Go relay-client
+    // knows only 410 here.
+    let gone = || {
+        if half_close {
+            BrokerError::UnknownRequest(id.clone())
+        } else {
+            BrokerError::StreamClosed
+        }
+    };
+    let owner = state.broker.owner(&id).ok_or_else(gone)?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, req.extensions(), &owner)?;
-    let half_close = query_param(req, proto::HALF_CLOSE_PARAM).is_ok_and(|v| v == "1");
-    let bytes = state.broker.request_stream(&id, half_close).await?;
+    let bytes = state
+        .broker
+        .request_stream(&id, half_close)
+        .await
+        .map_err(|e| match e {
+            BrokerError::UnknownRequest(_) => gone(),
+            e => e,
+        })?;
     Ok(ok_with(proto::STREAM_CONTENT_TYPE, bytes))
 }
