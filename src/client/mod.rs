@@ -63,7 +63,9 @@ pub struct Ctx {
 pub const V1_SERVER_MAX_CHUNK: u64 = 50 * 1024;
 
 /// Exponential backoff between failed polls, so a down server is not
-/// hammered and a restarted one is found again quickly.
+/// hammered and a restarted one is found again quickly. Each wait is
+/// spread over half to one and a half times its step: after a server
+/// restart, a whole fleet must not redial in lockstep.
 pub(crate) struct Backoff {
     next: Duration,
 }
@@ -81,7 +83,7 @@ impl Backoff {
     pub(crate) fn step(&mut self) -> Duration {
         let now = self.next;
         self.next = (self.next * 2).min(Self::MAX);
-        now
+        now.mul_f64(0.5 + fastrand::f64())
     }
 
     /// The wait after a failed call; a refused token does not get better
@@ -304,5 +306,32 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits double up to the cap, each spread around its step.
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        let mut waits = Vec::new();
+        for _ in 0..20 {
+            let mut b = Backoff::new();
+            waits.push((0..10).map(|_| b.step()).collect::<Vec<_>>());
+        }
+        for run in &waits {
+            let mut step = Backoff::MIN;
+            for wait in run {
+                assert!(
+                    *wait >= step / 2 && *wait < step * 3 / 2,
+                    "{wait:?} for {step:?}"
+                );
+                step = (step * 2).min(Backoff::MAX);
+            }
+        }
+        // Twenty clients do not wait alike.
+        assert!(waits.iter().any(|w| w[0] != waits[0][0]));
     }
 }
