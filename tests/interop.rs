@@ -985,6 +985,23 @@ async fn our_relay_client_works_against_a_v1_only_server() {
         .collect();
     assert_eq!(body, pattern(n, n as u64));
 
+    // An empty post carries its length, as from the Go relay-client.
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:44444444444444444444444444444444".into()),
+            method: Some("POST".into()),
+            url: Some("http://invalid/echo/empty".into()),
+            ..Default::default()
+        })
+        .await;
+    let body: Vec<u8> = collect(rx)
+        .await
+        .iter()
+        .flat_map(|c| c.body.clone().unwrap_or_default())
+        .collect();
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("content-length: 0\n"), "{text}");
+
     // A redirect is passed through, not followed.
     let rx = server
         .send(HttpRequest {

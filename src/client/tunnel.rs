@@ -428,7 +428,10 @@ async fn serve(
         // Overload is answered 503 by `handle`, not queued by HTTP/2.
         .max_concurrent_streams(u32::MAX)
         .keep_alive_interval(ping)
-        .keep_alive_timeout(KEEP_ALIVE_ANSWER);
+        .keep_alive_timeout(KEEP_ALIVE_ANSWER)
+        // A backend's answer without `Date` gets the server's, from the
+        // cloud's clock, as on v1: not the robot's, often wrong.
+        .auto_date_header(false);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let stalled = progress.stalled(silence);
