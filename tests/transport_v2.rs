@@ -1260,3 +1260,24 @@ async fn an_empty_post_reaches_the_backend_with_its_length() {
     assert!(text.starts_with("method: POST\n"), "{text}");
     assert!(text.contains("\ncontent-length: 0\n"), "HTTP/2: {text}");
 }
+
+/// A GET with a body of unknown length (chunked) reaches an HTTP/1.1
+/// backend with its body: hyper would send it bodiless without a
+/// declared framing.
+#[tokio::test]
+async fn a_chunked_get_body_reaches_the_backend() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (relay, _client, _backend) = v2_stack(|_| {}).await;
+    let mut s = relay.tls_connect().await;
+    s.write_all(
+        b"GET /client/robot-1/echo HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+          transfer-encoding: chunked\r\n\r\n3\r\nque\r\n2\r\nry\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = bounded(s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\n\nquery"), "{text}");
+}

@@ -649,6 +649,19 @@ async fn forward(
     // The upload moving counts as the backend call's progress: a backend
     // may answer only once it has the whole body, however long it takes.
     let progress = crate::clock::Progress::default();
+    // hyper sends a GET or HEAD without a declared length as bodiless: a
+    // user's body of unknown length (chunked, or HTTP/2 without a length)
+    // is then declared chunked, or it would be dropped.
+    if upgrade.is_none()
+        && !http_body::Body::is_end_stream(&body)
+        && matches!(parts.method, http::Method::GET | http::Method::HEAD)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let (backend_body, user_bytes) = if upgrade.is_some() {
         (
             Empty::new().map_err(|never| match never {}).boxed(),
