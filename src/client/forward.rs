@@ -207,10 +207,23 @@ fn backend_request(ctx: &Ctx, req: HttpRequest) -> Result<Request<Full<Bytes>>, 
     {
         headers.insert(header::HOST, host);
     }
+    let body = req.body.unwrap_or_default();
+    // hyper writes no length for an empty body; a backend may want one on
+    // a method that carries a body (411), and the Go relay-client sends it.
+    if body.is_empty()
+        && matches!(
+            method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        )
+    {
+        headers
+            .entry(header::CONTENT_LENGTH)
+            .or_insert(HeaderValue::from_static("0"));
+    }
     let mut out = Request::builder()
         .method(method)
         .uri(&uri)
-        .body(Full::new(req.body.unwrap_or_default()))
+        .body(Full::new(body))
         .map_err(|e| format!("invalid request URL {uri:?}: {e}"))?;
     *out.headers_mut() = headers;
     Ok(out)
@@ -393,8 +406,9 @@ impl<'a> Chunker<'a> {
         }
     }
 
-    /// Posts what is buffered with the [`HttpResponse::aborted`] mark.
-    async fn abort(&mut self) -> Result<(), ForwardError> {
+    /// The next chunk: the first one (the head) if it is still unsent,
+    /// with the bytes buffered so far.
+    fn next_chunk(&mut self) -> HttpResponse {
         let mut chunk = self.first.take().unwrap_or_else(|| HttpResponse {
             id: Some(self.id.clone()),
             ..Default::default()
@@ -403,6 +417,12 @@ impl<'a> Chunker<'a> {
         if !body.is_empty() {
             chunk.body = Some(body);
         }
+        chunk
+    }
+
+    /// Posts what is buffered with the [`HttpResponse::aborted`] mark.
+    async fn abort(&mut self) -> Result<(), ForwardError> {
+        let mut chunk = self.next_chunk();
         chunk.aborted = Some(true);
         match post(self.ctx, &chunk).await {
             // Our server ends the request at once and says so.
@@ -412,14 +432,7 @@ impl<'a> Chunker<'a> {
     }
 
     async fn send(&mut self, eof: bool) -> Result<(), ForwardError> {
-        let mut chunk = self.first.take().unwrap_or_else(|| HttpResponse {
-            id: Some(self.id.clone()),
-            ..Default::default()
-        });
-        let body = self.buf.split().freeze();
-        if !body.is_empty() {
-            chunk.body = Some(body);
-        }
+        let mut chunk = self.next_chunk();
         if eof {
             chunk.eof = Some(true);
             chunk.trailer = proto::headers_to_proto(&std::mem::take(&mut self.trailers));
