@@ -43,6 +43,28 @@ pub fn holds_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
     headers.keys().any(|k| names.contains(k))
 }
 
+/// Removes the headers a `Connection` header names (they are about one
+/// connection, RFC 9110 section 7.6.1), but `upgrade` when `keep_upgrade`;
+/// `Connection` itself stays for the caller. At most [`MAX_HEADERS`]
+/// names are taken: a long list of one name repeated would only cost.
+pub fn remove_connection_named(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if !headers.contains_key(http::header::CONNECTION) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == http::header::UPGRADE))
+        .take(MAX_HEADERS)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 /// Removes every header named in `names`, looking each one up only when
 /// [`holds_any`] found one.
 pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {

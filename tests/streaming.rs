@@ -212,3 +212,52 @@ async fn v1_a_backend_answer_that_breaks_off_never_looks_complete() {
         );
     }
 }
+
+/// Headers a backend names in its `Connection` header are about its
+/// connection to the relay-client: they reach no user-client, on v1 or
+/// v2 (the relay-client must drop them with `Connection` itself).
+#[tokio::test]
+async fn headers_named_in_a_backends_connection_header_stay_behind() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(1..) = tcp.read(&mut buf).await {
+                    let answer = "HTTP/1.1 200 OK\r\nconnection: x-hop\r\nx-hop: 1\r\n\
+                                  x-end: 2\r\ncontent-length: 2\r\n\r\nok";
+                    if tcp.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    for transport in [
+        http_relay::config::Transport::V1,
+        http_relay::config::Transport::V2,
+    ] {
+        let relay = Relay::start(|_| {}).await;
+        let mut cfg = client_config(&relay, "robot-1", &url);
+        cfg.transport = transport;
+        let _client = RelayClient::start(cfg);
+        relay.wait_for_backend("robot-1").await;
+        let resp = bounded(
+            relay
+                .http()
+                .get(format!("{}/client/robot-1/x", relay.url))
+                .send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-end"], "2", "{transport:?}");
+        assert!(
+            !resp.headers().contains_key("x-hop"),
+            "{transport:?}: {:?}",
+            resp.headers()
+        );
+    }
+}

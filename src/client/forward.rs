@@ -161,6 +161,7 @@ async fn forward_inner(
     };
     let header = if proto::holds_any(resp.headers(), hop_by_hop) {
         let mut headers = resp.headers().clone();
+        proto::remove_connection_named(&mut headers, switching);
         proto::remove_all(&mut headers, hop_by_hop);
         proto::headers_to_proto(&headers)
     } else {

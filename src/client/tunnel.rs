@@ -729,6 +729,7 @@ async fn forward(
         return switched(resp, user_bytes, permit.clone());
     }
     let (mut head, body) = resp.into_parts();
+    crate::proto::remove_connection_named(&mut head.headers, false);
     crate::proto::remove_all(&mut head.headers, &crate::proto::HOP_BY_HOP);
     // Only the relay-client says that a stream switched.
     head.headers.remove(v2::STATUS);

@@ -102,20 +102,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !crate::proto::holds_any(headers, &HOP_BY_HOP) && !headers.contains_key(header::TE) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        // No more names than a header map may hold: a long list of one
-        // name repeated would only cost memory.
-        .take(crate::proto::MAX_HEADERS)
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
+    crate::proto::remove_connection_named(headers, upgrade);
     for name in &HOP_BY_HOP {
         let keep = upgrade && (name == header::CONNECTION || name == header::UPGRADE);
         if !keep {
