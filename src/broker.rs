@@ -232,6 +232,8 @@ struct Inner {
     requests: DashMap<String, Arc<Pending>>,
     /// Cancelled when the server begins to drain.
     draining: CancellationToken,
+    /// Cancelled when the drain's deadline passed ([`Broker::abort_all`]).
+    aborted: CancellationToken,
     /// Woken whenever a request ends, so a drain can wait for zero.
     request_ended: Notify,
     /// Requests in flight on v2 tunnels.
@@ -373,6 +375,7 @@ impl Broker {
                 backends: DashMap::new(),
                 requests: DashMap::new(),
                 draining: CancellationToken::new(),
+                aborted: CancellationToken::new(),
                 request_ended: Notify::new(),
                 tunnel_requests: AtomicUsize::new(0),
             }),
@@ -896,6 +899,17 @@ impl Broker {
         self.inner.draining.cancel();
     }
 
+    /// Ends every request still in flight: the drain deadline passed.
+    /// A user-client still waiting for its answer's head gets a 503 now,
+    /// before the server closes the connections, not a dropped connection
+    /// without a word. (Answers already streaming end with their
+    /// connections: cut, never complete.)
+    pub fn abort_all(&self) {
+        self.inner.aborted.cancel();
+        self.inner.requests.clear();
+        self.inner.request_ended.notify_waiters();
+    }
+
     /// Resolves when no request is in flight any more.
     pub async fn drained(&self) {
         loop {
@@ -946,8 +960,19 @@ impl Exchange {
     /// relay-client side, an error after the inactive-request timeout or
     /// when the relay-client's answer could not be relayed.
     pub async fn next_chunk(&mut self) -> Result<Option<ResponseChunk>, BrokerError> {
-        match tokio::time::timeout(self.inactive, self.responses.recv()).await {
-            Err(_) => Err(BrokerError::Inactive(self.inactive)),
+        let Self {
+            guard,
+            responses,
+            inactive,
+            ..
+        } = self;
+        let next = tokio::select! {
+            r = tokio::time::timeout(*inactive, responses.recv()) => r,
+            // The drain's deadline passed: the server is going away.
+            () = guard.broker.inner.aborted.cancelled() => return Err(BrokerError::Draining),
+        };
+        match next {
+            Err(_) => Err(BrokerError::Inactive(*inactive)),
             Ok(None) => Ok(None),
             Ok(Some(delivery)) => delivery.map(Some).map_err(BrokerError::BadResponse),
         }

@@ -256,3 +256,37 @@ fn bad_config_fails_at_start_naming_key_and_source() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("backend_name"));
 }
+
+/// A v1 request still waiting for its answer's head at the drain deadline
+/// gets a status (503) before the server closes its connections, not a
+/// connection dropped without a word.
+#[tokio::test]
+async fn a_request_unanswered_at_the_shutdown_deadline_gets_a_status() {
+    let mut relay = Relay::start(|c| c.timeouts.shutdown = Duration::from_secs(1)).await;
+    let http = relay.http();
+    // A relay-client that takes the request and never answers.
+    let poll_url = format!("{}/server/request?server=mute", relay.url);
+    let _ = http
+        .get(&poll_url)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    let poller = tokio::spawn({
+        let http = http.clone();
+        async move { http.get(poll_url).send().await }
+    });
+    let user = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{}/client/mute/x", relay.url);
+        async move { http.get(url).send().await }
+    });
+    let taken = bounded(poller).await.unwrap().unwrap();
+    assert_eq!(taken.status(), 200);
+    let stopped = relay.signal_stop();
+    let resp = bounded(user)
+        .await
+        .unwrap()
+        .expect("an answer, not a dropped connection");
+    assert_eq!(resp.status(), 503);
+    bounded(stopped).await.unwrap().unwrap();
+}

@@ -356,6 +356,7 @@ pub async fn run_with_admin(
             left = broker.active_requests(),
             "shutdown deadline passed with requests in flight"
         );
+        broker.abort_all();
     }
     stop_accepting.cancel();
     let _ = accept.await;
