@@ -1438,6 +1438,17 @@ mod tests {
         })
     }
 
+    /// A request on [`stream_broker`], delivered to a poll and switched
+    /// to a stream: the broker, its exchange, its id and the sender of
+    /// the user's bytes.
+    async fn streaming() -> (Broker, Exchange, String, mpsc::Sender<Bytes>) {
+        let b = stream_broker();
+        let (mut ex, got) = delivered(&b).await;
+        let id = got.id.unwrap();
+        let to_backend = ex.take_stream().unwrap();
+        (b, ex, id, to_backend)
+    }
+
     /// A request-stream read of `id` in a task of its own.
     fn spawn_read(
         b: &Broker,
@@ -1453,10 +1464,7 @@ mod tests {
     /// bytes: the relay-client's reads do not spin.
     #[tokio::test(start_paused = true)]
     async fn request_stream_reads_wait_while_draining() {
-        let b = stream_broker();
-        let (mut ex, got) = delivered(&b).await;
-        let id = got.id.unwrap();
-        let to_backend = ex.take_stream().unwrap();
+        let (b, _ex, id, to_backend) = streaming().await;
         // A read waiting when the drain begins is answered at once.
         let reader = spawn_read(&b, &id, true);
         tokio::task::yield_now().await;
@@ -1494,10 +1502,7 @@ mod tests {
     /// that did not ask for `half_close` (the Go relay-client).
     #[tokio::test]
     async fn request_stream_answers_join_queued_reads() {
-        let b = stream_broker();
-        let (mut ex, got) = delivered(&b).await;
-        let id = got.id.unwrap();
-        let to_backend = ex.take_stream().unwrap();
+        let (b, _ex, id, to_backend) = streaming().await;
         let read = Bytes::from(vec![7u8; 10 * 1024]);
         for _ in 0..8 {
             to_backend.send(read.clone()).await.unwrap();
@@ -1514,10 +1519,7 @@ mod tests {
     /// request is over.
     #[tokio::test(start_paused = true)]
     async fn the_users_half_close_is_told_only_when_asked() {
-        let b = stream_broker();
-        let (mut ex, got) = delivered(&b).await;
-        let id = got.id.unwrap();
-        let to_backend = ex.take_stream().unwrap();
+        let (b, ex, id, to_backend) = streaming().await;
         to_backend.send(Bytes::from_static(b"last")).await.unwrap();
         drop(to_backend);
         // Bytes sent before the close come first, whichever the caller.
@@ -1550,10 +1552,7 @@ mod tests {
     /// its answer over) is not the user's end of input.
     #[tokio::test]
     async fn a_request_that_ends_is_no_half_close() {
-        let b = stream_broker();
-        let (mut ex, got) = delivered(&b).await;
-        let id = got.id.unwrap();
-        let to_backend = ex.take_stream().unwrap();
+        let (b, ex, id, to_backend) = streaming().await;
         let reader = spawn_read(&b, &id, true);
         tokio::task::yield_now().await;
         // The pipe's end drops its sender first, then the exchange.

@@ -179,20 +179,15 @@ async fn quiet_stream_without_keepalive_is_cut_at_inactive_request() {
 #[tokio::test]
 async fn v1_a_backend_answer_that_breaks_off_never_looks_complete() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7530\r\n";
-                let _ = tcp.write_all(head.as_bytes()).await;
-                let _ = tcp.write_all(&[b'x'; 20000]).await;
-                // Gone, 10000 bytes into a chunk of 30000.
-            });
-        }
-    });
+    let url = common::backend::raw_backend(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7530\r\n";
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let _ = tcp.write_all(&[b'x'; 20000]).await;
+        // Gone, 10000 bytes into a chunk of 30000.
+    })
+    .await;
     let relay = Relay::start(|_| {}).await;
     let _client = RelayClient::start(client_config(&relay, "robot-1", &url));
     relay.wait_for_backend("robot-1").await;
@@ -219,22 +214,17 @@ async fn v1_a_backend_answer_that_breaks_off_never_looks_complete() {
 #[tokio::test]
 async fn headers_named_in_a_backends_connection_header_stay_behind() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(1..) = tcp.read(&mut buf).await {
-                    let answer = "HTTP/1.1 200 OK\r\nconnection: x-hop\r\nx-hop: 1\r\n\
-                                  x-end: 2\r\ncontent-length: 2\r\n\r\nok";
-                    if tcp.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let url = common::backend::raw_backend(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = tcp.read(&mut buf).await {
+            let answer = "HTTP/1.1 200 OK\r\nconnection: x-hop\r\nx-hop: 1\r\n\
+                          x-end: 2\r\ncontent-length: 2\r\n\r\nok";
+            if tcp.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     for transport in [
         http_relay::config::Transport::V1,
         http_relay::config::Transport::V2,

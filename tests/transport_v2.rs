@@ -459,25 +459,16 @@ async fn interactive_bidi_grpc_answers_each_message_before_the_next() {
 
 /// A backend that declares a Content-Length and fails half way.
 async fn failing_backend() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                let mut buf = [0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n";
-                let _ = tcp.write_all(head.as_bytes()).await;
-                let _ = tcp.write_all(&[b'x'; 30000]).await;
-                // Gone, 70000 bytes short.
-            });
-        }
-    });
-    url
+    common::backend::raw_backend(|mut tcp| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n";
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let _ = tcp.write_all(&[b'x'; 30000]).await;
+        // Gone, 70000 bytes short.
+    })
+    .await
 }
 
 #[tokio::test]

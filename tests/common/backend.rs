@@ -298,3 +298,21 @@ async fn describe(req: Request<Incoming>, label: &str) -> Response<Body> {
         .body(full(out))
         .unwrap()
 }
+
+/// A backend that writes its answers by hand, for what no HTTP library
+/// would send (a body cut short, odd framing or headers): `serve` gets
+/// each accepted connection. Returns its URL.
+pub async fn raw_backend<F, Fut>(serve: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp));
+        }
+    });
+    url
+}
