@@ -102,6 +102,8 @@ fn start_stack(
         .current_dir(dir)
         .env("HTTP_RELAY_AUTH__MODE", "none")
         .env("HTTP_RELAY_LIMITS__MAX_REQUEST_BODY", "2GiB")
+        // Every peer of the bench is on 127.0.0.1 (S5: thousands of them).
+        .env("HTTP_RELAY_LIMITS__MAX_CONNECTIONS_PER_IP", "1000000")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -246,6 +246,12 @@ struct Backend {
     last_seen: Mutex<Instant>,
     /// Connected v2 relay-clients of this name.
     tunnels: Mutex<Vec<Arc<Tunnel>>>,
+    /// A v2 relay-client served this name once: when its tunnel is gone,
+    /// it is expected back ([`Broker::await_route`]).
+    had_tunnel: AtomicBool,
+    /// Woken when a tunnel registers, and, once the name had a tunnel,
+    /// when a poll starts waiting.
+    route_added: Notify,
 }
 
 /// At most one of the two queues is non-empty: a poll that arrives takes
@@ -346,6 +352,8 @@ impl Backend {
             meeting: Mutex::new(Meeting::default()),
             last_seen: Mutex::new(Instant::now()),
             tunnels: Mutex::new(Vec::new()),
+            had_tunnel: AtomicBool::new(false),
+            route_added: Notify::new(),
         }
     }
 
@@ -419,6 +427,9 @@ impl Broker {
             m.polls.retain(|t| !t.is_closed());
             m.polls.push_back(tx);
         }
+        if b.had_tunnel.load(Ordering::Acquire) {
+            b.route_added.notify_waiters();
+        }
         let outcome = tokio::select! {
             r = &mut rx => r.map_err(|_| BrokerError::PollTimeout),
             () = tokio::time::sleep(self.inner.cfg.poll_timeout) => Err(BrokerError::PollTimeout),
@@ -445,9 +456,13 @@ impl Broker {
             .entry(backend.to_owned())
             .or_insert_with(|| Arc::new(Backend::new()));
         entry.touch();
-        let mut tunnels = lock(&entry.tunnels);
-        tunnels.retain(|t| !t.is_gone());
-        tunnels.push(tunnel);
+        {
+            let mut tunnels = lock(&entry.tunnels);
+            tunnels.retain(|t| !t.is_gone());
+            tunnels.push(tunnel);
+        }
+        entry.had_tunnel.store(true, Ordering::Release);
+        entry.route_added.notify_waiters();
     }
 
     /// Forgets a tunnel that closed; the name stays known for the
@@ -487,6 +502,43 @@ impl Broker {
                 tunnel,
             }
         }))
+    }
+
+    /// Waits, when that is worth it, for a route of `backend` to arrive;
+    /// called when a request found no tunnel ready. `Ok(true)`: a tunnel
+    /// may be there now, look again; `Ok(false)`: take the v1 path.
+    ///
+    /// A v2 relay-client whose connection dropped (its network changed,
+    /// the server missed its pings) redials within its backoff, a second
+    /// or so. A request that arrived in that gap used to join the v1
+    /// queue, where no poll was coming, and got a 503 after
+    /// `timeouts.relay` although the relay-client was back long before.
+    /// So a name that had a tunnel, and has neither an open tunnel nor a
+    /// waiting poll, holds the request (its body unread) until a tunnel
+    /// registers or a poll starts waiting, within `deadline`; then
+    /// [`BrokerError::NoFreePoll`], as from the v1 queue.
+    pub async fn await_route(&self, backend: &str, deadline: Instant) -> Result<bool, BrokerError> {
+        let Some(b) = self.inner.backends.get(backend).map(|b| b.clone()) else {
+            return Ok(false);
+        };
+        if !b.had_tunnel.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        // Listening before looking, so an arrival in between is not missed.
+        let arrived = b.route_added.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if lock(&b.tunnels).iter().any(|t| !t.is_closed()) {
+            return Ok(true);
+        }
+        if b.has_waiting_poll() {
+            return Ok(false);
+        }
+        tokio::select! {
+            () = arrived => Ok(true),
+            () = tokio::time::sleep_until(deadline) => Err(BrokerError::NoFreePoll(backend.to_owned())),
+            () = self.inner.draining.cancelled() => Err(BrokerError::Draining),
+        }
     }
 
     /// A tunnel of `backend` ready for one more stream, and the handle to
@@ -575,6 +627,14 @@ impl Broker {
             }
             tries += 1;
         }
+    }
+
+    /// Connections of `backend`'s v2 relay-clients not yet over,
+    /// including those that only refuse new requests.
+    pub fn tunnels_of(&self, backend: &str) -> usize {
+        self.inner.backends.get(backend).map_or(0, |b| {
+            lock(&b.tunnels).iter().filter(|t| !t.is_gone()).count()
+        })
     }
 
     /// Number of open v2 tunnels.
@@ -1054,6 +1114,62 @@ mod tests {
             let _ = conn.await;
         });
         (Tunnel::new(sender), server, stop)
+    }
+
+    /// A name whose tunnel went away holds a request until a route comes:
+    /// a tunnel (look again) or a poll (take the v1 path). A name that
+    /// never had a tunnel queues for polls at once, as before.
+    #[tokio::test]
+    async fn a_request_waits_for_a_route_only_where_a_tunnel_went_away() {
+        let b = broker();
+        let soon = || crate::clock::from_now(Duration::from_secs(5));
+        b.poll("v1-only").await.expect_err("no request: 408");
+        assert!(!b.await_route("v1-only", soon()).await.unwrap());
+        assert!(!b.await_route("unknown", soon()).await.unwrap());
+
+        let (t, _server, _stop) = tunnel_pair().await;
+        b.register_tunnel("r", t.clone());
+        assert!(
+            b.await_route("r", soon()).await.unwrap(),
+            "a tunnel is open"
+        );
+        t.close();
+        b.unregister_tunnel("r", &t);
+
+        // A tunnel comes back.
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.await_route("r", soon()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        let (t2, _server2, _stop2) = tunnel_pair().await;
+        b.register_tunnel("r", t2.clone());
+        assert!(waiting.await.unwrap().unwrap());
+        t2.close();
+        b.unregister_tunnel("r", &t2);
+
+        // A poll comes instead: look again, then go to it.
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.await_route("r", soon()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let poll = tokio::spawn({
+            let b = b.clone();
+            async move { b.poll("r").await }
+        });
+        assert!(waiting.await.unwrap().unwrap());
+        assert!(!b.await_route("r", soon()).await.unwrap(), "a poll waits");
+        poll.abort();
+        let _ = poll.await;
+
+        // Nothing comes: the deadline.
+        let deadline = crate::clock::from_now(Duration::from_millis(100));
+        assert!(matches!(
+            b.await_route("r", deadline).await,
+            Err(BrokerError::NoFreePoll(_))
+        ));
     }
 
     /// Requests go to the least busy tunnel, and of equally busy ones to

@@ -326,6 +326,11 @@ pub struct ServerLimits {
     pub max_response_chunk: ByteSize,
     /// Open connections; beyond it new ones are closed at accept.
     pub max_connections: usize,
+    /// Open connections from one IPv4 address or IPv6 /64; beyond it new
+    /// ones from there are closed at accept. A site whose robots or users
+    /// share one address (NAT) needs as many as they open: one each over
+    /// HTTP/2.
+    pub max_connections_per_ip: usize,
     /// Requests of one backend in flight or waiting for its relay-client
     /// (an upgraded connection until it closes); beyond it 503 with
     /// `Retry-After`, other backends unaffected.
@@ -340,6 +345,11 @@ pub struct ServerLimits {
     /// Backend names known at once (each costs a map entry and metric
     /// series); a relay-client of a new name beyond it gets 503.
     pub max_backends: usize,
+    /// Open v2 connections of one backend name. One relay-client holds
+    /// one (two while it renews its token, or redials after its network
+    /// changed); the cap keeps one name's token from taking every place
+    /// of `max_connections`. Beyond it a new connection gets 429.
+    pub max_tunnels_per_backend: usize,
 }
 
 impl Default for ServerLimits {
@@ -348,10 +358,12 @@ impl Default for ServerLimits {
             max_request_body: ByteSize::mib(64),
             max_response_chunk: ByteSize::mib(16),
             max_connections: 10_000,
+            max_connections_per_ip: 1000,
             max_requests_per_backend: 1000,
             max_streams_per_connection: 256,
             max_buffered_bytes: ByteSize::mib(512),
             max_backends: 10_000,
+            max_tunnels_per_backend: 16,
         }
     }
 }
@@ -742,6 +754,7 @@ impl ServerConfig {
         let l = &self.limits;
         for (key, n) in [
             ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
             (
                 "limits.max_requests_per_backend",
                 l.max_requests_per_backend,
@@ -751,6 +764,7 @@ impl ServerConfig {
                 l.max_streams_per_connection as usize,
             ),
             ("limits.max_backends", l.max_backends),
+            ("limits.max_tunnels_per_backend", l.max_tunnels_per_backend),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -26,6 +26,10 @@ pub enum RelayError {
     #[error("too many backends connected (limits.max_backends = {0})")]
     TooManyBackends(usize),
     #[error(
+        "too many v2 connections for this backend (limits.max_tunnels_per_backend = {0}); retry later"
+    )]
+    TooManyTunnels(usize),
+    #[error(
         "too many requests for this backend (limits.max_requests_per_backend = {0}); retry later"
     )]
     BackendBusy(usize),
@@ -71,6 +75,7 @@ impl RelayError {
             RelayError::TooManyBackends(_)
             | RelayError::BackendBusy(_)
             | RelayError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::TooManyTunnels(_) => StatusCode::TOO_MANY_REQUESTS,
             RelayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::ReadBody(_) | RelayError::BadMessage(_) => StatusCode::BAD_REQUEST,
             RelayError::BadBackendResponse(_) | RelayError::UnexpectedUpgrade => {
@@ -131,7 +136,10 @@ impl RelayError {
         );
         if matches!(
             self,
-            RelayError::BackendBusy(_) | RelayError::BufferFull | RelayError::TooManyBackends(_)
+            RelayError::BackendBusy(_)
+                | RelayError::BufferFull
+                | RelayError::TooManyBackends(_)
+                | RelayError::TooManyTunnels(_)
         ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));

@@ -16,7 +16,9 @@ use common::backend::Backend;
 use common::idp::{Idp, Key};
 use common::{Relay, RelayClient, bounded, client_config, eventually};
 use futures::{SinkExt as _, StreamExt as _};
-use http_relay::config::{AuthMode, BackendAuth, ClientAuthMethod, IssuerConfig, ServerConfig};
+use http_relay::config::{
+    AuthMode, BackendAuth, ClientAuthMethod, IssuerConfig, ServerConfig, Transport,
+};
 use http_relay::proto::{HttpRequest, HttpResponse};
 use jsonwebtoken::Algorithm;
 use prost::Message as _;
@@ -684,6 +686,45 @@ async fn custom_token_header_and_cookie() {
     let text = resp.text().await.unwrap();
     assert!(text.contains("cookie: theme=dark; lang=en"), "{text}");
     assert!(!text.contains(&token), "{text}");
+}
+
+/// A backend cannot act on the relay's whole origin, which all backends
+/// share: its `Set-Cookie` of the relay's token cookie, and its
+/// `Service-Worker-Allowed` and `Clear-Site-Data`, never reach the user
+/// (v1 and v2); its other cookies do.
+#[tokio::test]
+async fn backend_headers_that_reach_past_the_backend_are_dropped() {
+    let idp = Idp::start().await;
+    let backend = Backend::start().await;
+    let relay = relay_with(&idp, |c| c.auth.token_cookie = Some("relay_token".into())).await;
+    let token = idp.sign("rsa-1", &idp.claims(&user_aud("robot-1"), "alice"));
+    for transport in [Transport::V1, Transport::V2] {
+        let file = token_file(&idp.sign("ec-1", &idp.claims(&relay_aud("robot-1"), "robot-1")));
+        let mut cfg = client_config(&relay, "robot-1", &backend.url);
+        cfg.auth.token_file = Some(file.path().to_owned());
+        cfg.transport = transport;
+        let mut client = RelayClient::start(cfg);
+        wait_served(&relay, "robot-1", &token).await;
+        let resp = relay
+            .http()
+            .get(format!("{}/client/robot-1/origin-wide", relay.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; Path=/"], "{transport:?}");
+        assert!(
+            !resp.headers().contains_key("service-worker-allowed"),
+            "{transport:?}"
+        );
+        assert!(
+            !resp.headers().contains_key("clear-site-data"),
+            "{transport:?}"
+        );
+        client.stop().await;
+    }
 }
 
 #[tokio::test]

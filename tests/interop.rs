@@ -916,6 +916,26 @@ async fn a_chunk_post_the_server_did_not_take_is_posted_again() {
     assert_eq!(body, common::pattern(1000, 1000));
 }
 
+/// The Go server answers every poll 408 at once while it shuts down. Our
+/// relay-client then slows its polls down as after a failure, rather than
+/// polling again at once (a tight loop over HTTP/2 until the server
+/// exits).
+#[tokio::test]
+async fn polls_answered_empty_at_once_are_slowed_down() {
+    let backend = Backend::start().await;
+    let server = V1Server::start().await;
+    let _client = RelayClient::start(server.client_config(&backend.url));
+    common::eventually(|| async { (server.polls() >= 4).then_some(()) }).await;
+    server.shut_down();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = server.polls();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let polls = server.polls() - before;
+    // Four pending polls, each waiting a doubling step from 100 ms (half
+    // to one and a half times it): a few each in 2 s, not thousands.
+    assert!(polls <= 40, "{polls} polls in 2 s");
+}
+
 #[tokio::test]
 async fn our_relay_client_works_against_a_v1_only_server() {
     let backend = Backend::start().await;

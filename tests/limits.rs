@@ -348,6 +348,66 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
     assert!(refused >= 3.0, "relay_connections_refused_total {refused}");
 }
 
+/// One address gets at most `limits.max_connections_per_ip` connections
+/// (more are closed at accept, unserved and counted); others are served
+/// meanwhile, and a closed connection gives its address's place back.
+#[tokio::test]
+async fn connections_beyond_max_connections_per_ip_are_closed_at_accept() {
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.limits.max_connections_per_ip = 3;
+    })
+    .await;
+    let from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(relay.addr).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = from("127.0.0.1").await;
+        assert_eq!(http1_get(&mut s, "/healthz").await, (200, "ok".into()));
+        held.push(s);
+    }
+    let mut s = from("127.0.0.1").await;
+    let _ = s
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "a fourth connection from one address stayed open"
+    );
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // Another address is served meanwhile.
+    let mut other = from("127.0.0.2").await;
+    assert_eq!(http1_get(&mut other, "/healthz").await.0, 200);
+    // A place given back.
+    drop(held.pop());
+    let mut s = within(Duration::from_secs(10), "a place given back", || async {
+        let mut s = from("127.0.0.1").await;
+        let req = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+        s.write_all(req).await.ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.ok()?;
+        (&head == b"HTTP/1.1 200").then_some(s)
+    })
+    .await;
+    drop(s.shutdown().await);
+    drop(s);
+    drop(held.pop());
+    let http = relay.http();
+    let refused = within(Duration::from_secs(10), "the refusal counter", || {
+        gauge(&http, &relay.url, "relay_connections_refused_per_ip_total")
+    })
+    .await;
+    assert!(
+        refused >= 1.0,
+        "relay_connections_refused_per_ip_total {refused}"
+    );
+}
+
 /// Upgraded connections (WebSockets, v2 tunnels) keep their place in
 /// `limits.max_connections` after the `101`; closing them gives it back.
 #[tokio::test]
@@ -1227,7 +1287,8 @@ async fn a_v1_user_who_stops_reading_gives_its_request_place_back() {
 }
 
 /// The same with HTTP/2 user-clients, which stop reading by giving no
-/// window: their streams are reset, their connection stays.
+/// window: their tunnel streams are reset, and their connection, on
+/// which nothing moves any more, is closed as an HTTP/1 one would be.
 #[tokio::test]
 async fn v2_http2_users_who_stop_reading_do_not_stop_the_tunnel() {
     let backend = Backend::start().await;
@@ -1239,7 +1300,7 @@ async fn v2_http2_users_who_stop_reading_do_not_stop_the_tunnel() {
     let _client = relay_client(&relay, "big", &backend.url, Transport::V2).await;
     let tcp = TcpStream::connect(relay.addr).await.unwrap();
     let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let conn = tokio::spawn(conn);
     let mut unread = Vec::new();
     for _ in 0..20 {
         let req = Request::get(format!("http://localhost/client/big/lazy/{}", 256 << 20))
@@ -1273,22 +1334,69 @@ async fn v2_http2_users_who_stop_reading_do_not_stop_the_tunnel() {
         || async { (backend.open_streams.load(SeqCst) == 0).then_some(()) },
     )
     .await;
-    // The user's connection serves on (the window of the bytes it never
-    // read given back).
+    // The user's connection took nothing for the limit: closed.
+    let _ = bounded(conn).await.unwrap();
     drop(bodies);
-    let req = Request::get("http://localhost/client/big/bytes/1000")
-        .body(())
+}
+
+/// An HTTP/2 peer may shut its flow-control window from the start
+/// (`SETTINGS_INITIAL_WINDOW_SIZE` 0) and never open it: no answer can
+/// then be sent, nothing fills the socket, and hyper waits for room
+/// without end. Such a connection is closed after
+/// `timeouts.inactive_request`, with no token needed to make it; before,
+/// it held its place under `limits.max_connections` and every stream's
+/// task for good.
+#[tokio::test]
+async fn an_http2_peer_that_opens_no_window_is_closed() {
+    use tokio::io::AsyncWriteExt as _;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.inactive_request = Duration::from_secs(1);
+    })
+    .await;
+    let (mut rd, mut wr) = h2raw::connect(relay.addr).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 0.
+    let zero_window = [0, 4, 0, 0, 0, 0];
+    wr.write_all(&h2raw::frame(h2raw::SETTINGS, 0, 0, &zero_window))
+        .await
         .unwrap();
-    h2 = h2.ready().await.unwrap();
-    let (response, _) = h2.send_request(req, true).unwrap();
-    let mut body = bounded(response).await.unwrap().into_body();
-    let mut n = 0;
-    while let Some(chunk) = bounded(body.data()).await {
-        let chunk = chunk.unwrap();
-        n += chunk.len();
-        let _ = body.flow_control().release_capacity(chunk.len());
+    for stream in [1, 3, 5] {
+        wr.write_all(&h2raw::request(stream, &h2raw::get("/healthz", "relay")))
+            .await
+            .unwrap();
     }
-    assert_eq!(n, 1000);
+    let started = tokio::time::Instant::now();
+    let mut heads = 0;
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match h2raw::read_frame(&mut rd).await {
+                Ok(f) if f.kind == h2raw::SETTINGS && f.flags & h2raw::ACK == 0 => {
+                    let ack = h2raw::frame(h2raw::SETTINGS, h2raw::ACK, 0, &[]);
+                    let _ = wr.write_all(&ack).await;
+                }
+                // A client library answers pings on its own.
+                Ok(f) if f.kind == h2raw::PING && f.flags & h2raw::ACK == 0 => {
+                    let pong = h2raw::frame(h2raw::PING, h2raw::ACK, 0, &f.payload);
+                    let _ = wr.write_all(&pong).await;
+                }
+                Ok(f) if f.kind == h2raw::HEADERS => heads += 1,
+                Ok(f) if f.kind == h2raw::DATA && !f.payload.is_empty() => {
+                    panic!("data sent beyond a window of 0")
+                }
+                Ok(f) if f.kind == h2raw::GOAWAY => return "GOAWAY",
+                Ok(_) => {}
+                Err(_) => return "EOF",
+            }
+        }
+    })
+    .await
+    .expect("still open 15 s after `timeouts.inactive_request` (1 s)");
+    assert_eq!(heads, 3, "closed ({end}) before the answers' heads");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed ({end}) after {:?}",
+        started.elapsed()
+    );
 }
 
 /// An upgraded stream whose user stops reading, so that the relay's

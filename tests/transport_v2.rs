@@ -1208,6 +1208,94 @@ async fn a_tunnel_that_said_goaway_takes_no_new_requests_and_keeps_its_streams()
     assert_eq!(bounded(held).await.unwrap().unwrap(), 200);
 }
 
+/// A request that arrives while a v2 relay-client redials (its tunnel
+/// dropped, its new one not yet up) is held for the tunnel and then
+/// served, not queued for v1 polls that never come (a 503 after
+/// `timeouts.relay`). If no route comes back in that time, it still gets
+/// its 503.
+#[tokio::test]
+async fn a_request_waits_for_a_redialling_relay_client() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.relay = Duration::from_secs(8);
+    })
+    .await;
+    let http = relay.http();
+    let url = format!("{}/client/robot-1/hello", relay.url);
+
+    let tunnel = hand_made_tunnel(&relay, "robot-1").await;
+    wait_tunnels(&relay, 1.0).await;
+    drop(tunnel);
+    wait_tunnels(&relay, 0.0).await;
+
+    let held = tokio::spawn({
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!held.is_finished(), "answered without a relay-client");
+    let _client = v2_client(&relay, "robot-1", &backend.url, 1.0).await;
+    assert_eq!(bounded(held).await.unwrap().unwrap(), 200);
+
+    // Nobody comes back for robot-2: a 503 once `timeouts.relay` passed.
+    let tunnel = hand_made_tunnel(&relay, "robot-2").await;
+    wait_tunnels(&relay, 2.0).await;
+    drop(tunnel);
+    wait_tunnels(&relay, 1.0).await;
+    let started = tokio::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        http.get(format!("{}/client/robot-2/hello", relay.url))
+            .send(),
+    )
+    .await
+    .expect("no answer 20 s after `timeouts.relay` (8 s)")
+    .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// One name's relay token opens at most `limits.max_tunnels_per_backend`
+/// connections at once (429 beyond, `Retry-After` given); a place frees
+/// when a connection ends, and other names are not affected.
+#[tokio::test]
+async fn one_names_tunnels_are_capped() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.limits.max_tunnels_per_backend = 2;
+    })
+    .await;
+    let refused = || async {
+        let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        s.write_all(
+            b"GET /server/connect?server=robot-1 HTTP/1.1\r\nhost: relay\r\n\
+              connection: upgrade\r\nupgrade: http-relay-v2\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = vec![0u8; 512];
+        let n = bounded(s.read(&mut head)).await.unwrap();
+        String::from_utf8_lossy(&head[..n]).to_ascii_lowercase()
+    };
+    let first = hand_made_tunnel(&relay, "robot-1").await;
+    let _second = hand_made_tunnel(&relay, "robot-1").await;
+    wait_tunnels(&relay, 2.0).await;
+    let head = refused().await;
+    assert!(head.starts_with("http/1.1 429 "), "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(head.contains("max_tunnels_per_backend"), "{head}");
+    let _other = hand_made_tunnel(&relay, "robot-2").await;
+    drop(first);
+    wait_tunnels(&relay, 2.0).await;
+    let _third = hand_made_tunnel(&relay, "robot-1").await;
+}
+
 /// A user-client may send an empty POST without `content-length`: over
 /// HTTP/2 (END_STREAM on its HEADERS) or HTTP/1.1 (no framing header at
 /// all). The backend behind the tunnel sees `content-length: 0` either

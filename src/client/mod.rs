@@ -62,6 +62,9 @@ pub struct Ctx {
 /// post of every robot on that server for as long.
 pub const V1_SERVER_MAX_CHUNK: u64 = 50 * 1024;
 
+/// A poll answered empty sooner than this was not a long poll.
+const FAST_EMPTY_POLL: Duration = Duration::from_millis(100);
+
 /// Exponential backoff between failed polls, so a down server is not
 /// hammered and a restarted one is found again quickly. Each wait is
 /// spread over half to one and a half times its step: after a server
@@ -274,6 +277,7 @@ fn start_polls(ctx: &Arc<Ctx>, stop: &CancellationToken, tasks: &TaskTracker) {
 async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
     let mut backoff = Backoff::new();
     loop {
+        let started = tokio::time::Instant::now();
         let polled = tokio::select! {
             r = ctx.transport.poll() => r,
             () = stop.cancelled() => return,
@@ -294,6 +298,18 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
                     Err(_) => {
                         tasks.spawn(async move { forward::refuse_busy(&ctx, req).await });
                     }
+                }
+            }
+            // A long poll that ends at once with nothing is a server
+            // that is going away (the Go server answers every poll 408
+            // while it shuts down): over HTTP/2, nothing else would slow
+            // the next poll down.
+            Ok(None) if started.elapsed() < FAST_EMPTY_POLL => {
+                let wait = backoff.step();
+                tracing::debug!(retry_in = ?wait, "poll answered empty at once");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
                 }
             }
             Ok(None) => backoff.reset(),

@@ -3,7 +3,8 @@
 //! its first request within `timeouts.header_read` and is closed after
 //! `timeouts.idle_connection` without a request in flight, or after
 //! `timeouts.inactive_request` with an answer in flight that the peer
-//! takes no byte of; an upgraded stream is closed after
+//! takes no byte of (its socket full, or, over HTTP/2, its flow-control
+//! window shut); an upgraded stream is closed after
 //! `timeouts.idle_stream` without a byte moving.
 
 use std::sync::Arc;
@@ -11,8 +12,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::Context;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::body::{Body, BoxError};
 
 /// Why a connection was closed by its watchdog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +34,9 @@ pub enum Expired {
     /// has to write for `timeouts.inactive_request`: it stopped reading.
     /// Its answer would hold the request's place, its buffers and (v2) a
     /// share of its tunnel's window for as long as the socket stays open.
+    /// Over HTTP/2 the socket need not fill for that: a peer that opens
+    /// no flow-control window (it may make it 0 from the start) leaves
+    /// every answer waiting in hyper, which has no time limit of its own.
     Stalled,
 }
 
@@ -47,8 +59,23 @@ pub struct Activity {
     /// Milliseconds after `start` since when writes to the peer wait for
     /// room in the socket, or [`NOT_BLOCKED`].
     blocked: AtomicU64,
+    /// Answers that handed hyper a frame and wait for it to ask for the
+    /// next one (or to be done with them): hyper holds the frame until
+    /// the peer has room for it.
+    awaiting: AtomicUsize,
+    /// Milliseconds after `start` of the last sign that the peer takes
+    /// what it is sent: hyper asked an answer for a frame, or a write of
+    /// [`DATA_WRITE`] bytes or more went through.
+    taken: AtomicU64,
     changed: Notify,
 }
+
+/// A write at least this large carries answer bytes. The frames HTTP/2
+/// writes on its own (PING and SETTINGS acknowledgements, WINDOW_UPDATE,
+/// RST_STREAM) take 9 to 17 bytes each and go out a few at a time; a
+/// peer can have the server write those at will, but they are no sign
+/// that it reads.
+const DATA_WRITE: usize = 1024;
 
 const NOT_BLOCKED: u64 = u64::MAX;
 
@@ -74,6 +101,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
             blocked: AtomicU64::new(NOT_BLOCKED),
+            awaiting: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
             changed: Notify::new(),
         })
     }
@@ -88,6 +117,21 @@ impl Activity {
         self.seen.store(true, Ordering::Release);
         self.changed.notify_waiters();
         InFlight(self.clone())
+    }
+
+    /// The peer took answer bytes (or hyper asked an answer for more).
+    fn took(&self) {
+        self.taken.store(self.millis(), Ordering::Relaxed);
+    }
+
+    /// Whether an answer has waited for the peer's room, with no sign of
+    /// the peer taking anything, for at least `limit`.
+    fn held_for(&self, limit: Duration) -> bool {
+        self.awaiting.load(Ordering::Acquire) > 0
+            && Duration::from_millis(
+                self.millis()
+                    .saturating_sub(self.taken.load(Ordering::Relaxed)),
+            ) >= limit
     }
 
     /// A write to the peer had to wait (`true`), or went through.
@@ -132,19 +176,34 @@ impl Activity {
                 continue;
             }
             if self.in_flight.load(Ordering::Acquire) > 0 {
+                // An answer that starts waiting for the peer's room does
+                // not wake this loop (it would cost every frame a wake-up):
+                // it is looked at again after `stalled` at the latest, so
+                // such a stall is found within twice the limit.
+                let held = if self.awaiting.load(Ordering::Acquire) > 0 {
+                    let taken = self.taken.load(Ordering::Relaxed);
+                    crate::clock::after(
+                        self.start,
+                        Duration::from_millis(taken).saturating_add(stalled),
+                    )
+                } else {
+                    crate::clock::from_now(stalled)
+                };
                 let since = self.blocked.load(Ordering::Relaxed);
-                if since == NOT_BLOCKED {
-                    changed.await;
-                    continue;
-                }
-                let deadline = crate::clock::after(
-                    self.start,
-                    Duration::from_millis(since).saturating_add(stalled),
-                );
+                let deadline = if since == NOT_BLOCKED {
+                    held
+                } else {
+                    held.min(crate::clock::after(
+                        self.start,
+                        Duration::from_millis(since).saturating_add(stalled),
+                    ))
+                };
                 tokio::select! {
                     () = &mut changed => {}
                     () = tokio::time::sleep_until(deadline) => {
-                        if self.in_flight.load(Ordering::Acquire) > 0 && self.stalled_for(stalled) {
+                        if self.in_flight.load(Ordering::Acquire) > 0
+                            && (self.stalled_for(stalled) || self.held_for(stalled))
+                        {
                             return Expired::Stalled;
                         }
                     }
@@ -175,6 +234,11 @@ pub struct Writes(pub Arc<Activity>);
 
 impl crate::observed::Observer for Writes {
     fn wrote(&mut self, polled: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = polled
+            && *n >= DATA_WRITE
+        {
+            self.0.took();
+        }
         self.0.wrote(polled.is_pending());
     }
 
@@ -183,18 +247,87 @@ impl crate::observed::Observer for Writes {
     }
 }
 
-/// A connection's place in `limits.max_connections`, in every request's
+impl InFlight {
+    /// `body` as the answer of this request: counted in flight until it
+    /// is done with, and watched for a peer that takes none of it.
+    pub fn answer(self, body: Body) -> Body {
+        Answer {
+            body,
+            awaiting: false,
+            request: self,
+        }
+        .boxed()
+    }
+}
+
+/// The body of an answer in flight ([`InFlight::answer`]). Length and end
+/// pass through, so a `Content-Length` stays.
+struct Answer {
+    body: Body,
+    /// Handed hyper a frame; hyper has not asked for the next one yet.
+    awaiting: bool,
+    request: InFlight,
+}
+
+impl Answer {
+    fn set_awaiting(&mut self, awaiting: bool) {
+        if self.awaiting != awaiting {
+            self.awaiting = awaiting;
+            let count = &self.request.0.awaiting;
+            if awaiting {
+                count.fetch_add(1, Ordering::AcqRel);
+            } else {
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        // hyper asks for a frame once it sent the last one on (the peer
+        // had room for it), and a frame handed over starts the wait anew.
+        this.request.0.took();
+        this.set_awaiting(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.set_awaiting(false);
+    }
+}
+
+/// A connection's place in `limits.max_connections` and among its
+/// source's (`limits.max_connections_per_ip`), in every request's
 /// extensions: an upgraded connection (WebSocket, exec, a v2 tunnel)
 /// leaves hyper, and its task keeps the place until it ends.
 #[derive(Clone, Debug)]
 pub struct Place {
-    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    _held: Arc<(tokio::sync::OwnedSemaphorePermit, super::peers::PeerSlot)>,
 }
 
 impl Place {
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, source: super::peers::PeerSlot) -> Self {
         Self {
-            _permit: Arc::new(permit),
+            _held: Arc::new((permit, source)),
         }
     }
 
@@ -259,6 +392,79 @@ mod tests {
         };
         drop(a.begin());
         a.wrote(true);
+        assert_eq!(watch.await.unwrap(), Expired::Idle);
+    }
+
+    fn frames(n: usize) -> Body {
+        let frames = (0..n).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))));
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    /// An answer that handed hyper a frame hyper cannot send on (the
+    /// peer's HTTP/2 window is shut, and nothing fills the socket)
+    /// expires the connection; one that hyper keeps asking for more does
+    /// not, nor does one whose peer takes data on the connection, nor one
+    /// that waits for its backend.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_peer_has_no_room_for_expires_the_connection() {
+        use crate::observed::Observer as _;
+        let watched = |a: &Arc<Activity>| {
+            let a = a.clone();
+            tokio::spawn(async move { a.expired(limits()).await })
+        };
+
+        // Read frame by frame, however slowly.
+        let a = Activity::new();
+        let watch = watched(&a);
+        let mut body = a.begin().answer(frames(30));
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            body.frame().await.unwrap().unwrap();
+        }
+        assert!(!watch.is_finished(), "a slow reader is no stalled one");
+        // Then no room for the frame just handed over.
+        let stalled = Instant::now();
+        assert_eq!(watch.await.unwrap(), Expired::Stalled);
+        let after = stalled.elapsed();
+        assert!(
+            after >= Duration::from_secs(60) && after <= Duration::from_secs(121),
+            "{after:?}"
+        );
+        drop(body);
+
+        // The frame waits, but the peer takes other answers' data.
+        let a = Activity::new();
+        let watch = watched(&a);
+        let mut body = a.begin().answer(frames(1));
+        body.frame().await.unwrap().unwrap();
+        let mut writes = Writes(a.clone());
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            writes.wrote(&Poll::Ready(Ok(16 * 1024)));
+        }
+        assert!(!watch.is_finished(), "a connection that moves data");
+        // Only control frames go out from then on.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            writes.wrote(&Poll::Ready(Ok(17)));
+        }
+        assert!(watch.is_finished());
+        assert_eq!(watch.await.unwrap(), Expired::Stalled);
+        drop(body);
+
+        // Waiting for its backend: never the peer's fault.
+        let a = Activity::new();
+        let watch = watched(&a);
+        let pending = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
+        let mut body = a
+            .begin()
+            .answer(http_body_util::StreamBody::new(pending).boxed());
+        let polled = tokio::time::timeout(Duration::from_millis(1), body.frame()).await;
+        assert!(polled.is_err(), "no frame yet");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!watch.is_finished());
+        drop(body);
+        // Done with: the idle limit.
         assert_eq!(watch.await.unwrap(), Expired::Idle);
     }
 

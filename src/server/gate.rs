@@ -164,6 +164,18 @@ fn refuse_cert(state: &State, e: CertRefusal, backend: &str) -> RelayError {
     RelayError::ClientCert(e)
 }
 
+/// A name may have at most `limits.max_tunnels_per_backend` open v2
+/// connections; checked before the upgrade, so connections opened at the
+/// same instant may pass it by a few.
+pub fn tunnel_room(state: &State, backend: &str) -> Result<(), RelayError> {
+    let max = state.cfg.limits.max_tunnels_per_backend;
+    if state.broker.tunnels_of(backend) < max {
+        Ok(())
+    } else {
+        Err(RelayError::TooManyTunnels(max))
+    }
+}
+
 /// A relay-client may bring a new name only while fewer than
 /// `limits.max_backends` are known. Checked, then registered by the poll
 /// or tunnel: first polls of new names at the same instant may pass it

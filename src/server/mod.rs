@@ -8,6 +8,7 @@ pub mod body;
 pub mod conn;
 mod gate;
 mod load;
+mod peers;
 mod pipe;
 mod relay;
 mod stream;
@@ -494,6 +495,7 @@ async fn accept_loop(
     let connections = Arc::new(tokio::sync::Semaphore::new(
         state.cfg.limits.max_connections,
     ));
+    let sources = peers::Peers::new(state.cfg.limits.max_connections_per_ip);
     let header_read = state.cfg.timeouts.header_read;
     let idle = state.cfg.timeouts.idle_connection;
     let limits = conn::Limits {
@@ -520,6 +522,12 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        // Over `limits.max_connections_per_ip`: the same.
+        let Some(source) = sources.admit(peer.ip()) else {
+            state.metrics.connections_refused_per_ip.inc();
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -527,7 +535,7 @@ async fn accept_loop(
         let state = state.clone();
         let force_close = force_close.clone();
         tokio::spawn(async move {
-            let place = conn::Place::new(permit);
+            let place = conn::Place::new(permit, source);
             let metrics = state.metrics.clone();
             let activity = Activity::new();
             let watchdog = activity.clone();
@@ -544,7 +552,7 @@ async fn accept_loop(
                     req.extensions_mut().insert(place.clone());
                     async move {
                         let resp = dispatch(&state, req).await;
-                        Ok::<_, Infallible>(resp.map(|b| body::holding(b, in_flight)))
+                        Ok::<_, Infallible>(resp.map(|b| in_flight.answer(b)))
                     }
                 })
             };

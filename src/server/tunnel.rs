@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 
 use super::body::{Body, BoxError, empty};
 use super::user::{
-    Route, announce_trailers, child, join_cookies, refuse_declared_oversize, strip_hop_by_hop,
-    take_host,
+    Route, announce_trailers, child, confine_to_backend, join_cookies, refuse_declared_oversize,
+    strip_hop_by_hop, take_host,
 };
 use super::{State, gate, relay};
 use crate::auth::Claims;
@@ -48,6 +48,7 @@ pub async fn connect(
     gate::relay_access(state, claims.as_ref(), &backend)?;
     gate::relay_cert(state, req.extensions(), &backend)?;
     gate::backend_room(state, &backend)?;
+    gate::tunnel_room(state, &backend)?;
     let offered = req.version() == http::Version::HTTP_11
         && req
             .headers()
@@ -61,6 +62,12 @@ pub async fn connect(
         return Err(BrokerError::Draining.into());
     }
     let expires = claims.as_ref().map(token_lifetime);
+    // Past its `exp` but within `auth.leeway`: the token verifies, but a
+    // connection could not outlive it by a moment. Opened, it would close
+    // at once, and user requests waiting for the name would be sent there.
+    if expires == Some(Duration::ZERO) {
+        return Err(RelayError::Auth(crate::auth::AuthError::Expired));
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let place = super::conn::Place::of(req.extensions());
     tokio::spawn(super::conn::Place::hold(
@@ -423,10 +430,13 @@ pub async fn relay(
         }
         Err(e) => return Err(RelayError::Tunnel(e.to_string())),
     };
-    let switched = resp
-        .headers()
-        .get(v2::STATUS)
-        .is_some_and(|v| v.as_bytes() == b"101");
+    // Only a request that asked for an upgrade can switch: on any other,
+    // the relay-client's mark would only lengthen the reader's limit.
+    let switched = upgrade.is_some()
+        && resp
+            .headers()
+            .get(v2::STATUS)
+            .is_some_and(|v| v.as_bytes() == b"101");
     // An HTTP/2 user who takes no bytes for this long gives the stream's
     // window back (see `RecvBody`); on an upgraded connection, the idle
     // limit. An HTTP/1 user's connection has a watchdog of its own.
@@ -438,6 +448,7 @@ pub async fn relay(
     let resp = resp.map(|recv| super::stream::RecvBody::new(recv, exchange, reader_limit));
     let (mut head, body) = resp.into_parts();
     crate::proto::remove_all(&mut head.headers, &RELAY_HEADERS);
+    confine_to_backend(&mut head.headers, state.cfg.auth.token_cookie.as_deref());
 
     if let (true, Some(on_upgrade), Some(to_backend), Some(token)) =
         (switched, on_upgrade, to_backend, upgrade)

@@ -98,6 +98,39 @@ pub(super) fn join_cookies(headers: &mut HeaderMap) {
 /// Removes hop-by-hop headers and the ones `Connection` names. On an
 /// upgrade, `Connection` and `Upgrade` are what the backend must see.
 /// `TE: trailers` stays: gRPC backends require it.
+/// Drops the answer headers of a backend that would act on the relay's
+/// whole origin, which every backend shares (`/client/<name>/…`):
+/// `Service-Worker-Allowed` (a worker of one backend's pages could then
+/// serve every other backend's), `Clear-Site-Data` (it would wipe the
+/// origin's cookies, the relay's token cookie among them), and a
+/// `Set-Cookie` of the relay's own token cookie (`auth.token_cookie`),
+/// which would sign the user in with a token of the backend's choosing.
+/// A backend's other cookies stay: the browser scopes them as it would
+/// behind any reverse proxy.
+pub(super) fn confine_to_backend(headers: &mut HeaderMap, token_cookie: Option<&str>) {
+    headers.remove("service-worker-allowed");
+    headers.remove("clear-site-data");
+    let Some(name) = token_cookie else {
+        return;
+    };
+    if let http::header::Entry::Occupied(entry) = headers.entry(http::header::SET_COOKIE) {
+        let (_, values) = entry.remove_entry_mult();
+        let kept: Vec<_> = values
+            .filter(|v| {
+                let cookie = v
+                    .as_bytes()
+                    .split(|b| *b == b'=')
+                    .next()
+                    .unwrap_or_default();
+                cookie.trim_ascii() != name.as_bytes()
+            })
+            .collect();
+        for v in kept {
+            headers.append(http::header::SET_COOKIE, v);
+        }
+    }
+}
+
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !crate::proto::holds_any(headers, &HOP_BY_HOP) && !headers.contains_key(header::TE) {
         return;
@@ -213,6 +246,11 @@ async fn relay_request(
     Ok(resp.map(|b| super::body::holding(b, admitted)))
 }
 
+/// Bounds the looks for a route of one request: each look after the
+/// first follows an arrival (a tunnel or a poll), so this only matters if
+/// routes kept arriving and leaving at once.
+const ROUTE_TRIES: usize = 16;
+
 async fn relay_admitted(
     state: &State,
     mut req: Request<Incoming>,
@@ -223,13 +261,21 @@ async fn relay_admitted(
     admitted: &super::load::Admission,
 ) -> Result<Response<Body>, RelayError> {
     // A relay-client connected over v2 takes the request as a stream; v1
-    // polls are the fallback (`docs/transport-v2.md`).
-    let ready = state
-        .broker
-        .ready_tunnel(&route.backend, || {
-            child(traced, || tracing::info_span!("relay.enqueue"))
-        })
-        .await?;
+    // polls are the fallback (`docs/transport-v2.md`). A v2 relay-client
+    // that is redialling is waited for (`Broker::await_route`).
+    let deadline = crate::clock::from_now(state.cfg.timeouts.relay);
+    let mut ready = None;
+    for _ in 0..ROUTE_TRIES {
+        ready = state
+            .broker
+            .ready_tunnel(&route.backend, || {
+                child(traced, || tracing::info_span!("relay.enqueue"))
+            })
+            .await?;
+        if ready.is_some() || !state.broker.await_route(&route.backend, deadline).await? {
+            break;
+        }
+    }
     if let Some(route_to) = ready {
         return super::tunnel::relay(state, req, route, route_to, &span, admitted).await;
     }
@@ -396,6 +442,7 @@ fn respond(
         .ok_or(RelayError::BadBackendResponse(ProtoError::Missing(
             "status_code",
         )))?;
+    confine_to_backend(&mut headers, state.cfg.auth.token_cookie.as_deref());
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let (on_upgrade, Upgraded { place, admission }) =

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     /// Connections closed at accept for `limits.max_connections`.
     pub connections_refused: IntCounter,
+    /// Connections closed at accept for `limits.max_connections_per_ip`.
+    pub connections_refused_per_ip: IntCounter,
 }
 
 /// Direction of relayed bytes.
@@ -187,6 +189,14 @@ impl Metrics {
         registry
             .register(Box::new(connections_refused.clone()))
             .expect("unique counter");
+        let connections_refused_per_ip = IntCounter::new(
+            "relay_connections_refused_per_ip_total",
+            "Connections closed at accept because limits.max_connections_per_ip were open from their address",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(connections_refused_per_ip.clone()))
+            .expect("unique counter");
         Self {
             registry,
             requests,
@@ -203,6 +213,7 @@ impl Metrics {
             client_cert_refusals,
             tls_handshake_failures,
             connections_refused,
+            connections_refused_per_ip,
         }
     }
 

@@ -128,7 +128,7 @@ pub fn init(
     };
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     use std::io::IsTerminal as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(EnvFilter::try_from_default_env().ok());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
@@ -193,6 +193,19 @@ pub fn init(
         .with(otel)
         .try_init();
     Ok(Telemetry { provider })
+}
+
+/// The log filter: `RUST_LOG` if set, else `info`; either way h2's line
+/// for each PING acknowledgement it never asked for is dropped. A peer
+/// (any HTTP/2 user-client, or a relay-client on its tunnel) can send
+/// those at will, for 17 bytes each and with no answer to wait for: a
+/// flood of log lines, and the CPU to write them, for free.
+fn log_filter(from_env: Option<EnvFilter>) -> EnvFilter {
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new("info"));
+    match "h2::proto::ping_pong=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 fn provider(
@@ -398,6 +411,37 @@ mod tests {
     use super::*;
     use opentelemetry::propagation::TextMapPropagator as _;
     use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId};
+
+    /// h2's line for an unasked PING acknowledgement is dropped whatever
+    /// `RUST_LOG` says; its other lines, and ours, pass.
+    #[test]
+    fn unasked_ping_acks_write_no_log_line() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        for env in [None, Some(EnvFilter::new("debug"))] {
+            let lines = Arc::new(AtomicUsize::new(0));
+            let subscriber = tracing_subscriber::registry()
+                .with(log_filter(env))
+                .with(Count(lines.clone()));
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
+                tracing::warn!(target: "h2::proto::streams::recv", "remotely-reset streams reached limit");
+                tracing::info!(target: "http_relay::server", "listening");
+            });
+            assert_eq!(lines.load(Ordering::SeqCst), 2);
+        }
+    }
 
     /// The hand-written writer matches the crate's propagator, header for
     /// header, and round-trips through its extractor.

@@ -205,6 +205,14 @@ async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>
             .header("location", "/elsewhere")
             .body(full("moved"))
             .unwrap()
+    } else if path == "/origin-wide" {
+        Response::builder()
+            .header("set-cookie", "relay_token=chosen-by-the-backend; Path=/")
+            .header("set-cookie", "a=1; Path=/")
+            .header("service-worker-allowed", "/")
+            .header("clear-site-data", "\"cookies\"")
+            .body(full("origin-wide"))
+            .unwrap()
     } else if path == "/multi" {
         Response::builder()
             .header("set-cookie", "a=1")

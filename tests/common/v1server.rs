@@ -46,6 +46,10 @@ struct V1Shared {
     unavailable_posts: std::sync::atomic::AtomicUsize,
     /// Answers of the next `/server/requeststream` calls, in order.
     stream: Mutex<std::collections::VecDeque<StreamAnswer>>,
+    /// Shutting down: every poll gets 408 at once, as from the Go server.
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// Polls received so far.
+    polls: std::sync::atomic::AtomicUsize,
 }
 
 /// An answer of the v1 server to a `/server/requeststream` call.
@@ -75,6 +79,8 @@ impl V1Server {
             connect_calls: Default::default(),
             unavailable_posts: Default::default(),
             stream: Default::default(),
+            shutting_down: Default::default(),
+            polls: Default::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -127,6 +133,19 @@ impl V1Server {
         self.shared.stream.lock().unwrap().extend(answers);
     }
 
+    /// Answers every poll 408 at once from now on, as the Go server does
+    /// while it shuts down.
+    pub fn shut_down(&self) {
+        self.shared
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Polls received so far.
+    pub fn polls(&self) -> usize {
+        self.shared.polls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Calls of `/server/connect` so far.
     pub fn connect_calls(&self) -> usize {
         self.shared
@@ -162,6 +181,10 @@ async fn v1_handle(
     };
     Ok(match req.uri().path() {
         "/server/request" => {
+            s.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if s.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(status_only(StatusCode::REQUEST_TIMEOUT));
+            }
             let next = tokio::time::timeout(Duration::from_secs(1), async {
                 s.pending.lock().await.recv().await
             })
