@@ -652,8 +652,22 @@ impl Broker {
     pub async fn relay(
         &self,
         backend: &str,
+        req: HttpRequest,
+        span: tracing::Span,
+    ) -> Result<Exchange, BrokerError> {
+        let deadline = crate::clock::from_now(self.inner.cfg.relay_timeout);
+        self.relay_until(backend, req, span, deadline).await
+    }
+
+    /// [`Broker::relay`], handed to a poll by `deadline`: the relay
+    /// timeout of a request that already waited for a route
+    /// ([`Broker::await_route`]) counts from its arrival.
+    pub async fn relay_until(
+        &self,
+        backend: &str,
         mut req: HttpRequest,
         span: tracing::Span,
+        deadline: Instant,
     ) -> Result<Exchange, BrokerError> {
         if self.inner.draining.is_cancelled() {
             return Err(BrokerError::Draining);
@@ -696,7 +710,7 @@ impl Broker {
             shared: pending,
         };
         req.id = Some(id);
-        self.hand_to_poll(&b, backend, req).await?;
+        self.hand_to_poll(&b, backend, req, deadline).await?;
         Ok(exchange)
     }
 
@@ -705,6 +719,7 @@ impl Broker {
         b: &Backend,
         name: &str,
         mut req: HttpRequest,
+        deadline: Instant,
     ) -> Result<(), BrokerError> {
         let (taken, mut was_taken) = oneshot::channel();
         let ticket = {
@@ -732,7 +747,6 @@ impl Broker {
             ticket,
             left: false,
         };
-        let deadline = crate::clock::from_now(self.inner.cfg.relay_timeout);
         let gave_up = tokio::select! {
             // Only a poll removes the entry but this task, and it says so
             // first: the request is on its way.

@@ -329,8 +329,10 @@ pub struct ServerLimits {
     /// Open connections from one IPv4 address or IPv6 /64; beyond it new
     /// ones from there are closed at accept. A site whose robots or users
     /// share one address (NAT) needs as many as they open: one each over
-    /// HTTP/2.
-    pub max_connections_per_ip: usize,
+    /// HTTP/2. Unset: [`DEFAULT_CONNECTIONS_PER_IP`] when the server
+    /// terminates TLS itself (it faces the internet), no limit without
+    /// TLS, where every connection may come from the terminator in front.
+    pub max_connections_per_ip: Option<usize>,
     /// Requests of one backend in flight or waiting for its relay-client
     /// (an upgraded connection until it closes); beyond it 503 with
     /// `Retry-After`, other backends unaffected.
@@ -352,13 +354,27 @@ pub struct ServerLimits {
     pub max_tunnels_per_backend: usize,
 }
 
+/// `limits.max_connections_per_ip` of a server that terminates TLS itself,
+/// unless set.
+pub const DEFAULT_CONNECTIONS_PER_IP: usize = 1000;
+
+impl ServerConfig {
+    /// The limit of connections per source in force, if any
+    /// (`limits.max_connections_per_ip`).
+    pub fn connections_per_ip(&self) -> Option<usize> {
+        self.limits
+            .max_connections_per_ip
+            .or(self.tls.enabled.then_some(DEFAULT_CONNECTIONS_PER_IP))
+    }
+}
+
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_request_body: ByteSize::mib(64),
             max_response_chunk: ByteSize::mib(16),
             max_connections: 10_000,
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: None,
             max_requests_per_backend: 1000,
             max_streams_per_connection: 256,
             max_buffered_bytes: ByteSize::mib(512),
@@ -754,7 +770,10 @@ impl ServerConfig {
         let l = &self.limits;
         for (key, n) in [
             ("limits.max_connections", l.max_connections),
-            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip.unwrap_or(1),
+            ),
             (
                 "limits.max_requests_per_backend",
                 l.max_requests_per_backend,
@@ -764,11 +783,18 @@ impl ServerConfig {
                 l.max_streams_per_connection as usize,
             ),
             ("limits.max_backends", l.max_backends),
-            ("limits.max_tunnels_per_backend", l.max_tunnels_per_backend),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        // A relay-client renews its token on a new connection before the
+        // old one closes: it needs two at once.
+        if l.max_tunnels_per_backend < 2 {
+            return Err(invalid(
+                "limits.max_tunnels_per_backend",
+                "must be at least 2 (a token renewal opens a second connection)",
+            ));
         }
 
         for (key, d) in [

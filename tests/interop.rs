@@ -932,7 +932,8 @@ async fn polls_answered_empty_at_once_are_slowed_down() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let polls = server.polls() - before;
     // Four pending polls, each waiting a doubling step from 100 ms (half
-    // to one and a half times it): a few each in 2 s, not thousands.
+    // to one and a half times it) up to 1 s: a few each in 2 s, not
+    // thousands.
     assert!(polls <= 40, "{polls} polls in 2 s");
 }
 

@@ -355,7 +355,7 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
 async fn connections_beyond_max_connections_per_ip_are_closed_at_accept() {
     let relay = Relay::start(|c| {
         c.tls.enabled = false;
-        c.limits.max_connections_per_ip = 3;
+        c.limits.max_connections_per_ip = Some(3);
     })
     .await;
     let from = |ip: &'static str| async move {

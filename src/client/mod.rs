@@ -64,6 +64,8 @@ pub const V1_SERVER_MAX_CHUNK: u64 = 50 * 1024;
 
 /// A poll answered empty sooner than this was not a long poll.
 const FAST_EMPTY_POLL: Duration = Duration::from_millis(100);
+/// The longest wait after such a poll.
+const FAST_EMPTY_POLL_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Exponential backoff between failed polls, so a down server is not
 /// hammered and a restarted one is found again quickly. Each wait is
@@ -305,7 +307,9 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             // while it shuts down): over HTTP/2, nothing else would slow
             // the next poll down.
             Ok(None) if started.elapsed() < FAST_EMPTY_POLL => {
-                let wait = backoff.step();
+                // At most a second or so: the server may be back soon
+                // (restarted), and no request reaches a poll not made.
+                let wait = backoff.step().min(FAST_EMPTY_POLL_MAX_WAIT);
                 tracing::debug!(retry_in = ?wait, "poll answered empty at once");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}

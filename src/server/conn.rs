@@ -64,8 +64,9 @@ pub struct Activity {
     /// the peer has room for it.
     awaiting: AtomicUsize,
     /// Milliseconds after `start` of the last sign that the peer takes
-    /// what it is sent: hyper asked an answer for a frame, or a write of
-    /// [`DATA_WRITE`] bytes or more went through.
+    /// what it is sent (hyper asked an answer for its next frame, or a
+    /// write of [`DATA_WRITE`] bytes or more went through), or of the
+    /// start of a wait (the first answer began to wait).
     taken: AtomicU64,
     changed: Notify,
 }
@@ -124,10 +125,16 @@ impl Activity {
         self.taken.store(self.millis(), Ordering::Relaxed);
     }
 
-    /// Whether an answer has waited for the peer's room, with no sign of
-    /// the peer taking anything, for at least `limit`.
+    /// Whether every request in flight has an answer waiting for the
+    /// peer's room, with no sign of the peer taking anything, for at
+    /// least `limit`. A request still waiting for its backend (a long
+    /// poll, a quiet stream) keeps the connection: closing it would cut
+    /// that request too, for the sake of a stream that may only be paused
+    /// (a `<video>`).
     fn held_for(&self, limit: Duration) -> bool {
-        self.awaiting.load(Ordering::Acquire) > 0
+        let awaiting = self.awaiting.load(Ordering::Acquire);
+        awaiting > 0
+            && awaiting >= self.in_flight.load(Ordering::Acquire)
             && Duration::from_millis(
                 self.millis()
                     .saturating_sub(self.taken.load(Ordering::Relaxed)),
@@ -180,7 +187,8 @@ impl Activity {
                 // not wake this loop (it would cost every frame a wake-up):
                 // it is looked at again after `stalled` at the latest, so
                 // such a stall is found within twice the limit.
-                let held = if self.awaiting.load(Ordering::Acquire) > 0 {
+                let awaiting = self.awaiting.load(Ordering::Acquire);
+                let held = if awaiting > 0 && awaiting >= self.in_flight.load(Ordering::Acquire) {
                     let taken = self.taken.load(Ordering::Relaxed);
                     crate::clock::after(
                         self.start,
@@ -273,11 +281,14 @@ impl Answer {
     fn set_awaiting(&mut self, awaiting: bool) {
         if self.awaiting != awaiting {
             self.awaiting = awaiting;
-            let count = &self.request.0.awaiting;
+            let activity = &self.request.0;
             if awaiting {
-                count.fetch_add(1, Ordering::AcqRel);
+                // The first answer to wait starts the connection's wait.
+                if activity.awaiting.fetch_add(1, Ordering::AcqRel) == 0 {
+                    activity.took();
+                }
             } else {
-                count.fetch_sub(1, Ordering::AcqRel);
+                activity.awaiting.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -293,9 +304,13 @@ impl http_body::Body for Answer {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        // hyper asks for a frame once it sent the last one on (the peer
-        // had room for it), and a frame handed over starts the wait anew.
-        this.request.0.took();
+        if this.awaiting {
+            // hyper asks for more once it sent the last frame on: the
+            // peer had room for it. (A new answer's first poll is no such
+            // sign: else a peer could hold its stalled streams by sending
+            // a cheap request now and then.)
+            this.request.0.took();
+        }
         this.set_awaiting(matches!(polled, Poll::Ready(Some(Ok(_)))));
         polled
     }
@@ -321,11 +336,17 @@ impl Drop for Answer {
 /// leaves hyper, and its task keeps the place until it ends.
 #[derive(Clone, Debug)]
 pub struct Place {
-    _held: Arc<(tokio::sync::OwnedSemaphorePermit, super::peers::PeerSlot)>,
+    _held: Arc<(
+        tokio::sync::OwnedSemaphorePermit,
+        Option<super::peers::PeerSlot>,
+    )>,
 }
 
 impl Place {
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, source: super::peers::PeerSlot) -> Self {
+    pub fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        source: Option<super::peers::PeerSlot>,
+    ) -> Self {
         Self {
             _held: Arc::new((permit, source)),
         }
@@ -451,6 +472,42 @@ mod tests {
         assert!(watch.is_finished());
         assert_eq!(watch.await.unwrap(), Expired::Stalled);
         drop(body);
+
+        // A cheap request now and then does not hold stalled answers.
+        let a = Activity::new();
+        let watch = watched(&a);
+        let mut stalled = a.begin().answer(frames(1));
+        stalled.frame().await.unwrap().unwrap();
+        let started = Instant::now();
+        let mut cheap = Vec::new();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let mut body = a.begin().answer(frames(1));
+            body.frame().await.unwrap().unwrap();
+            cheap.push(body);
+        }
+        assert_eq!(watch.await.unwrap(), Expired::Stalled);
+        assert!(
+            started.elapsed() <= Duration::from_secs(121),
+            "{:?}",
+            started.elapsed()
+        );
+        drop((stalled, cheap));
+
+        // Another request that waits for its backend keeps the connection.
+        let a = Activity::new();
+        let watch = watched(&a);
+        let mut stalled = a.begin().answer(frames(1));
+        stalled.frame().await.unwrap().unwrap();
+        let long_poll = a.begin();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            !watch.is_finished(),
+            "a request waiting for its backend was cut"
+        );
+        drop(long_poll);
+        assert_eq!(watch.await.unwrap(), Expired::Stalled);
+        drop(stalled);
 
         // Waiting for its backend: never the peer's fault.
         let a = Activity::new();

@@ -495,7 +495,7 @@ async fn accept_loop(
     let connections = Arc::new(tokio::sync::Semaphore::new(
         state.cfg.limits.max_connections,
     ));
-    let sources = peers::Peers::new(state.cfg.limits.max_connections_per_ip);
+    let sources = state.cfg.connections_per_ip().map(peers::Peers::new);
     let header_read = state.cfg.timeouts.header_read;
     let idle = state.cfg.timeouts.idle_connection;
     let limits = conn::Limits {
@@ -523,10 +523,16 @@ async fn accept_loop(
             continue;
         };
         // Over `limits.max_connections_per_ip`: the same.
-        let Some(source) = sources.admit(peer.ip()) else {
-            state.metrics.connections_refused_per_ip.inc();
-            drop(tcp);
-            continue;
+        let source = match &sources {
+            Some(sources) => match sources.admit(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    state.metrics.connections_refused_per_ip.inc();
+                    drop(tcp);
+                    continue;
+                }
+            },
+            None => None,
         };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();

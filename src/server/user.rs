@@ -324,7 +324,7 @@ async fn relay_admitted(
     let enqueue = child(traced, || tracing::info_span!("relay.enqueue"));
     let mut exchange = state
         .broker
-        .relay(&route.backend, message, span.clone())
+        .relay_until(&route.backend, message, span.clone(), deadline)
         .await?;
     drop(enqueue);
     span.record("relay.request_id", exchange.id());
