@@ -1150,11 +1150,14 @@ mod tests {
         t.close();
         b.unregister_tunnel("r", &t);
 
-        // A tunnel comes back.
-        let waiting = tokio::spawn({
+        // A request that waits for "r", in the background.
+        let wait = || {
             let b = b.clone();
-            async move { b.await_route("r", soon()).await }
-        });
+            tokio::spawn(async move { b.await_route("r", soon()).await })
+        };
+
+        // A tunnel comes back.
+        let waiting = wait();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
         let (t2, _server2, _stop2) = tunnel_pair().await;
@@ -1164,10 +1167,7 @@ mod tests {
         b.unregister_tunnel("r", &t2);
 
         // A poll comes instead: look again, then go to it.
-        let waiting = tokio::spawn({
-            let b = b.clone();
-            async move { b.await_route("r", soon()).await }
-        });
+        let waiting = wait();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let poll = tokio::spawn({
             let b = b.clone();

@@ -133,6 +133,31 @@ async fn counters_move_after_traffic() {
     );
 }
 
+/// The admin listener has the public one's time limits: a connection
+/// that sends no request is closed after `timeouts.header_read`.
+#[tokio::test]
+async fn a_silent_admin_connection_is_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = admin.local_addr().unwrap();
+    let _relay = Relay::start_with_admin(
+        |c| {
+            c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.timeouts.header_read = Duration::from_secs(1);
+        },
+        Some(admin),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "a silent admin connection still open after 10 s"
+    );
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+}
+
 #[tokio::test]
 async fn admin_listener_takes_metrics_off_the_public_port() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

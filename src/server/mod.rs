@@ -478,7 +478,9 @@ const RESET_STREAMS_PENDING: usize = 20;
 /// Streams the server may reset for a peer's protocol errors, per
 /// connection, before the connection is closed.
 const RESET_STREAMS_LOCAL_ERROR: usize = 256;
-/// Largest HTTP/2 header list of a request (decoded), as for HTTP/1.1.
+/// Largest HTTP/2 header list of a request (decoded): room for large
+/// cookies and tokens, four times hyper's default. (HTTP/1.1 heads are
+/// bounded by hyper's read buffer, about 400 KiB, and 100 headers.)
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// Accepts connections and hands each to its own task; the TLS handshake
@@ -643,10 +645,22 @@ fn metrics_response(state: &State) -> Response<Body> {
     resp
 }
 
+/// Connections the admin listener serves at once (scrapers, probes);
+/// more are closed at accept.
+const ADMIN_CONNECTIONS: usize = 64;
+
 /// Serves `/metrics` and `/healthz` on the admin listener (cleartext,
-/// HTTP/1.1 and h2c) until `stop`.
+/// HTTP/1.1 and h2c) until `stop`, with the public listener's time
+/// limits: a private interface is no reason for a connection that says
+/// nothing to hold a task for good.
 async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = connection_builder(&state.cfg);
+    let limits = conn::Limits {
+        header_read: state.cfg.timeouts.header_read,
+        idle: state.cfg.timeouts.idle_connection,
+        stalled: state.cfg.timeouts.inactive_request,
+    };
+    let connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let tcp = tokio::select! {
             r = listener.accept() => match r {
@@ -659,18 +673,30 @@ async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken
             },
             () = stop.cancelled() => return,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
         let state = state.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let activity = Activity::new();
+            let requests = activity.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let in_flight = requests.begin();
                 let resp = match req.uri().path() {
                     "/metrics" => metrics_response(&state),
                     "/healthz" => Response::new(full("ok")),
                     _ => RelayError::NotFound.into_response(),
                 };
-                async move { Ok::<_, Infallible>(resp) }
+                async move { Ok::<_, Infallible>(resp.map(|b| in_flight.answer(b))) }
             });
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let io = TokioIo::new(Observed::new(tcp, conn::Writes(activity.clone())));
+            tokio::select! {
+                _ = builder.serve_connection(io, service) => {}
+                _ = activity.expired(limits) => {}
+            }
         });
     }
 }
