@@ -125,20 +125,30 @@ impl Activity {
         self.taken.store(self.millis(), Ordering::Relaxed);
     }
 
-    /// Whether every request in flight has an answer waiting for the
-    /// peer's room, with no sign of the peer taking anything, for at
-    /// least `limit`. A request still waiting for its backend (a long
-    /// poll, a quiet stream) keeps the connection: closing it would cut
-    /// that request too, for the sake of a stream that may only be paused
-    /// (a `<video>`).
-    fn held_for(&self, limit: Duration) -> bool {
+    /// Since when (milliseconds after `start`) every request in flight
+    /// has an answer waiting for the peer's room with no sign of the peer
+    /// taking anything; `None` while one does not. A request still
+    /// waiting for its backend (a long poll, a quiet stream) keeps the
+    /// connection: closing it would cut that request too, for the sake of
+    /// a stream that may only be paused (a `<video>`).
+    fn held_since(&self) -> Option<u64> {
         let awaiting = self.awaiting.load(Ordering::Acquire);
-        awaiting > 0
-            && awaiting >= self.in_flight.load(Ordering::Acquire)
-            && Duration::from_millis(
-                self.millis()
-                    .saturating_sub(self.taken.load(Ordering::Relaxed)),
-            ) >= limit
+        (awaiting > 0 && awaiting >= self.in_flight.load(Ordering::Acquire))
+            .then(|| self.taken.load(Ordering::Relaxed))
+    }
+
+    /// Since when writes to the peer have waited for room, if they do.
+    fn blocked_since(&self) -> Option<u64> {
+        let since = self.blocked.load(Ordering::Relaxed);
+        (since != NOT_BLOCKED).then_some(since)
+    }
+
+    /// The instant `limit` after `since` (milliseconds after `start`).
+    fn after(&self, since: u64, limit: Duration) -> Instant {
+        crate::clock::after(
+            self.start,
+            Duration::from_millis(since).saturating_add(limit),
+        )
     }
 
     /// A write to the peer had to wait (`true`), or went through.
@@ -154,10 +164,14 @@ impl Activity {
         }
     }
 
-    /// Whether writes have waited for room for at least `limit`.
+    /// Whether the peer took nothing for at least `limit`: its socket
+    /// stayed full, or every answer waited for its room.
     fn stalled_for(&self, limit: Duration) -> bool {
-        let since = self.blocked.load(Ordering::Relaxed);
-        since != NOT_BLOCKED && Duration::from_millis(self.millis().saturating_sub(since)) >= limit
+        let now = Instant::now();
+        [self.blocked_since(), self.held_since()]
+            .into_iter()
+            .flatten()
+            .any(|since| self.after(since, limit) <= now)
     }
 
     /// Resolves when the connection should be closed.
@@ -187,31 +201,16 @@ impl Activity {
                 // not wake this loop (it would cost every frame a wake-up):
                 // it is looked at again after `stalled` at the latest, so
                 // such a stall is found within twice the limit.
-                let awaiting = self.awaiting.load(Ordering::Acquire);
-                let held = if awaiting > 0 && awaiting >= self.in_flight.load(Ordering::Acquire) {
-                    let taken = self.taken.load(Ordering::Relaxed);
-                    crate::clock::after(
-                        self.start,
-                        Duration::from_millis(taken).saturating_add(stalled),
-                    )
-                } else {
-                    crate::clock::from_now(stalled)
-                };
-                let since = self.blocked.load(Ordering::Relaxed);
-                let deadline = if since == NOT_BLOCKED {
-                    held
-                } else {
-                    held.min(crate::clock::after(
-                        self.start,
-                        Duration::from_millis(since).saturating_add(stalled),
-                    ))
-                };
+                let deadline = [self.blocked_since(), self.held_since()]
+                    .into_iter()
+                    .flatten()
+                    .map(|since| self.after(since, stalled))
+                    .min()
+                    .unwrap_or_else(|| crate::clock::from_now(stalled));
                 tokio::select! {
                     () = &mut changed => {}
                     () = tokio::time::sleep_until(deadline) => {
-                        if self.in_flight.load(Ordering::Acquire) > 0
-                            && (self.stalled_for(stalled) || self.held_for(stalled))
-                        {
+                        if self.in_flight.load(Ordering::Acquire) > 0 && self.stalled_for(stalled) {
                             return Expired::Stalled;
                         }
                     }
@@ -219,8 +218,7 @@ impl Activity {
                 continue;
             }
             let last = self.last.load(Ordering::Relaxed);
-            let deadline =
-                crate::clock::after(self.start, Duration::from_millis(last).saturating_add(idle));
+            let deadline = self.after(last, idle);
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => {
                     if self.in_flight.load(Ordering::Acquire) == 0
