@@ -63,6 +63,18 @@ pub async fn bounded<T>(fut: impl Future<Output = T>) -> T {
         .expect("test step timed out")
 }
 
+/// Asserts that `resp`, an answer whose backend broke off, is never
+/// presented as complete: a 200 head, then a body that fails.
+pub async fn assert_cut_off(resp: reqwest::Response) {
+    assert_eq!(resp.status(), 200);
+    let body = bounded(resp.bytes()).await;
+    assert!(
+        body.is_err(),
+        "a short body was presented as complete: {:?} bytes",
+        body.map(|b| b.len())
+    );
+}
+
 /// Retries `attempt` every 20 ms until it yields `Some`, within the test
 /// timeout.
 pub async fn eventually<T, F, Fut>(mut attempt: F) -> T
