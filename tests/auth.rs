@@ -928,6 +928,49 @@ impl CredentialsRun {
     }
 }
 
+/// A token the server refuses (401) is not swapped for a new grant on
+/// every refused call: a fleet whose server refuses its tokens (here:
+/// their algorithm) must not ask the identity provider for a grant every
+/// few seconds per robot. Before, each refusal (about one every 2 s, the
+/// refusal backoff) fetched a new token.
+#[tokio::test]
+async fn a_refused_token_is_not_refetched_on_every_refusal() {
+    let idp = Idp::start().await;
+    idp.add_client("robot-1", "pw");
+    let backend = Backend::start().await;
+    // The IdP grants ES256 tokens; this server takes RS256 only.
+    let relay = relay_with(&idp, |c| {
+        c.auth.issuers[0].algorithms = vec![Algorithm::RS256];
+    })
+    .await;
+    let secret = token_file("pw");
+    let cfg = credentials_client(&relay, &idp, &backend, &secret);
+    let _client = RelayClient::start(cfg);
+    let http = relay.http();
+    let refusals = || async {
+        let text = http
+            .get(format!("{}/metrics", relay.url))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("relay_auth_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Some(total)
+    };
+    // Refused calls come at once (the v2 probe and the polls), then at
+    // the refusal backoff's pace: several rounds of them.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let refused = refusals().await.unwrap_or_default();
+    assert!(refused >= 8.0, "refused calls: {refused}");
+    assert_eq!(idp.tokens_issued(), 1, "tokens granted");
+}
+
 #[tokio::test]
 async fn client_credentials_refresh_before_expiry() {
     const TTL: Duration = Duration::from_secs(6);

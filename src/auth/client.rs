@@ -59,6 +59,16 @@ const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// Backoff after a failed token fetch, doubling up to the maximum.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A token the server refused is dropped for a new one only once it is
+/// this old, then twice as old for the next one, up to the maximum. A
+/// token refused at once will most likely be refused again (an audience or
+/// a role the server does not accept, a clock out of step): fetching one
+/// per refused call would make a fleet under a server misconfiguration
+/// ask the identity provider for a grant every few seconds per robot, and
+/// providers limit and bill those. A token that lived to its refresh
+/// resets the wait.
+const REFUSED_KEEP_MIN: Duration = Duration::from_secs(60);
+const REFUSED_KEEP_MAX: Duration = Duration::from_secs(16 * 60);
 
 use crate::lock;
 
@@ -108,15 +118,13 @@ impl TokenSource {
         }
     }
 
-    /// The server refused `sent`: fetch a new token next time, unless the
-    /// cached one is already another (compare and clear, so concurrent
-    /// refusals cost one fetch).
+    /// The server refused `sent` as invalid (401): fetch a new token next
+    /// time, unless the cached one is already another (compare and clear,
+    /// so concurrent refusals cost one fetch), or is too young to drop
+    /// ([`REFUSED_KEEP_MIN`]).
     pub async fn invalidate(&self, sent: &str) {
         if let TokenSource::ClientCredentials(c) = self {
-            let mut current = lock(&c.current);
-            if current.as_ref().is_some_and(|t| t.token == sent) {
-                *current = None;
-            }
+            c.refused(sent);
         }
     }
 }
@@ -168,6 +176,8 @@ pub struct ClientCredentials {
     refreshing: AtomicBool,
     /// After a failed fetch: no new attempt before `retry_at`.
     failure: Mutex<Option<Failure>>,
+    /// How old a refused token must be to be dropped.
+    refused_keep: Mutex<Duration>,
 }
 
 #[derive(Clone)]
@@ -177,6 +187,7 @@ struct Cached {
     refresh_at: Instant,
     /// From here on the token is not presented any more.
     expires_at: Instant,
+    fetched: Instant,
 }
 
 struct Failure {
@@ -214,7 +225,26 @@ impl ClientCredentials {
             fetching: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
             failure: Mutex::new(None),
+            refused_keep: Mutex::new(REFUSED_KEEP_MIN),
         })
+    }
+
+    /// See [`TokenSource::invalidate`].
+    fn refused(&self, sent: &str) {
+        let mut current = lock(&self.current);
+        let Some(cached) = current.as_ref().filter(|c| c.token == sent) else {
+            return;
+        };
+        let mut keep = lock(&self.refused_keep);
+        if cached.fetched.elapsed() < *keep {
+            tracing::debug!(
+                age = ?cached.fetched.elapsed(),
+                "refused token kept: a new one would most likely be refused too"
+            );
+            return;
+        }
+        *current = None;
+        *keep = (*keep * 2).min(REFUSED_KEEP_MAX);
     }
 
     /// The cached token while it is valid: polls and chunk posts never
@@ -271,11 +301,16 @@ impl ClientCredentials {
         match self.fetch().await {
             Ok((token, lifetime)) => {
                 let fetched = Instant::now();
-                *lock(&self.current) = Some(Cached {
+                let replaced = lock(&self.current).replace(Cached {
                     token: token.clone(),
                     refresh_at: crate::clock::after(fetched, refresh_after(lifetime)),
                     expires_at: crate::clock::after(fetched, lifetime),
+                    fetched,
                 });
+                // A refresh: the token before lived to it.
+                if replaced.is_some() {
+                    *lock(&self.refused_keep) = REFUSED_KEEP_MIN;
+                }
                 *lock(&self.failure) = None;
                 Ok(token)
             }
@@ -395,5 +430,49 @@ pub fn presented_audience(token: &str) -> String {
         Ok(super::Audience::One(a)) => a,
         Ok(super::Audience::Many(v)) => v.join(","),
         _ => "<none>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(c: &ClientCredentials, token: &str, age: Duration) {
+        let fetched = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        *lock(&c.current) = Some(Cached {
+            token: token.into(),
+            refresh_at: crate::clock::after(fetched, Duration::from_secs(3000)),
+            expires_at: crate::clock::after(fetched, Duration::from_secs(3600)),
+            fetched,
+        });
+    }
+
+    fn cached(c: &ClientCredentials) -> Option<String> {
+        lock(&c.current).as_ref().map(|c| c.token.clone())
+    }
+
+    /// A refused token is dropped only once it is old enough, and the next
+    /// one must be twice as old; a refusal of a token no longer cached
+    /// changes nothing.
+    #[test]
+    fn refused_tokens_are_dropped_ever_more_slowly() {
+        let c = ClientCredentials::new(&ClientAuth::default()).expect("client");
+        cache(&c, "a", Duration::from_secs(5));
+        c.refused("a");
+        assert_eq!(cached(&c).as_deref(), Some("a"), "a young token is kept");
+
+        cache(&c, "a", REFUSED_KEEP_MIN + Duration::from_secs(1));
+        c.refused("other");
+        assert_eq!(cached(&c).as_deref(), Some("a"), "another token's refusal");
+        c.refused("a");
+        assert_eq!(cached(&c), None, "an old enough token is dropped");
+
+        cache(&c, "b", REFUSED_KEEP_MIN + Duration::from_secs(1));
+        c.refused("b");
+        assert_eq!(cached(&c).as_deref(), Some("b"), "the next must be older");
+        cache(&c, "b", 2 * REFUSED_KEEP_MIN + Duration::from_secs(1));
+        c.refused("b");
+        assert_eq!(cached(&c), None);
+        assert_eq!(*lock(&c.refused_keep), 4 * REFUSED_KEEP_MIN);
     }
 }

@@ -125,6 +125,41 @@ pub(crate) struct TcpKeepalive {
     pub interval: Duration,
 }
 
+/// How every connection of the relay-client is dialled, to the server (v1
+/// and v2) and to the backend: a name's IPv6 and IPv4 addresses raced
+/// (Happy Eyeballs), each address given its share of a 10 s limit, so an
+/// address that drops packets (IPv6 broken on the robot's network) does
+/// not hold the dial until the kernel gives up.
+pub(crate) fn tcp_connector<R>(
+    mut http: HttpConnector<R>,
+    keepalive: Option<TcpKeepalive>,
+) -> HttpConnector<R> {
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    if let Some(k) = keepalive {
+        http.set_keepalive(Some(k.idle));
+        http.set_keepalive_interval(Some(k.interval));
+        http.set_keepalive_retries(Some(3));
+    }
+    http
+}
+
+/// TCP keep-alive of connections to the server.
+///
+/// HTTP/2 pings find a dead path for calls over HTTP/2. Over HTTP/1.1
+/// (cleartext, or a front that offers no h2) a poll on a path that died
+/// after it was sent (the robot changed networks) would wait out
+/// `CALL_TIMEOUT` while users get errors for want of a poll: TCP
+/// keep-alive finds it in about the same time. Whole seconds, at least
+/// one: the kernel refuses zero.
+pub(crate) fn relay_keepalive(cfg: &ClientConfig) -> TcpKeepalive {
+    TcpKeepalive {
+        idle: cfg.relay_ping_interval.max(Duration::from_secs(1)),
+        interval: (cfg.relay_ping_timeout / 3).max(Duration::from_secs(1)),
+    }
+}
+
 pub(crate) fn https_client<B>(
     tls: rustls::ClientConfig,
     configure: impl FnOnce(&mut hyper_util::client::legacy::Builder),
@@ -136,15 +171,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    if let Some(k) = keepalive {
-        http.set_keepalive(Some(k.idle));
-        http.set_keepalive_interval(Some(k.interval));
-        http.set_keepalive_retries(Some(3));
-    }
+    let http = tcp_connector(HttpConnector::new(), keepalive);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -167,16 +194,7 @@ impl RelayTransport {
         let tls = crate::tls::client_config_with(cfg.ca_file.as_deref(), cfg.relay_identity())?;
         let ping = cfg.relay_ping_interval;
         let ping_timeout = cfg.relay_ping_timeout;
-        // HTTP/2 pings find a dead path for calls over HTTP/2. Over
-        // HTTP/1.1 (cleartext, or a front that offers no h2) a poll on a
-        // path that died after it was sent (the robot changed networks)
-        // would wait out `CALL_TIMEOUT` while users get errors for want of
-        // a poll: TCP keep-alive finds it in about the same time.
-        // Whole seconds, at least one: the kernel refuses zero.
-        let keepalive = TcpKeepalive {
-            idle: ping.max(Duration::from_secs(1)),
-            interval: (ping_timeout / 3).max(Duration::from_secs(1)),
-        };
+        let keepalive = relay_keepalive(cfg);
         let client = https_client(
             tls,
             |b| {
@@ -262,9 +280,13 @@ impl RelayTransport {
             let presented = sent
                 .as_deref()
                 .map_or_else(|| "<none>".into(), crate::auth::client::presented_audience);
-            // The next call fetches a fresh token, unless another call
-            // already did.
-            if let Some(sent) = &sent {
+            // A 401 may be cured by a fresh token, which the next call
+            // fetches (unless another call already did, or the token is
+            // too young to drop); a 403 (a valid token without access to
+            // this name) is not.
+            if status == StatusCode::UNAUTHORIZED
+                && let Some(sent) = &sent
+            {
                 self.tokens.invalidate(sent).await;
             }
             return TransportError::Refused {

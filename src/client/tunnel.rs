@@ -19,15 +19,17 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::upgrade::Upgraded;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use super::{Backoff, Ctx};
+use super::{Backoff, Ctx, transport};
 use crate::auth::client::TokenError;
 use crate::proto::v2;
 use crate::telemetry;
@@ -103,8 +105,32 @@ impl TunnelError {
     }
 }
 
+/// A TCP connection to `uri`'s host and port through `tcp`.
+async fn dial<C>(mut tcp: C, uri: http::Uri) -> Result<TcpStream, TunnelError>
+where
+    C: tower_service::Service<http::Uri, Response = TokioIo<TcpStream>>,
+    C::Error: std::error::Error,
+{
+    let failed = |e: C::Error| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        TunnelError::Connect(msg)
+    };
+    std::future::poll_fn(|cx| tcp.poll_ready(cx))
+        .await
+        .map_err(failed)?;
+    Ok(tcp.call(uri).await.map_err(failed)?.into_inner())
+}
+
 /// Where and how to dial the server.
 pub struct Dialer {
+    /// Dials as the v1 transport does ([`transport::tcp_connector`]).
+    tcp: HttpConnector,
+    uri: http::Uri,
     host: String,
     port: u16,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
@@ -141,7 +167,13 @@ impl Dialer {
         } else {
             None
         };
+        let tcp = transport::tcp_connector(
+            HttpConnector::new(),
+            Some(transport::relay_keepalive(&ctx.cfg)),
+        );
         Ok(Self {
+            tcp,
+            uri: uri.clone(),
             host,
             port,
             tls,
@@ -159,10 +191,7 @@ impl Dialer {
     }
 
     async fn open_inner(&self, ctx: &Ctx) -> Result<Opened, TunnelError> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| TunnelError::Connect(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = dial(self.tcp.clone(), self.uri.clone()).await?;
         match &self.tls {
             Some((connector, name)) => {
                 let tls = connector
@@ -286,6 +315,19 @@ fn renewal_in(token: Option<&str>, server_time: Option<SystemTime>) -> Option<Du
 /// reconnect starts the backoff afresh.
 const STABLE: Duration = Duration::from_secs(10);
 
+/// After a working connection ends, the redial waits a random part of
+/// this. A server that drains closes every tunnel at once: without the
+/// spread its whole fleet would redial (TLS handshake, token check) into
+/// the same instant, at a peer replica or at the restarted server. The
+/// server holds requests for a name that is redialling
+/// (`timeouts.relay`), so users see the wait, not an error.
+const REDIAL_SPREAD: Duration = Duration::from_secs(1);
+
+/// The wait before redialling after a working connection ended.
+fn redial_wait() -> Duration {
+    REDIAL_SPREAD.mul_f64(fastrand::f64())
+}
+
 /// Keeps a v2 connection up until `stop`: serves `first`, reconnects when
 /// a connection ends, and replaces each connection with a fresh one (a
 /// fresh token) before its token expires; the old one finishes its
@@ -357,15 +399,17 @@ pub async fn run(
                 // A connection the server (or something on the way) closes
                 // as soon as it is open must not make a tight loop of
                 // handshakes.
-                if opened_at.elapsed() >= STABLE {
+                let wait = if opened_at.elapsed() >= STABLE {
                     backoff.reset();
+                    redial_wait()
                 } else {
                     let wait = backoff.step();
                     tracing::debug!(retry_in = ?wait, "v2 connection ended soon after it opened");
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => return Ok(()),
-                    }
+                    wait
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return Ok(()),
                 }
             }
             () = renewal => {
@@ -832,6 +876,67 @@ fn switched(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name that resolves to fixed addresses.
+    #[derive(Clone)]
+    struct Fixed(Vec<std::net::SocketAddr>);
+
+    impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for Fixed {
+        type Response = std::vec::IntoIter<std::net::SocketAddr>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+            std::future::ready(Ok(self.0.clone().into_iter()))
+        }
+    }
+
+    /// Redials after a server's drain are spread over a second, not made
+    /// at once by a whole fleet.
+    #[test]
+    fn redials_after_a_working_connection_are_spread() {
+        let waits: Vec<Duration> = (0..200).map(|_| redial_wait()).collect();
+        assert!(waits.iter().all(|w| *w < REDIAL_SPREAD), "{waits:?}");
+        let (min, max) = (waits.iter().min(), waits.iter().max());
+        let spread = max.zip(min).map(|(a, b)| *a - *b).unwrap_or_default();
+        assert!(spread > REDIAL_SPREAD / 2, "spread over {spread:?}");
+    }
+
+    /// The server's name resolving to an address that drops connection
+    /// attempts (an IPv6 path broken on the robot's network) and to one
+    /// that works: the tunnel reaches the second within its open timeout,
+    /// as v1 polls do. It used to wait on the first until the timeout.
+    #[tokio::test]
+    async fn the_dial_moves_on_from_an_address_that_drops_connection_attempts() {
+        // A full accept queue: the kernel drops further SYNs.
+        let full = tokio::net::TcpSocket::new_v4().expect("socket");
+        full.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+        let full = full.listen(0).expect("listen");
+        let full_addr = full.local_addr().expect("addr");
+        let _queued = TcpStream::connect(full_addr).await.expect("queued");
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let good_addr = good.local_addr().expect("addr");
+
+        let tcp = transport::tcp_connector(
+            HttpConnector::new_with_resolver(Fixed(vec![full_addr, good_addr])),
+            None,
+        );
+        let uri: http::Uri = "http://relay.test/".parse().expect("uri");
+        let dialled = tokio::time::timeout(OPEN_TIMEOUT, dial(tcp, uri))
+            .await
+            .expect("dialled within the open timeout")
+            .expect("connected");
+        assert_eq!(dialled.peer_addr().expect("peer"), good_addr);
+        let (_accepted, from) = good.accept().await.expect("accept");
+        assert_eq!(from, dialled.local_addr().expect("local"));
+    }
 
     fn token_expiring(exp: serde_json::Value) -> String {
         let claims = serde_json::json!({ "exp": exp });
