@@ -72,6 +72,10 @@ pub enum BrokerError {
     /// The user-to-backend stream of an upgraded request has ended.
     #[error("request stream is over")]
     StreamClosed,
+    /// The user-client half-closed its side of an upgraded request, told
+    /// to a relay-client that asked for it ([`crate::proto::HALF_CLOSE_PARAM`]).
+    #[error("the user-client closed its side")]
+    HalfClosed,
     /// No chunk arrived for the inactive-request timeout.
     #[error("backend did not answer within {0:?}")]
     Inactive(Duration),
@@ -823,7 +827,7 @@ impl Broker {
     /// poll timeout and then answers empty; [`BrokerError::UnknownRequest`]
     /// once the request is gone.
     ///
-    /// The user-client's half-close is [`BrokerError::StreamClosed`] too
+    /// The user-client's half-close is [`BrokerError::HalfClosed`]
     /// only with `half_close` (a relay-client that asked for it, see
     /// [`crate::proto::HALF_CLOSE_PARAM`]). A Go relay-client closes the
     /// whole backend connection on 410, losing what the backend still had
@@ -856,7 +860,7 @@ impl Broker {
                 // over (reaped, or its answer ended): that is no
                 // half-close.
                 return Err(if self.inner.requests.contains_key(id) {
-                    BrokerError::StreamClosed
+                    BrokerError::HalfClosed
                 } else {
                     BrokerError::UnknownRequest(id.to_owned())
                 });
@@ -1659,7 +1663,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         assert!(matches!(
             b.request_stream(&id, true).await,
-            Err(BrokerError::StreamClosed)
+            Err(BrokerError::HalfClosed)
         ));
         // A silent read ends when the request does.
         let reader = spawn_read(&b, &id, false);

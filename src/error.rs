@@ -94,7 +94,7 @@ impl RelayError {
                 B::PollTimeout => StatusCode::REQUEST_TIMEOUT,
                 B::UnknownRequest(_) | B::MissingId | B::Refused(_) => StatusCode::BAD_REQUEST,
                 B::BadResponse(_) => StatusCode::BAD_GATEWAY,
-                B::StreamClosed => StatusCode::GONE,
+                B::StreamClosed | B::HalfClosed => StatusCode::GONE,
                 B::Inactive(_) => StatusCode::GATEWAY_TIMEOUT,
                 B::DuplicateId(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -144,6 +144,12 @@ impl RelayError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
+        if matches!(self, RelayError::Broker(BrokerError::HalfClosed)) {
+            resp.headers_mut().insert(
+                crate::proto::HALF_CLOSED_HEADER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -174,5 +180,20 @@ mod tests {
                 .to_string()
                 .contains("unknown client")
         );
+    }
+
+    /// Only the user's half-close carries the mark that tells it from a
+    /// request that is over (both are 410, as the fleet's server says).
+    #[test]
+    fn the_half_close_is_marked() {
+        let marked = |e: BrokerError| {
+            let r = RelayError::from(e).into_response();
+            (
+                r.status().as_u16(),
+                r.headers().contains_key(crate::proto::HALF_CLOSED_HEADER),
+            )
+        };
+        assert_eq!(marked(BrokerError::HalfClosed), (410, true));
+        assert_eq!(marked(BrokerError::StreamClosed), (410, false));
     }
 }

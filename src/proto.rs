@@ -23,6 +23,12 @@ pub const STREAM_CONTENT_TYPE: &str = "application/octet-data";
 /// (`docs/PROTOCOL.md`, "How this implementation meets them"); a server
 /// that does not know it ignores it.
 pub const HALF_CLOSE_PARAM: &str = "half_close";
+/// Header (`1`) of our server's 410 to such a call when the user-client
+/// half-closed. A 410 without it (a Go server's, or one from a server that
+/// does not know the parameter) means the request is over: the relay-client
+/// tells the two apart by this mark, not by a guess at which server it
+/// talks to.
+pub const HALF_CLOSED_HEADER: &str = "x-relay-half-closed";
 
 /// Headers that describe one connection, not the message; never relayed
 /// (except `connection`/`upgrade` on a 101, which *is* about the

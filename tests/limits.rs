@@ -1118,6 +1118,91 @@ async fn after_the_users_half_close_the_backend_talks_while_it_moves() {
     }
 }
 
+/// A front of the relay for its relay-clients that passes the v1 calls on
+/// and has no v2: `/server/connect` is a 404, as from an ingress that does
+/// not route it. Its URL.
+async fn front_without_v2(relay_url: String) -> String {
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (http, relay_url) = (http.clone(), relay_url.clone());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (http, relay_url) = (http.clone(), relay_url.clone());
+                async move {
+                    let mut answer = Response::new(http_body_util::Full::new(Bytes::new()));
+                    if req.uri().path().ends_with("/server/connect") {
+                        *answer.status_mut() = StatusCode::NOT_FOUND;
+                        return Ok::<_, Infallible>(answer);
+                    }
+                    let target = format!("{relay_url}{}", req.uri());
+                    let (parts, body) = req.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let mut headers = parts.headers;
+                    headers.remove(http::header::HOST);
+                    let sent = http
+                        .request(parts.method, target)
+                        .headers(headers)
+                        .body(body)
+                        .send()
+                        .await;
+                    let Ok(resp) = sent else {
+                        *answer.status_mut() = StatusCode::BAD_GATEWAY;
+                        return Ok(answer);
+                    };
+                    *answer.status_mut() = resp.status();
+                    for (k, v) in resp.headers() {
+                        if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING
+                        {
+                            answer.headers_mut().append(k, v.clone());
+                        }
+                    }
+                    *answer.body_mut() =
+                        http_body_util::Full::new(resp.bytes().await.unwrap_or_default());
+                    Ok(answer)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    url
+}
+
+/// A relay-client that finds no v2 (a front that does not route it) takes
+/// our server's 410 for what it is, the user's half-close, and relays the
+/// backend's answer to the end. It used to guess from the missing v2 that
+/// it spoke to the fleet's Go server, take the 410 for the end of the
+/// request and close the backend connection.
+#[tokio::test]
+async fn without_v2_the_users_half_close_is_still_a_half_close() {
+    let backend = UpgradeBackend::start().await;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    let mut cfg = client_config(&relay, "ws", &backend.url);
+    cfg.relay_url = front_without_v2(relay.url.clone()).await;
+    cfg.transport = Transport::Auto;
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("ws").await;
+    let mut s = open_upgrade(&relay, "/client/ws/late").await;
+    s.write_all(b"question").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    bounded(s.read_to_end(&mut answer)).await.unwrap();
+    assert_eq!(
+        answer.len(),
+        20 * 1024,
+        "the backend's answer after the half-close"
+    );
+    assert!(answer.iter().all(|b| *b == b'l'));
+}
+
 /// v2: a backend connection that fails is no clean close for the user:
 /// over TLS the user sees the connection cut (no `close_notify`), not
 /// the end of the backend's output.

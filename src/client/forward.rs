@@ -508,9 +508,8 @@ async fn pipe(
                         break;
                     }
                 }
-                // A Go server answers 410 only for a request that is over.
-                Ok(StreamRead::Closed) if !ctx.v1_only_server() => break,
-                Ok(StreamRead::Closed | StreamRead::Gone) => {
+                Ok(StreamRead::Closed) => break,
+                Ok(StreamRead::Gone) => {
                     tracing::debug!(id, "request over: closing the backend connection");
                     return false;
                 }

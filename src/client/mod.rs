@@ -122,13 +122,6 @@ impl Ctx {
         })
     }
 
-    /// Whether the server offered no v2 when last asked (most likely the
-    /// fleet's Go server).
-    pub fn v1_only_server(&self) -> bool {
-        self.v1_only_server
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Largest body per response chunk: `max_chunk_size`, but at most
     /// [`V1_SERVER_MAX_CHUNK`] while the server offers no v2.
     pub fn max_chunk(&self) -> u64 {

@@ -100,9 +100,10 @@ pub enum PostOutcome {
 #[derive(Debug, PartialEq, Eq)]
 pub enum StreamRead {
     Bytes(Bytes),
-    /// 410 from our server: the user-client's side is over (a half-close).
+    /// 410 marked [`proto::HALF_CLOSED_HEADER`] (our server): the
+    /// user-client's side is over (a half-close).
     Closed,
-    /// 400, or a Go server's 410: the request itself is over.
+    /// 400, or an unmarked 410 (a Go server's): the request itself is over.
     Gone,
 }
 
@@ -347,7 +348,11 @@ impl RelayTransport {
             )),
             // 400: the id is unknown (request over or reaped).
             StatusCode::BAD_REQUEST => Ok(StreamRead::Gone),
-            StatusCode::GONE => Ok(StreamRead::Closed),
+            StatusCode::GONE if resp.headers().contains_key(proto::HALF_CLOSED_HEADER) => {
+                Ok(StreamRead::Closed)
+            }
+            // A Go server's: the request is over.
+            StatusCode::GONE => Ok(StreamRead::Gone),
             _ => Err(self.unexpected(resp).await),
         }
     }
