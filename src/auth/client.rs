@@ -66,7 +66,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// per refused call would make a fleet under a server misconfiguration
 /// ask the identity provider for a grant every few seconds per robot, and
 /// providers limit and bill those. A token that lived to its refresh
-/// resets the wait.
+/// unrefused resets the wait; an expired one is dropped at once.
 const REFUSED_KEEP_MIN: Duration = Duration::from_secs(60);
 const REFUSED_KEEP_MAX: Duration = Duration::from_secs(16 * 60);
 
@@ -118,10 +118,10 @@ impl TokenSource {
         }
     }
 
-    /// The server refused `sent` as invalid (401): fetch a new token next
-    /// time, unless the cached one is already another (compare and clear,
-    /// so concurrent refusals cost one fetch), or is too young to drop
-    /// ([`REFUSED_KEEP_MIN`]).
+    /// The server refused `sent` (401, or 403 for a claim the IdP may since
+    /// have granted): fetch a new token next time, unless the cached one is
+    /// already another (compare and clear, so concurrent refusals cost one
+    /// fetch), or is too young to drop ([`REFUSED_KEEP_MIN`]).
     pub async fn invalidate(&self, sent: &str) {
         if let TokenSource::ClientCredentials(c) = self {
             c.refused(sent);
@@ -188,6 +188,8 @@ struct Cached {
     /// From here on the token is not presented any more.
     expires_at: Instant,
     fetched: Instant,
+    /// The server refused it, and it was kept (too young to drop).
+    refused: bool,
 }
 
 struct Failure {
@@ -232,15 +234,26 @@ impl ClientCredentials {
     /// See [`TokenSource::invalidate`].
     fn refused(&self, sent: &str) {
         let mut current = lock(&self.current);
-        let Some(cached) = current.as_ref().filter(|c| c.token == sent) else {
+        let Some(cached) = current.as_mut().filter(|c| c.token == sent) else {
             return;
         };
+        // Past its `exp` by the wall clock, whatever its age says: the
+        // monotonic clock stands still while a robot is suspended, and an
+        // IdP that gives no `expires_in` leaves the lifetime a guess.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if unverified_exp(sent).is_some_and(|exp| exp <= now) {
+            *current = None;
+            return;
+        }
         let mut keep = lock(&self.refused_keep);
         if cached.fetched.elapsed() < *keep {
             tracing::debug!(
                 age = ?cached.fetched.elapsed(),
                 "refused token kept: a new one would most likely be refused too"
             );
+            cached.refused = true;
             return;
         }
         *current = None;
@@ -306,9 +319,11 @@ impl ClientCredentials {
                     refresh_at: crate::clock::after(fetched, refresh_after(lifetime)),
                     expires_at: crate::clock::after(fetched, lifetime),
                     fetched,
+                    refused: false,
                 });
-                // A refresh: the token before lived to it.
-                if replaced.is_some() {
+                // A refresh of a token the server took: refusals, if they
+                // come again, start afresh.
+                if replaced.is_some_and(|c| !c.refused) {
                     *lock(&self.refused_keep) = REFUSED_KEEP_MIN;
                 }
                 *lock(&self.failure) = None;
@@ -419,6 +434,17 @@ pub(crate) fn refresh_after(lifetime: Duration) -> Duration {
     lifetime - margin
 }
 
+/// A token's `exp` (seconds since the epoch), read without verifying it,
+/// as the server reads it (a decimal one too).
+pub(crate) fn unverified_exp(token: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: serde_json::Value,
+    }
+    let claims = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token).ok()?;
+    super::numeric_date(&claims.exp)
+}
+
 /// The audience(s) a token claims, for log lines (never the token).
 pub fn presented_audience(token: &str) -> String {
     #[derive(serde::Deserialize)]
@@ -437,13 +463,14 @@ pub fn presented_audience(token: &str) -> String {
 mod tests {
     use super::*;
 
-    fn cache(c: &ClientCredentials, token: &str, age: Duration) {
-        let fetched = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    fn cache(c: &ClientCredentials, token: &str) {
+        let fetched = Instant::now();
         *lock(&c.current) = Some(Cached {
             token: token.into(),
             refresh_at: crate::clock::after(fetched, Duration::from_secs(3000)),
             expires_at: crate::clock::after(fetched, Duration::from_secs(3600)),
             fetched,
+            refused: false,
         });
     }
 
@@ -451,28 +478,60 @@ mod tests {
         lock(&c.current).as_ref().map(|c| c.token.clone())
     }
 
+    fn jwt(exp: u64) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({ "exp": exp }),
+            &jsonwebtoken::EncodingKey::from_secret(b"not checked here"),
+        )
+        .expect("token")
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    }
+
     /// A refused token is dropped only once it is old enough, and the next
     /// one must be twice as old; a refusal of a token no longer cached
     /// changes nothing.
-    #[test]
-    fn refused_tokens_are_dropped_ever_more_slowly() {
+    #[tokio::test(start_paused = true)]
+    async fn refused_tokens_are_dropped_ever_more_slowly() {
         let c = ClientCredentials::new(&ClientAuth::default()).expect("client");
-        cache(&c, "a", Duration::from_secs(5));
-        c.refused("a");
-        assert_eq!(cached(&c).as_deref(), Some("a"), "a young token is kept");
+        let (a, b) = (jwt(unix_now() + 3600), jwt(unix_now() + 3601));
+        cache(&c, &a);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        c.refused(&a);
+        assert_eq!(cached(&c), Some(a.clone()), "a young token is kept");
 
-        cache(&c, "a", REFUSED_KEEP_MIN + Duration::from_secs(1));
+        tokio::time::advance(REFUSED_KEEP_MIN).await;
         c.refused("other");
-        assert_eq!(cached(&c).as_deref(), Some("a"), "another token's refusal");
-        c.refused("a");
+        assert_eq!(cached(&c), Some(a.clone()), "another token's refusal");
+        c.refused(&a);
         assert_eq!(cached(&c), None, "an old enough token is dropped");
 
-        cache(&c, "b", REFUSED_KEEP_MIN + Duration::from_secs(1));
-        c.refused("b");
-        assert_eq!(cached(&c).as_deref(), Some("b"), "the next must be older");
-        cache(&c, "b", 2 * REFUSED_KEEP_MIN + Duration::from_secs(1));
-        c.refused("b");
+        cache(&c, &b);
+        tokio::time::advance(REFUSED_KEEP_MIN + Duration::from_secs(1)).await;
+        c.refused(&b);
+        assert_eq!(cached(&c), Some(b.clone()), "the next must be older");
+        assert!(lock(&c.current).as_ref().is_some_and(|t| t.refused));
+        tokio::time::advance(REFUSED_KEEP_MIN).await;
+        c.refused(&b);
         assert_eq!(cached(&c), None);
         assert_eq!(*lock(&c.refused_keep), 4 * REFUSED_KEEP_MIN);
+    }
+
+    /// A token past its `exp` by the wall clock is dropped at once, however
+    /// young it looks (a robot that was suspended).
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_refused_token_is_dropped_at_once() {
+        let c = ClientCredentials::new(&ClientAuth::default()).expect("client");
+        let expired = jwt(unix_now() - 10);
+        cache(&c, &expired);
+        c.refused(&expired);
+        assert_eq!(cached(&c), None);
+        assert_eq!(*lock(&c.refused_keep), REFUSED_KEEP_MIN, "no doubling");
     }
 }

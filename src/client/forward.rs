@@ -509,7 +509,10 @@ async fn pipe(
                     }
                 }
                 Ok(StreamRead::Closed) => break,
-                Ok(StreamRead::Gone) => {
+                // Only a server that offered no v2 (most likely the Go
+                // one) ends the request with a 410.
+                Ok(StreamRead::Unmarked) if !ctx.v1_only_server() => break,
+                Ok(StreamRead::Unmarked | StreamRead::Gone) => {
                     tracing::debug!(id, "request over: closing the backend connection");
                     return false;
                 }

@@ -20,7 +20,8 @@ use crate::tls::TlsError;
 use transport::{HttpsClient, RelayTransport};
 use tunnel::TunnelError;
 
-/// Least wait after the server refused our token.
+/// Least backoff step after the server refused our token (each wait is
+/// spread over half to one and a half times its step, as all are).
 const AUTH_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long requests in flight may run on after shutdown was asked for.
@@ -95,10 +96,12 @@ impl Backoff {
     /// by asking faster.
     pub(crate) fn after_failure(&mut self, refused: bool) -> Duration {
         if refused {
-            self.step().max(AUTH_BACKOFF)
-        } else {
-            self.step()
+            // Raised before the spread, not after: a floor under the
+            // spread wait would make a fleet refused at the same moment
+            // (a key or audience change on the server) retry in step.
+            self.next = self.next.max(AUTH_BACKOFF);
         }
+        self.step()
     }
 }
 
@@ -120,6 +123,13 @@ impl Ctx {
             in_flight,
             v1_only_server: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the server offered no v2 when last asked (most likely the
+    /// fleet's Go server).
+    pub fn v1_only_server(&self) -> bool {
+        self.v1_only_server
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Largest body per response chunk: `max_chunk_size`, but at most
@@ -346,5 +356,28 @@ mod tests {
         }
         // Twenty clients do not wait alike.
         assert!(waits.iter().any(|w| w[0] != waits[0][0]));
+    }
+
+    /// Refused calls wait at least about `AUTH_BACKOFF`, spread like every
+    /// other wait: a fleet refused at once does not retry in step.
+    #[test]
+    fn refusals_back_off_spread() {
+        let first: Vec<Duration> = (0..50)
+            .map(|_| Backoff::new().after_failure(true))
+            .collect();
+        for w in &first {
+            assert!(*w >= AUTH_BACKOFF / 2 && *w < AUTH_BACKOFF * 3 / 2, "{w:?}");
+        }
+        let (min, max) = (first.iter().min(), first.iter().max());
+        let spread = max.zip(min).map(|(a, b)| *a - *b).unwrap_or_default();
+        assert!(spread > AUTH_BACKOFF / 2, "spread over {spread:?}");
+        // Then it doubles from there.
+        let mut b = Backoff::new();
+        b.after_failure(true);
+        let second = b.after_failure(true);
+        assert!(
+            second >= AUTH_BACKOFF && second < AUTH_BACKOFF * 3,
+            "{second:?}"
+        );
     }
 }

@@ -103,7 +103,10 @@ pub enum StreamRead {
     /// 410 marked [`proto::HALF_CLOSED_HEADER`] (our server): the
     /// user-client's side is over (a half-close).
     Closed,
-    /// 400, or an unmarked 410 (a Go server's): the request itself is over.
+    /// 410 without the mark: a Go server's (the request is over), or an
+    /// older build of ours (a half-close).
+    Unmarked,
+    /// 400: the request itself is over.
     Gone,
 }
 
@@ -281,13 +284,10 @@ impl RelayTransport {
             let presented = sent
                 .as_deref()
                 .map_or_else(|| "<none>".into(), crate::auth::client::presented_audience);
-            // A 401 may be cured by a fresh token, which the next call
-            // fetches (unless another call already did, or the token is
-            // too young to drop); a 403 (a valid token without access to
-            // this name) is not.
-            if status == StatusCode::UNAUTHORIZED
-                && let Some(sent) = &sent
-            {
+            // A fresh token may cure it, which the next call fetches
+            // (unless another call already did, or the token is too young
+            // to drop: `TokenSource::invalidate`).
+            if let Some(sent) = &sent {
                 self.tokens.invalidate(sent).await;
             }
             return TransportError::Refused {
@@ -336,7 +336,8 @@ impl RelayTransport {
     /// Reads the next user-to-backend bytes of an upgraded request.
     pub async fn request_stream(&self, id: &str) -> Result<StreamRead, TransportError> {
         let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
-        // We take 410 as the user's half-close (`forward::pipe`).
+        // Our server then marks a 410 that is the user's half-close
+        // (`forward::pipe`).
         let path = format!(
             "/server/requeststream?id={id}&{}=1",
             proto::HALF_CLOSE_PARAM
@@ -351,8 +352,7 @@ impl RelayTransport {
             StatusCode::GONE if resp.headers().contains_key(proto::HALF_CLOSED_HEADER) => {
                 Ok(StreamRead::Closed)
             }
-            // A Go server's: the request is over.
-            StatusCode::GONE => Ok(StreamRead::Gone),
+            StatusCode::GONE => Ok(StreamRead::Unmarked),
             _ => Err(self.unexpected(resp).await),
         }
     }

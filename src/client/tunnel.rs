@@ -214,11 +214,17 @@ impl Dialer {
             let _ = conn.with_upgrades().await;
         });
         let token = ctx.transport.tokens().token().await?;
+        // An IPv6 literal keeps its brackets in `Host`.
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let authority =
             if self.tls.is_some() && self.port == 443 || self.tls.is_none() && self.port == 80 {
-                self.host.clone()
+                host
             } else {
-                format!("{}:{}", self.host, self.port)
+                format!("{host}:{}", self.port)
             };
         let mut req = Request::get(format!(
             "{}{}?server={}",
@@ -257,11 +263,9 @@ impl Dialer {
             .map(|c| String::from_utf8_lossy(&c.to_bytes()).trim().to_owned())
             .unwrap_or_default();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            // A 401 may be cured by a fresh token; a 403 (a token for
-            // another name, or an ingress refusing the upgrade) is not.
-            if status == StatusCode::UNAUTHORIZED
-                && let Some(sent) = &token
-            {
+            // A fresh token may cure it (a claim granted since), at the
+            // token source's pace.
+            if let Some(sent) = &token {
                 ctx.transport.tokens().invalidate(sent).await;
             }
             return Err(TunnelError::Refused { status, body });
@@ -290,14 +294,8 @@ pub struct Opened {
 /// otherwise redial every second, or lose its connection, streams and
 /// all, at expiry.
 fn renewal_in(token: Option<&str>, server_time: Option<SystemTime>) -> Option<Duration> {
-    #[derive(serde::Deserialize)]
-    struct Exp {
-        exp: serde_json::Value,
-    }
-    // Read as the server reads it (a decimal `exp` too): it closes the
-    // connection at that time.
-    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Exp>(token?).ok()?;
-    let exp = crate::auth::numeric_date(&exp.exp)?;
+    // Read as the server reads it: it closes the connection at that time.
+    let exp = crate::auth::client::unverified_exp(token?)?;
     let local = || SystemTime::now().duration_since(UNIX_EPOCH).ok();
     let now = match server_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
         // A server clock past `exp` cannot have let the token in: that
