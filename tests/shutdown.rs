@@ -290,3 +290,32 @@ async fn a_request_unanswered_at_the_shutdown_deadline_gets_a_status() {
     assert_eq!(resp.status(), 503);
     bounded(stopped).await.unwrap().unwrap();
 }
+
+/// A v1 relay-client stopped while a request still waits on its backend
+/// past the grace period tells the server so: the user gets an error at
+/// once, not at `timeouts.inactive_request` (a minute).
+#[tokio::test]
+async fn a_request_the_relay_client_abandons_at_shutdown_fails_at_once() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.timeouts.inactive_request = Duration::from_secs(60)).await;
+    let mut cfg = common::client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = http_relay::config::Transport::V1;
+    let mut client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    let user = tokio::spawn({
+        let http = relay.http();
+        let url = format!("{}/client/robot-1/hang", relay.url);
+        async move { http.get(url).send().await }
+    });
+    eventually(|| async { (backend.hanging.load(SeqCst) == 1).then_some(()) }).await;
+    // Returns once the grace (10 s) is over and the request abandoned.
+    client.stop().await;
+    let started = std::time::Instant::now();
+    let resp = bounded(user).await.unwrap().expect("an answer");
+    assert_eq!(resp.status(), 502);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}

@@ -61,6 +61,32 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
     }
 }
 
+/// [`forward`] until `abandoned` (the relay-client's shutdown grace is
+/// over). The backend call is then dropped and the server told that the
+/// answer will not come ([`HttpResponse::aborted`]), so that its user gets
+/// an error at once, not at `timeouts.inactive_request`. A Go server skips
+/// the mark: its user waits, as with a Go relay-client.
+pub async fn forward_until(ctx: &Ctx, req: HttpRequest, abandoned: impl Future<Output = ()>) {
+    let id = req.id.clone();
+    tokio::select! {
+        () = forward(ctx, req) => {}
+        () = abandoned => {
+            let Some(id) = id else { return };
+            let chunk = HttpResponse {
+                id: Some(id.clone()),
+                aborted: Some(true),
+                ..Default::default()
+            };
+            match post(ctx, &chunk).await {
+                Ok(()) | Err(ForwardError::Gone) => {
+                    tracing::debug!(id, "request abandoned at shutdown: the server was told");
+                }
+                Err(e) => tracing::debug!(id, error = %e, "request abandoned at shutdown"),
+            }
+        }
+    }
+}
+
 /// Answers a request 503 because `max_concurrent_requests` are in flight.
 pub async fn refuse_busy(ctx: &Ctx, req: HttpRequest) {
     let Some(id) = req.id else { return };

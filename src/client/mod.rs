@@ -26,6 +26,8 @@ const AUTH_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long requests in flight may run on after shutdown was asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long requests abandoned then have to tell the server so.
+const ABANDON_WAIT: Duration = Duration::from_secs(3);
 
 /// Why the relay-client could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,10 @@ pub struct Ctx {
     /// Set while the server offers no v2: most likely the fleet's Go
     /// server, whose chunks must stay small ([`Ctx::max_chunk`]).
     v1_only_server: std::sync::atomic::AtomicBool,
+    /// Cancelled when the shutdown's grace is over: v1 requests still in
+    /// flight tell the server they are abandoned
+    /// ([`forward::forward_until`]).
+    abandon: CancellationToken,
 }
 
 /// Largest chunk posted to a server that offers no v2, as the Go
@@ -122,6 +128,7 @@ impl Ctx {
             backend_base,
             in_flight,
             v1_only_server: std::sync::atomic::AtomicBool::new(false),
+            abandon: CancellationToken::new(),
         })
     }
 
@@ -183,7 +190,14 @@ pub async fn run(cfg: ClientConfig, shutdown: impl Future<Output = ()>) -> Resul
         .await
         .is_err()
     {
-        tracing::warn!("requests still in flight at shutdown were abandoned");
+        ctx.abandon.cancel();
+        let told = tokio::time::timeout(ABANDON_WAIT, tasks.wait())
+            .await
+            .is_ok();
+        tracing::warn!(
+            told_the_server = told,
+            "requests still in flight at shutdown were abandoned"
+        );
     }
     tracing::info!("relay-client stopped");
     result
@@ -294,7 +308,7 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
                 match ctx.in_flight.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tasks.spawn(async move {
-                            forward::forward(&ctx, req).await;
+                            forward::forward_until(&ctx, req, ctx.abandon.cancelled()).await;
                             drop(permit);
                         });
                     }
