@@ -56,6 +56,10 @@ pub struct Ctx {
     /// Set while the server offers no v2: most likely the fleet's Go
     /// server, whose chunks must stay small ([`Ctx::max_chunk`]).
     v1_only_server: std::sync::atomic::AtomicBool,
+    /// Whether the last v1 poll was answered (not refused): a refused v2
+    /// upgrade is then not our token's, and is not probed again at the
+    /// pace of a refusal.
+    polls_answered: std::sync::atomic::AtomicBool,
     /// Cancelled when the shutdown's grace is over: v1 requests still in
     /// flight tell the server they are abandoned
     /// ([`forward::forward_until`]).
@@ -128,6 +132,7 @@ impl Ctx {
             backend_base,
             in_flight,
             v1_only_server: std::sync::atomic::AtomicBool::new(false),
+            polls_answered: std::sync::atomic::AtomicBool::new(false),
             abandon: CancellationToken::new(),
         })
     }
@@ -254,8 +259,14 @@ async fn drive(
                 }
                 // A refusal may be our token's, which a fresh one cures:
                 // v2 is probed again as a refused call is retried. A
-                // server (or ingress) without v2 only every REPROBE.
-                let wait = if e.is_refusal() {
+                // server (or ingress) without v2 only every REPROBE, and
+                // so an upgrade refused while the polls, with the same
+                // token, are answered: an ingress that refuses upgrades
+                // must not get a fleet's handshakes every few seconds.
+                let polls_answered = ctx
+                    .polls_answered
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let wait = if e.is_refusal() && !polls_answered {
                     backoff.after_failure(true)
                 } else {
                     REPROBE
@@ -301,6 +312,15 @@ async fn poll_loop(ctx: Arc<Ctx>, stop: CancellationToken, tasks: TaskTracker) {
             r = ctx.transport.poll() => r,
             () = stop.cancelled() => return,
         };
+        let answered = match &polled {
+            Ok(_) => Some(true),
+            Err(e) if e.is_refusal() => Some(false),
+            Err(_) => None,
+        };
+        if let Some(answered) = answered {
+            ctx.polls_answered
+                .store(answered, std::sync::atomic::Ordering::Relaxed);
+        }
         match polled {
             Ok(Some(req)) => {
                 backoff.reset();
