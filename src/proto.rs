@@ -29,6 +29,13 @@ pub const HALF_CLOSE_PARAM: &str = "half_close";
 /// tells the two apart by this mark, not by a guess at which server it
 /// talks to.
 pub const HALF_CLOSED_HEADER: &str = "x-relay-half-closed";
+/// Header of every answer of our server to a relay-client call
+/// (`/server/...`), with the value [`SERVER_MARK`]. A relay-client on
+/// `transport = "v1"` never asks whether the server offers v2, so this is
+/// how it knows it need not keep its chunks as small as the Go server
+/// needs them (`client::V1_SERVER_MAX_CHUNK`).
+pub const SERVER_MARK_HEADER: &str = "x-relay-server";
+pub const SERVER_MARK: &str = "http-relay";
 
 /// Headers that describe one connection, not the message; never relayed
 /// (except `connection`/`upgrade` on a 101, which *is* about the

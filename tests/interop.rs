@@ -937,6 +937,39 @@ async fn polls_answered_empty_at_once_are_slowed_down() {
     assert!(polls <= 40, "{polls} polls in 2 s");
 }
 
+/// With `transport = "v1"` (no question about v2 asked), the relay-client
+/// still keeps its chunks small for a server that has not marked its
+/// answers as ours: a Go server's broker holds its lock while a chunk
+/// waits for its user. It used to send `max_chunk_size` (1 MiB).
+#[tokio::test]
+async fn on_v1_chunks_stay_small_for_an_unmarked_server() {
+    let backend = Backend::start().await;
+    let server = V1Server::start().await;
+    let mut cfg = server.client_config(&backend.url);
+    cfg.transport = http_relay::config::Transport::V1;
+    let _client = RelayClient::start(cfg);
+    let n = 3 * 1024 * 1024;
+    let rx = server
+        .send(HttpRequest {
+            id: Some("robot:22222222222222222222222222222222".into()),
+            method: Some("GET".into()),
+            url: Some(format!("http://invalid/bytes/{n}").into()),
+            ..Default::default()
+        })
+        .await;
+    let chunks = collect(rx).await;
+    let sizes: Vec<usize> = chunks
+        .iter()
+        .map(|c| c.body.as_ref().map_or(0, |b| b.len()))
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), n);
+    assert!(
+        sizes.iter().all(|s| *s <= 50 * 1024),
+        "largest chunk {:?}",
+        sizes.iter().max()
+    );
+}
+
 #[tokio::test]
 async fn our_relay_client_works_against_a_v1_only_server() {
     let backend = Backend::start().await;

@@ -55,6 +55,83 @@ async fn both_routing_forms_reach_the_backend() {
     assert_eq!(line(&text, "uri"), ["/pkg.Service/Method?x=2"]);
 }
 
+/// Every answer to a relay-client call carries our server's mark, the
+/// refusals too (a relay-client on `transport = "v1"` learns from it that
+/// it need not keep its chunks as small as for the Go server); answers to
+/// user-clients do not.
+#[tokio::test]
+async fn relay_client_calls_are_answered_with_the_servers_mark() {
+    let relay = Relay::start(|c| c.timeouts.poll = Duration::from_millis(200)).await;
+    let http = relay.http();
+    let mark = |r: &reqwest::Response| {
+        r.headers()
+            .get(http_relay::proto::SERVER_MARK_HEADER)
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+    };
+    let poll = http
+        .get(format!("{}/server/request?server=robot-1", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(mark(&poll).as_deref(), Some("http-relay"));
+    let refused = http
+        .post(format!("{}/server/request", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(mark(&refused).as_deref(), Some("http-relay"));
+    let user = http
+        .get(format!("{}/client/robot-1/", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mark(&user), None);
+}
+
+/// Our relay-client on `transport = "v1"` posts `max_chunk_size` (1 MiB)
+/// chunks to our server, which marks its answers: a 3 MiB answer takes a
+/// handful of posts, not the 62 of 50 KiB chunks kept for the Go server.
+#[tokio::test]
+async fn on_v1_our_server_gets_full_size_chunks() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = http_relay::config::Transport::V1;
+    let _client = RelayClient::start(cfg);
+    relay.wait_for_backend("robot-1").await;
+    let http = relay.http();
+    let n = 3 * 1024 * 1024;
+    let body = http
+        .get(format!("{}/client/robot-1/bytes/{n}", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len(), n);
+    let text = http
+        .get(format!("{}/metrics", relay.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let posts = text
+        .lines()
+        .find(|l| {
+            l.starts_with("broker_requests{")
+                && l.contains("\"server_response\"")
+                && l.contains("\"robot-1\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!((1.0..=10.0).contains(&posts), "{posts} chunk posts");
+}
+
 #[tokio::test]
 async fn missing_and_unknown_backend_names() {
     let relay = Relay::start(|_| {}).await;

@@ -145,13 +145,13 @@ impl Ctx {
     }
 
     /// Largest body per response chunk: `max_chunk_size`, but at most
-    /// [`V1_SERVER_MAX_CHUNK`] while the server offers no v2.
+    /// [`V1_SERVER_MAX_CHUNK`] while the server may be the fleet's Go one:
+    /// it offered no v2, or (`transport = "v1"`) was never asked, and has
+    /// not marked an answer as ours.
     pub fn max_chunk(&self) -> u64 {
         let max = self.cfg.max_chunk_size.as_u64();
-        if self
-            .v1_only_server
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let unknown = self.cfg.transport == Transport::V1 || self.v1_only_server();
+        if unknown && !self.transport.server_marked() {
             max.min(V1_SERVER_MAX_CHUNK)
         } else {
             max

@@ -119,6 +119,9 @@ pub struct RelayTransport {
     tokens: Arc<TokenSource>,
     base: String,
     backend_query: String,
+    /// Whether an answer carried our server's mark
+    /// ([`proto::SERVER_MARK_HEADER`]).
+    marked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// TCP keep-alive of a connection: the first probe after `idle` without
@@ -215,7 +218,14 @@ impl RelayTransport {
             tokens,
             base: cfg.relay_url.trim_end_matches('/').to_owned(),
             backend_query: form_urlencoded::byte_serialize(cfg.backend_name.as_bytes()).collect(),
+            marked: Arc::default(),
         })
+    }
+
+    /// Whether the server has said it is ours (an answer with
+    /// [`proto::SERVER_MARK_HEADER`]), not the fleet's Go server.
+    pub fn server_marked(&self) -> bool {
+        self.marked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where the relay token comes from (shared with the v2 transport).
@@ -256,6 +266,14 @@ impl RelayTransport {
             Ok(r) => r?,
             Err(_) => return Err(TransportError::Timeout),
         };
+        if resp
+            .headers()
+            .get(proto::SERVER_MARK_HEADER)
+            .is_some_and(|v| v == proto::SERVER_MARK)
+        {
+            self.marked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // For a refusal: which token the server saw.
         resp.extensions_mut().insert(SentToken(token));
         Ok(resp)

@@ -704,6 +704,7 @@ async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken
 /// Routes a request to its handler and maps any error to its response.
 pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
+    let relay_call = path.starts_with("/server/");
     let result = if path == "/healthz" {
         let mut resp = Response::new(full("ok"));
         *resp.status_mut() = StatusCode::OK;
@@ -716,14 +717,14 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         } else {
             Err(RelayError::NotFound)
         }
-    } else if path.starts_with("/server/") {
+    } else if relay_call {
         relay::handle(state, req).await
     } else {
         // Boxed: an idle v1 poll holds this future for up to a minute and
         // must not pay for the user path's larger state.
         Box::pin(user::handle(state, req)).await
     };
-    result.unwrap_or_else(|e: RelayError| {
+    let mut resp = result.unwrap_or_else(|e: RelayError| {
         // Unknown names and timeouts are routine on a public relay; only
         // failures of the relay path itself are worth an info line.
         let status = e.status();
@@ -733,5 +734,12 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
             tracing::debug!(error = %e, %status, "request refused");
         }
         e.into_response()
-    })
+    });
+    if relay_call {
+        resp.headers_mut().insert(
+            crate::proto::SERVER_MARK_HEADER,
+            http::HeaderValue::from_static(crate::proto::SERVER_MARK),
+        );
+    }
+    resp
 }
