@@ -29,11 +29,11 @@ pub const HALF_CLOSE_PARAM: &str = "half_close";
 /// tells the two apart by this mark, not by a guess at which server it
 /// talks to.
 pub const HALF_CLOSED_HEADER: &str = "x-relay-half-closed";
-/// Header of every answer of our server to a relay-client call
-/// (`/server/...`), with the value [`SERVER_MARK`]. A relay-client on
-/// `transport = "v1"` never asks whether the server offers v2, so this is
-/// how it knows it need not keep its chunks as small as the Go server
-/// needs them (`client::V1_SERVER_MAX_CHUNK`).
+/// Header of our server's poll answers (200 and 408 to
+/// `/server/request`), with the value [`SERVER_MARK`]. It tells a
+/// relay-client that it need not keep its chunks as small as the Go server
+/// needs them (`client::V1_SERVER_MAX_CHUNK`); a relay-client on
+/// `transport = "v1"` never asks whether the server offers v2.
 pub const SERVER_MARK_HEADER: &str = "x-relay-server";
 pub const SERVER_MARK: &str = "http-relay";
 

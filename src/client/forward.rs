@@ -63,12 +63,15 @@ pub async fn forward(ctx: &Ctx, req: HttpRequest) {
 
 /// [`forward`] until `abandoned` (the relay-client's shutdown grace is
 /// over). The backend call is then dropped and the server told that the
-/// answer will not come ([`HttpResponse::aborted`]), so that its user gets
-/// an error at once, not at `timeouts.inactive_request`. A Go server skips
-/// the mark: its user waits, as with a Go relay-client.
+/// answer will not come ([`HttpResponse::aborted`]): its user gets an
+/// error (or a cut answer, if the head went out) at once, not at
+/// `timeouts.inactive_request`. A Go server skips the mark and ends the
+/// request when it reaps it, as with a Go relay-client.
 pub async fn forward_until(ctx: &Ctx, req: HttpRequest, abandoned: impl Future<Output = ()>) {
     let id = req.id.clone();
     tokio::select! {
+        // A request that ends as the grace does needs no word.
+        biased;
         () = forward(ctx, req) => {}
         () = abandoned => {
             let Some(id) = id else { return };

@@ -26,8 +26,9 @@ const AUTH_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long requests in flight may run on after shutdown was asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How long requests abandoned then have to tell the server so.
-const ABANDON_WAIT: Duration = Duration::from_secs(3);
+/// How long requests abandoned then have to tell the server so: longer
+/// than a chunk post's retries (`forward::POST_RETRY_WINDOW`).
+const ABANDON_WAIT: Duration = Duration::from_secs(4);
 
 /// Why the relay-client could not start.
 #[derive(Debug, thiserror::Error)]
@@ -144,17 +145,16 @@ impl Ctx {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Largest body per response chunk: `max_chunk_size`, but at most
-    /// [`V1_SERVER_MAX_CHUNK`] while the server may be the fleet's Go one:
-    /// it offered no v2, or (`transport = "v1"`) was never asked, and has
-    /// not marked an answer as ours.
+    /// Largest body per (v1) response chunk: `max_chunk_size`, but at
+    /// most [`V1_SERVER_MAX_CHUNK`] unless the last poll answer said the
+    /// server is ours: the fleet's Go server needs them small. Whatever
+    /// the transport setting, the poll that brought a request said so.
     pub fn max_chunk(&self) -> u64 {
         let max = self.cfg.max_chunk_size.as_u64();
-        let unknown = self.cfg.transport == Transport::V1 || self.v1_only_server();
-        if unknown && !self.transport.server_marked() {
-            max.min(V1_SERVER_MAX_CHUNK)
-        } else {
+        if self.transport.server_marked() {
             max
+        } else {
+            max.min(V1_SERVER_MAX_CHUNK)
         }
     }
 }
@@ -240,6 +240,8 @@ async fn drive(
                 }
                 ctx.v1_only_server
                     .store(false, std::sync::atomic::Ordering::Relaxed);
+                ctx.polls_answered
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 backoff.reset();
                 match tunnel::run(ctx.clone(), &dialer, conn, stop.clone(), &tasks).await {
                     Ok(()) => return Ok(()),
@@ -257,16 +259,17 @@ async fn drive(
                     ctx.v1_only_server
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                // A refusal may be our token's, which a fresh one cures:
-                // v2 is probed again as a refused call is retried. A
+                // A 401 may be our token's, which a fresh one cures: v2 is
+                // probed again as a refused call is retried, until a poll
+                // is answered (then the refusal is not the token's). A
                 // server (or ingress) without v2 only every REPROBE, and
-                // so an upgrade refused while the polls, with the same
-                // token, are answered: an ingress that refuses upgrades
-                // must not get a fleet's handshakes every few seconds.
+                // so after a 403 (a valid token, or an ingress refusing
+                // upgrades): such an ingress must not get a fleet's
+                // handshakes every few seconds.
                 let polls_answered = ctx
                     .polls_answered
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let wait = if e.is_refusal() && !polls_answered {
+                let wait = if e.is_invalid_token() && !polls_answered {
                     backoff.after_failure(true)
                 } else {
                     REPROBE

@@ -119,7 +119,7 @@ pub struct RelayTransport {
     tokens: Arc<TokenSource>,
     base: String,
     backend_query: String,
-    /// Whether an answer carried our server's mark
+    /// Whether the last poll answer carried our server's mark
     /// ([`proto::SERVER_MARK_HEADER`]).
     marked: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -222,7 +222,7 @@ impl RelayTransport {
         })
     }
 
-    /// Whether the server has said it is ours (an answer with
+    /// Whether the server said it is ours (its last poll answer had
     /// [`proto::SERVER_MARK_HEADER`]), not the fleet's Go server.
     pub fn server_marked(&self) -> bool {
         self.marked.load(std::sync::atomic::Ordering::Relaxed)
@@ -266,14 +266,6 @@ impl RelayTransport {
             Ok(r) => r?,
             Err(_) => return Err(TransportError::Timeout),
         };
-        if resp
-            .headers()
-            .get(proto::SERVER_MARK_HEADER)
-            .is_some_and(|v| v == proto::SERVER_MARK)
-        {
-            self.marked
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         // For a refusal: which token the server saw.
         resp.extensions_mut().insert(SentToken(token));
         Ok(resp)
@@ -321,6 +313,16 @@ impl RelayTransport {
     pub async fn poll(&self) -> Result<Option<HttpRequest>, TransportError> {
         let path = format!("/server/request?server={}", self.backend_query);
         let resp = self.call(Method::GET, &path, Bytes::new()).await?;
+        if matches!(resp.status(), StatusCode::OK | StatusCode::REQUEST_TIMEOUT) {
+            // Each answer says again: the relay URL may have moved to
+            // another server since.
+            let marked = resp
+                .headers()
+                .get(proto::SERVER_MARK_HEADER)
+                .is_some_and(|v| v == proto::SERVER_MARK);
+            self.marked
+                .store(marked, std::sync::atomic::Ordering::Relaxed);
+        }
         match resp.status() {
             StatusCode::OK => {
                 let body = Self::read_body(resp, MAX_POLL_ANSWER).await?;

@@ -67,6 +67,15 @@ impl TunnelError {
         matches!(self, TunnelError::Refused { .. } | TunnelError::Token(_))
     }
 
+    /// A refusal that a fresh token may cure: 401, or no token to send.
+    pub fn is_invalid_token(&self) -> bool {
+        match self {
+            TunnelError::Refused { status, .. } => *status == StatusCode::UNAUTHORIZED,
+            TunnelError::Token(_) => true,
+            _ => false,
+        }
+    }
+
     /// Answers that say "no v2 on this path" for good: a v1-only server
     /// answers the unknown path with 4xx (`docs/transport-v2.md`,
     /// "Negotiation and fallback"). Not: a refusal of our token, a busy

@@ -705,6 +705,7 @@ async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken
 pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let relay_call = path.starts_with("/server/");
+    let poll = path == "/server/request";
     let result = if path == "/healthz" {
         let mut resp = Response::new(full("ok"));
         *resp.status_mut() = StatusCode::OK;
@@ -735,7 +736,7 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         }
         e.into_response()
     });
-    if relay_call {
+    if poll && matches!(resp.status(), StatusCode::OK | StatusCode::REQUEST_TIMEOUT) {
         resp.headers_mut().insert(
             crate::proto::SERVER_MARK_HEADER,
             http::HeaderValue::from_static(crate::proto::SERVER_MARK),
