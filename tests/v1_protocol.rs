@@ -112,23 +112,11 @@ async fn on_v1_our_server_gets_full_size_chunks() {
         .await
         .unwrap();
     assert_eq!(body.len(), n);
-    let text = http
-        .get(format!("{}/metrics", relay.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let posts = text
-        .lines()
-        .find(|l| {
-            l.starts_with("broker_requests{")
-                && l.contains("\"server_response\"")
-                && l.contains("\"robot-1\"")
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or_default();
+    let posts = common::observe::labelled_sum(
+        &relay.get_text("/metrics").await,
+        "broker_requests",
+        &["method=\"server_response\"", "backend=\"robot-1\""],
+    );
     assert!((1.0..=20.0).contains(&posts), "{posts} chunk posts");
 }
 

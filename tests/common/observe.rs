@@ -11,6 +11,16 @@ pub fn series(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The sum of the series of `name` whose labels include each of `labels`
+/// (`key="value"`) in a Prometheus exposition; 0 if there is none.
+pub fn labelled_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{')?.split_once('}'))
+        .filter(|(set, _)| labels.iter().all(|want| set.split(',').any(|l| l == *want)))
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
 /// Scrapes `<base>/metrics` and reads `name`; `None` if the scrape fails
 /// or the series is absent.
 pub async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
