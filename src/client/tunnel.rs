@@ -114,6 +114,21 @@ impl TunnelError {
     }
 }
 
+/// The `Host` of the upgrade request: the port only when it is not the
+/// scheme's, and an IPv6 literal in brackets.
+fn host_header(host: &str, port: u16, tls: bool) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    if port == if tls { 443 } else { 80 } {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// A TCP connection to `uri`'s host and port through `tcp`.
 async fn dial<C>(mut tcp: C, uri: http::Uri) -> Result<TcpStream, TunnelError>
 where
@@ -223,18 +238,7 @@ impl Dialer {
             let _ = conn.with_upgrades().await;
         });
         let token = ctx.transport.tokens().token().await?;
-        // An IPv6 literal keeps its brackets in `Host`.
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let authority =
-            if self.tls.is_some() && self.port == 443 || self.tls.is_none() && self.port == 80 {
-                host
-            } else {
-                format!("{host}:{}", self.port)
-            };
+        let authority = host_header(&self.host, self.port, self.tls.is_some());
         let mut req = Request::get(format!(
             "{}{}?server={}",
             self.prefix,
@@ -901,6 +905,16 @@ mod tests {
         fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
             std::future::ready(Ok(self.0.clone().into_iter()))
         }
+    }
+
+    #[test]
+    fn the_upgrade_names_its_host_as_a_url_would() {
+        assert_eq!(host_header("relay.test", 443, true), "relay.test");
+        assert_eq!(host_header("relay.test", 80, true), "relay.test:80");
+        assert_eq!(host_header("relay.test", 80, false), "relay.test");
+        assert_eq!(host_header("::1", 8443, true), "[::1]:8443");
+        assert_eq!(host_header("::1", 443, true), "[::1]");
+        assert_eq!(host_header("127.0.0.1", 8080, false), "127.0.0.1:8080");
     }
 
     /// Redials after a server's drain are spread over a second, not made
