@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -24,6 +24,20 @@ pub fn after(from: Instant, d: Duration) -> Instant {
 /// `now + d`, saturating like [`after`].
 pub fn from_now(d: Duration) -> Instant {
     after(Instant::now(), d)
+}
+
+/// Seconds since the epoch by the wall clock, as a token's `exp` counts
+/// them; `None` for a clock set before 1970 (each caller says what that
+/// means for it).
+pub fn unix_secs(t: SystemTime) -> Option<u64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// [`unix_secs`] of now.
+pub fn unix_now() -> Option<u64> {
+    unix_secs(SystemTime::now())
 }
 
 /// Milliseconds since `start`, small enough to keep in an atomic.

@@ -240,9 +240,7 @@ impl ClientCredentials {
         // Past its `exp` by the wall clock, whatever its age says: the
         // monotonic clock stands still while a robot is suspended, and an
         // IdP that gives no `expires_in` leaves the lifetime a guess.
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::clock::unix_now().unwrap_or(0);
         if unverified_exp(sent).is_some_and(|exp| exp <= now) {
             *current = None;
             return;
@@ -488,10 +486,7 @@ mod tests {
     }
 
     fn unix_now() -> u64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs()
+        crate::clock::unix_now().expect("clock")
     }
 
     /// A refused token is dropped only once it is old enough, and the next

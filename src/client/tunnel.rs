@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -309,14 +309,12 @@ pub struct Opened {
 fn renewal_in(token: Option<&str>, server_time: Option<SystemTime>) -> Option<Duration> {
     // Read as the server reads it: it closes the connection at that time.
     let exp = crate::auth::client::unverified_exp(token?)?;
-    let local = || SystemTime::now().duration_since(UNIX_EPOCH).ok();
-    let now = match server_time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+    let now = match server_time.and_then(crate::clock::unix_secs) {
         // A server clock past `exp` cannot have let the token in: that
         // `Date` is someone else's (a proxy's).
-        Some(t) if t.as_secs() <= exp => t,
-        _ => local()?,
-    }
-    .as_secs();
+        Some(t) if t <= exp => t,
+        _ => crate::clock::unix_now()?,
+    };
     let left = Duration::from_secs(exp.saturating_sub(now));
     // The token source's rule, and never in a tight loop.
     Some(crate::auth::client::refresh_after(left).max(Duration::from_secs(1)))
@@ -886,6 +884,8 @@ fn switched(
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     /// A name that resolves to fixed addresses.

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -88,9 +88,7 @@ pub async fn connect(
 /// A verified token always has an `exp`; one that cannot be read (or a
 /// clock before 1970) gives no time at all rather than forever.
 fn token_lifetime(claims: &Claims) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(u64::MAX, |d| d.as_secs());
+    let now = crate::clock::unix_now().unwrap_or(u64::MAX);
     let left = claims.expires_at().map_or(0, |exp| exp.saturating_sub(now));
     Duration::from_secs(left)
 }
