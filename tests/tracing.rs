@@ -479,6 +479,15 @@ async fn the_unsampled_decision_travels_to_the_backend() {
     assert!(seen.starts_with(&format!("00-{unsampled}-")), "{seen}");
     assert!(seen.ends_with("-00"), "{seen}");
 
+    // A malformed context asking to be sampled (ids too short, which a
+    // lenient parser reads as trace 1, span 2) is not followed: the
+    // request gets a fresh unsampled context, and nothing is exported.
+    let seen = get(Some("00-1-2-01".to_owned())).await;
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen}");
+    assert_eq!((parts[1].len(), parts[3]), (32, "00"), "{seen}");
+    assert_ne!(parts[1], format!("{:032x}", 1), "{seen}");
+
     // Control: a sampled parent is recorded, so export works in this run.
     let sampled = "55555555555555555555555555555555";
     let seen = get(Some(format!("00-{sampled}-6666666666666666-01"))).await;

@@ -7,6 +7,7 @@
 //! relayed request; the relay-client continues that and injects into the
 //! backend call and into its posts to the server.
 
+pub mod context;
 pub mod limit;
 pub mod log;
 pub mod metrics;
@@ -257,55 +258,12 @@ fn provider(
     Ok(builder.build())
 }
 
-/// The trace context a request carries (`traceparent`), if any.
-pub fn extract(headers: &HeaderMap) -> opentelemetry::Context {
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&opentelemetry_http::HeaderExtractor(headers))
-    })
-}
-
 /// Writes `span`'s context into `headers` (replacing any `traceparent`).
 pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     use opentelemetry::trace::TraceContextExt as _;
     let cx = span.context();
-    write_trace_context(cx.span().span_context(), headers);
+    context::write(cx.span().span_context(), headers);
 }
-
-/// What `TraceContextPropagator::inject_context` writes (W3C Trace
-/// Context: `traceparent`, then `tracestate`), without going through
-/// `format!` and the global propagator for every relayed request: both
-/// sides inject once per request. Nothing for an invalid context.
-fn write_trace_context(sc: &opentelemetry::trace::SpanContext, headers: &mut HeaderMap) {
-    use opentelemetry::trace::TraceFlags;
-    if !sc.is_valid() {
-        return;
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    // "00-" trace (32) "-" span (16) "-" flags (2)
-    let mut out = [b'-'; 55];
-    out[..2].copy_from_slice(b"00");
-    let flags = (sc.trace_flags() & TraceFlags::SAMPLED).to_u8();
-    let fields: [(&[u8], usize); 3] = [
-        (&sc.trace_id().to_bytes(), 3),
-        (&sc.span_id().to_bytes(), 36),
-        (&[flags], 53),
-    ];
-    for (bytes, at) in fields {
-        for (i, b) in bytes.iter().enumerate() {
-            out[at + 2 * i] = HEX[usize::from(b >> 4)];
-            out[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
-        }
-    }
-    if let Ok(v) = http::HeaderValue::from_bytes(&out) {
-        headers.insert(TRACEPARENT, v);
-    }
-    if let Ok(v) = http::HeaderValue::from_str(&sc.trace_state().header()) {
-        headers.insert(TRACESTATE, v);
-    }
-}
-
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// Whether spans are exported at all. Without an exporter no request
 /// spans are made: as context of the few log lines inside a request they
@@ -335,22 +293,21 @@ pub fn request_span(headers: &HeaderMap, make: impl FnOnce() -> tracing::Span) -
     if !exporting() {
         return tracing::Span::none();
     }
-    let parent = extract(headers);
-    let (valid, sampled) = {
-        let span = parent.span();
-        let sc = span.span_context();
-        (sc.is_valid(), sc.is_sampled())
+    let incoming = context::incoming(headers);
+    let wanted = match &incoming {
+        Some(sc) => sc.is_sampled(),
+        None => ROOT_SPANS.load(Ordering::Relaxed),
     };
-    if !(if valid {
-        sampled
-    } else {
-        ROOT_SPANS.load(Ordering::Relaxed)
-    }) {
+    if !wanted {
         return tracing::Span::none();
     }
     let span = make();
     // A `traceparent` from upstream is continued; without one the span is
     // a root, whatever span happens to be current.
+    let parent = match incoming {
+        Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
+        None => opentelemetry::Context::new(),
+    };
     let _ = span.set_parent(parent);
     span
 }
@@ -376,9 +333,9 @@ pub fn pass_on(span: &tracing::Span, headers: &mut HeaderMap) {
 /// context is kept as it is; otherwise a fresh unsampled one is made,
 /// which costs two random ids and no span.
 pub fn propagate_unsampled(headers: &mut HeaderMap) {
-    use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags, TraceState};
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
     use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
-    if extract(headers).span().span_context().is_valid() {
+    if context::incoming(headers).is_some() {
         return;
     }
     let ids = RandomIdGenerator::default();
@@ -389,7 +346,7 @@ pub fn propagate_unsampled(headers: &mut HeaderMap) {
         false,
         TraceState::default(),
     );
-    write_trace_context(&sc, headers);
+    context::write(&sc, headers);
 }
 
 /// Whether `span` is recorded (exported). Children of an unrecorded span
@@ -409,8 +366,6 @@ pub fn int(n: impl TryInto<i64>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::propagation::TextMapPropagator as _;
-    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId};
 
     /// h2's line for an unasked PING acknowledgement is dropped whatever
     /// `RUST_LOG` says; its other lines, and ours, pass.
@@ -441,45 +396,5 @@ mod tests {
             });
             assert_eq!(lines.load(Ordering::SeqCst), 2);
         }
-    }
-
-    /// The hand-written writer matches the crate's propagator, header for
-    /// header, and round-trips through its extractor.
-    #[test]
-    fn trace_context_is_written_as_the_propagator_writes_it() {
-        let state = opentelemetry::trace::TraceState::from_key_value([("vendor", "x1")]).unwrap();
-        let cases = [
-            (
-                TraceFlags::SAMPLED,
-                opentelemetry::trace::TraceState::default(),
-            ),
-            (TraceFlags::default(), state.clone()),
-            (TraceFlags::new(0xff), state),
-        ];
-        for (flags, state) in cases {
-            let sc = SpanContext::new(
-                TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
-                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-                flags,
-                true,
-                state,
-            );
-            let mut ours = HeaderMap::new();
-            write_trace_context(&sc, &mut ours);
-            let mut theirs = HeaderMap::new();
-            let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
-            TraceContextPropagator::new()
-                .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut theirs));
-            assert_eq!(ours, theirs);
-            let back =
-                TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(&ours));
-            let back = back.span().span_context().clone();
-            assert_eq!(back.trace_id(), sc.trace_id());
-            assert_eq!(back.span_id(), sc.span_id());
-            assert_eq!(back.is_sampled(), sc.is_sampled());
-        }
-        let mut none = HeaderMap::new();
-        write_trace_context(&SpanContext::empty_context(), &mut none);
-        assert!(none.is_empty());
     }
 }
