@@ -1381,3 +1381,107 @@ async fn a_chunked_get_body_reaches_the_backend() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\n\nquery"), "{text}");
 }
+
+/// Rounds of cancelled streams that a connection must live through; h2's
+/// stock limit closed it within 5 to 16 of them.
+const CANCEL_ROUNDS: usize = 30;
+/// Streams cancelled at once in each round: more than the 50 reset
+/// streams h2 remembers, and, with the canary, fewer than the 200
+/// concurrent streams the test backend's HTTP/2 server takes.
+const CANCELLED_AT_ONCE: usize = 150;
+
+/// A stream of another user through the tunnel (an event every 20 ms),
+/// read all along: its task ends, with what ended the stream, as soon as
+/// it is cut, however many events it had buffered, or when no event came
+/// for 5 s.
+async fn canary(relay: &Relay) -> tokio::task::JoinHandle<String> {
+    let resp = relay
+        .http_unlimited()
+        .get(format!("{}/client/robot-1/forever?delay_ms=20", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.bytes_stream();
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+                Ok(Some(Ok(_))) => {}
+                other => return format!("{other:?}"),
+            }
+        }
+    })
+}
+
+async fn assert_alive(
+    canary: tokio::task::JoinHandle<String>,
+    round: usize,
+) -> tokio::task::JoinHandle<String> {
+    assert!(
+        !canary.is_finished(),
+        "the canary stream ended in round {round}: {:?}",
+        canary.await
+    );
+    canary
+}
+
+/// Users that cancel downloads while their bytes are crossing the tunnel
+/// do not wear it out. h2 answers each DATA frame that arrives for a
+/// stream it reset and no longer remembers (it remembers 50, for a
+/// second) with a reset of its own, and by default closes the connection
+/// (GOAWAY `ENHANCE_YOUR_CALM`) after 1,024 of those in its life: every
+/// user of the backend would lose their streams to a few users closing
+/// busy connections (`docs/transport-v2.md`, "Cancellation").
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_downloads_do_not_wear_out_the_tunnel() {
+    let (relay, _client, backend) = v2_stack(|_| {}).await;
+    cancel_downloads_in_rounds(&relay, &backend).await;
+}
+
+/// The same for the relay-client's one HTTP/2 connection to its backend
+/// (`backend_http2`, as for gRPC), which carries every user's calls: the
+/// DATA the backend had sent for cancelled calls must not close it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_downloads_do_not_wear_out_an_http2_backend_connection() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(|_| {}).await;
+    let mut cfg = client_config(&relay, "robot-1", &backend.url);
+    cfg.transport = Transport::V2;
+    cfg.backend_http2 = true;
+    let _client = RelayClient::start(cfg);
+    wait_tunnels(&relay, 1.0).await;
+    cancel_downloads_in_rounds(&relay, &backend).await;
+}
+
+async fn cancel_downloads_in_rounds(relay: &Relay, backend: &Backend) {
+    let mut canary = canary(relay).await;
+    for round in 0..CANCEL_ROUNDS {
+        let http = relay.http2();
+        let url = format!("{}/client/robot-1/lazy/{}", relay.url, 1u64 << 30);
+        let started =
+            futures::future::join_all((0..CANCELLED_AT_ONCE).map(|_| http.get(&url).send())).await;
+        let readers: Vec<_> = started
+            .into_iter()
+            .map(|r| {
+                let mut body = r.unwrap().bytes_stream();
+                tokio::spawn(async move { while let Some(Ok(_)) = body.next().await {} })
+            })
+            .collect();
+        // Every stream is moving when all of them are cancelled at once.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for r in &readers {
+            r.abort();
+        }
+        drop(http);
+        for r in readers {
+            let _ = r.await;
+        }
+        canary = assert_alive(canary, round).await;
+    }
+    common::observe::within(
+        Duration::from_secs(10),
+        "cancelled backend streams dropped",
+        || async { (backend.open_streams.load(SeqCst) == 1).then_some(()) },
+    )
+    .await;
+}

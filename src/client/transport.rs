@@ -188,7 +188,12 @@ where
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new());
+        .pool_timer(TokioTimer::new())
+        // One HTTP/2 connection carries every user's calls to a gRPC
+        // backend: DATA it had sent for calls that users cancelled must
+        // not count towards h2's limit of resets for the connection's
+        // life, which closes it (`docs/transport-v2.md`, "Cancellation").
+        .http2_max_local_error_reset_streams(None);
     if http2_only {
         builder.http2_only(true);
     }

@@ -480,6 +480,11 @@ async fn serve(
         .max_header_list_size(v2::MAX_HEADER_LIST)
         // Overload is answered 503 by `handle`, not queued by HTTP/2.
         .max_concurrent_streams(u32::MAX)
+        // Upload DATA the server had sent before the reset of its stream
+        // reached it would count against h2's limit of resets for the
+        // connection's life, which closes it (`docs/transport-v2.md`,
+        // "Cancellation").
+        .max_local_error_reset_streams(None)
         .keep_alive_interval(ping)
         .keep_alive_timeout(KEEP_ALIVE_ANSWER)
         // A backend's answer without `Date` gets the server's, from the

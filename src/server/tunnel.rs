@@ -116,6 +116,14 @@ async fn run(state: State, backend: String, on_upgrade: OnUpgrade, expires: Opti
         .max_header_list_size(v2::MAX_HEADER_LIST)
         .max_send_buffer_size(v2::SEND_BUFFER)
         .enable_push(false)
+        // DATA the relay-client had sent before a user's cancellation
+        // reached it is answered with resets that h2 counts against a
+        // limit for the connection's whole life (1,024), then closes it:
+        // users closing busy downloads would take the tunnel from every
+        // user of the backend (`docs/transport-v2.md`, "Cancellation").
+        // The peer is an authenticated relay-client; any reset it
+        // provokes costs it a frame.
+        .max_local_error_reset_streams(None)
         .handshake::<_, Bytes>(crate::observed::Observed::new(
             TokioIo::new(upgraded),
             Heard(heard.clone()),

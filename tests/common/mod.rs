@@ -196,6 +196,12 @@ impl Relay {
         client_builder().build().unwrap()
     }
 
+    /// A client without the overall limit of [`Relay::http`], for a
+    /// stream that must outlive it (the caller bounds each read).
+    pub fn http_unlimited(&self) -> reqwest::Client {
+        client_builder().timeout(Duration::MAX).build().unwrap()
+    }
+
     /// A client limited to HTTP/1.1.
     pub fn http1(&self) -> reqwest::Client {
         client_builder().http1_only().build().unwrap()
