@@ -23,6 +23,10 @@ pub enum RelayError {
     BadBackendName,
     #[error("invalid URL escape in the path: a % must start %XX")]
     BadPathEscape,
+    #[error(
+        "a service worker's script must be inside /client/<name>/: its scope would take in every backend"
+    )]
+    ServiceWorkerScope,
     #[error("too many backends connected (limits.max_backends = {0})")]
     TooManyBackends(usize),
     #[error(
@@ -82,6 +86,7 @@ impl RelayError {
                 StatusCode::BAD_GATEWAY
             }
             RelayError::NotFound => StatusCode::NOT_FOUND,
+            RelayError::ServiceWorkerScope => StatusCode::FORBIDDEN,
             RelayError::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             RelayError::Tunnel(_) => StatusCode::BAD_GATEWAY,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -689,9 +689,11 @@ async fn custom_token_header_and_cookie() {
 }
 
 /// A backend cannot act on the relay's whole origin, which all backends
-/// share: its `Set-Cookie` of the relay's token cookie, and its
-/// `Service-Worker-Allowed` and `Clear-Site-Data`, never reach the user
-/// (v1 and v2); its other cookies do.
+/// share: its `Set-Cookie` of the relay's token cookie and its
+/// origin-wide headers (`Service-Worker-Allowed`, `Clear-Site-Data`,
+/// `NEL`, `Report-To`, `Alt-Svc`, `Strict-Transport-Security`) never
+/// reach the user (v1 and v2), its other cookies do, and no service
+/// worker of its can take `/client/` as its scope.
 #[tokio::test]
 async fn backend_headers_that_reach_past_the_backend_are_dropped() {
     let idp = Idp::start().await;
@@ -719,10 +721,30 @@ async fn backend_headers_that_reach_past_the_backend_are_dropped() {
             !resp.headers().contains_key("service-worker-allowed"),
             "{transport:?}"
         );
-        assert!(
-            !resp.headers().contains_key("clear-site-data"),
-            "{transport:?}"
-        );
+        for name in [
+            "service-worker-allowed",
+            "clear-site-data",
+            "nel",
+            "report-to",
+            "alt-svc",
+            "strict-transport-security",
+        ] {
+            assert!(!resp.headers().contains_key(name), "{name} {transport:?}");
+        }
+        // A service worker may be registered inside the backend's path,
+        // never at `/client/<name>`, whose scope is all of `/client/`.
+        for (path, status) in [("/client/robot-1/sw.js", 200), ("/client/robot-1", 403)] {
+            let resp = relay
+                .http()
+                .get(format!("{}{path}", relay.url))
+                .bearer_auth(&token)
+                .header("service-worker", "script")
+                .header("sec-fetch-dest", "serviceworker")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), status, "{path} {transport:?}");
+        }
         client.stop().await;
     }
 }

@@ -39,6 +39,12 @@ pub struct Route {
 /// Go server refuses it: `http` lets it through, Go's URL parser does
 /// not, and the fleet's Go relay-client, which parses every relayed URL,
 /// crashes on the error, every request and session of its robot with it.
+///
+/// A service worker's script is refused (403) unless its path is inside
+/// `/client/<name>/`: a worker may control every page under its script's
+/// directory, and the directory of `/client/<name>` (or of any path
+/// routed by `X-Server-Name`) takes in every backend's pages, which one
+/// backend's worker could then read and answer in the user's name.
 pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
     if !escapes_valid(path) {
         return Err(RelayError::BadPathEscape);
@@ -46,6 +52,9 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
     if let Some(rest) = path.strip_prefix("/client/") {
         let (name, tail) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
+            None if is_service_worker_script(headers) => {
+                return Err(RelayError::ServiceWorkerScope);
+            }
             None => (rest, "/"),
         };
         if name.is_empty() {
@@ -67,10 +76,23 @@ pub fn route(path: &str, headers: &HeaderMap) -> Result<Route, RelayError> {
     if !crate::proto::valid_backend_name(name) {
         return Err(RelayError::BadBackendName);
     }
+    if is_service_worker_script(headers) {
+        return Err(RelayError::ServiceWorkerScope);
+    }
     Ok(Route {
         backend: name.to_owned(),
         path: path.to_owned(),
     })
+}
+
+/// Whether a browser is fetching a service worker's script: it says so
+/// with `Service-Worker: script` and `Sec-Fetch-Dest: serviceworker`
+/// (Service Workers, "Update"; Fetch Metadata).
+fn is_service_worker_script(headers: &HeaderMap) -> bool {
+    headers.contains_key("service-worker")
+        || headers
+            .get("sec-fetch-dest")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"serviceworker"))
 }
 
 use crate::proto::HOP_BY_HOP;
@@ -95,21 +117,36 @@ pub(super) fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers and the ones `Connection` names. On an
-/// upgrade, `Connection` and `Upgrade` are what the backend must see.
-/// `TE: trailers` stays: gRPC backends require it.
-/// Drops the answer headers of a backend that would act on the relay's
-/// whole origin, which every backend shares (`/client/<name>/…`):
-/// `Service-Worker-Allowed` (a worker of one backend's pages could then
-/// serve every other backend's), `Clear-Site-Data` (it would wipe the
-/// origin's cookies, the relay's token cookie among them), and a
-/// `Set-Cookie` of the relay's own token cookie (`auth.token_cookie`),
-/// which would sign the user in with a token of the backend's choosing.
-/// A backend's other cookies stay: the browser scopes them as it would
-/// behind any reverse proxy.
+/// Answer headers by which a backend would act on the relay's whole
+/// origin (or host), which every backend shares (`/client/<name>/…`):
+/// - `Service-Worker-Allowed`: a worker of one backend's pages could then
+///   serve every other backend's;
+/// - `Clear-Site-Data`: it would wipe the origin's cookies, the relay's
+///   token cookie among them;
+/// - `NEL` and `Report-To`: the browser would report every later request
+///   to the origin (URLs and all, whatever the backend) to a collector of
+///   that backend's choosing, for as long as it says;
+/// - `Alt-Svc`: it would send the origin's traffic to another endpoint;
+/// - `Strict-Transport-Security`: the relay's operator decides that, not
+///   a backend (`includeSubDomains` reaches past the relay's own host).
+const ORIGIN_WIDE: [&str; 6] = [
+    "service-worker-allowed",
+    "clear-site-data",
+    "nel",
+    "report-to",
+    "alt-svc",
+    "strict-transport-security",
+];
+
+/// Drops a backend's [`ORIGIN_WIDE`] answer headers, and a `Set-Cookie`
+/// of the relay's own token cookie (`auth.token_cookie`), which would
+/// sign the user in with a token of the backend's choosing. A backend's
+/// other cookies stay: the browser scopes them as it would behind any
+/// reverse proxy.
 pub(super) fn confine_to_backend(headers: &mut HeaderMap, token_cookie: Option<&str>) {
-    headers.remove("service-worker-allowed");
-    headers.remove("clear-site-data");
+    for name in ORIGIN_WIDE {
+        headers.remove(name);
+    }
     let Some(name) = token_cookie else {
         return;
     };
@@ -131,6 +168,9 @@ pub(super) fn confine_to_backend(headers: &mut HeaderMap, token_cookie: Option<&
     }
 }
 
+/// Removes hop-by-hop headers and the ones `Connection` names. On an
+/// upgrade, `Connection` and `Upgrade` are what the backend must see.
+/// `TE: trailers` stays: gRPC backends require it.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !crate::proto::holds_any(headers, &HOP_BY_HOP) && !headers.contains_key(header::TE) {
         return;
@@ -696,6 +736,29 @@ mod tests {
             route("/pkg.Svc/Call", &none),
             Err(RelayError::NoBackendName)
         ));
+
+        // A service worker's script only inside `/client/<name>/`.
+        for (name, value) in [
+            ("service-worker", "script"),
+            ("sec-fetch-dest", "serviceworker"),
+        ] {
+            let mut sw = HeaderMap::new();
+            sw.insert(name, value.parse().unwrap());
+            assert_eq!(route("/client/robot-1/sw.js", &sw).unwrap().path, "/sw.js");
+            assert_eq!(route("/client/robot-1/", &sw).unwrap().path, "/");
+            assert!(matches!(
+                route("/client/robot-1", &sw),
+                Err(RelayError::ServiceWorkerScope)
+            ));
+            sw.insert("x-server-name", "robot-1".parse().unwrap());
+            assert!(matches!(
+                route("/sw.js", &sw),
+                Err(RelayError::ServiceWorkerScope)
+            ));
+        }
+        let mut other = HeaderMap::new();
+        other.insert("sec-fetch-dest", "document".parse().unwrap());
+        assert_eq!(route("/client/robot-1", &other).unwrap().path, "/");
 
         let mut h = HeaderMap::new();
         h.insert("x-server-name", "robot-2".parse().unwrap());

@@ -211,6 +211,10 @@ async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>
             .header("set-cookie", "a=1; Path=/")
             .header("service-worker-allowed", "/")
             .header("clear-site-data", "\"cookies\"")
+            .header("nel", r#"{"report_to":"g","max_age":31536000,"success_fraction":1.0}"#)
+            .header("report-to", r#"{"group":"g","max_age":31536000,"endpoints":[{"url":"https://collector.example/"}]}"#)
+            .header("alt-svc", r#"h2="elsewhere.example:443"; ma=86400"#)
+            .header("strict-transport-security", "max-age=31536000; includeSubDomains")
             .body(full("origin-wide"))
             .unwrap()
     } else if path == "/multi" {
