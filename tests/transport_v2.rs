@@ -1229,6 +1229,45 @@ async fn a_tunnel_that_said_goaway_takes_no_new_requests_and_keeps_its_streams()
     assert_eq!(bounded(held).await.unwrap().unwrap(), 200);
 }
 
+/// A stream the server opened as the relay-client's GOAWAY was on its way
+/// (a token renewal: the new tunnel is up, the old one says GOAWAY) was
+/// never processed, and says so: the last stream id of the GOAWAY is
+/// below it. The request goes to the next tunnel instead of failing.
+#[tokio::test]
+async fn a_request_the_goaway_left_unprocessed_goes_to_the_next_tunnel() {
+    use tokio::io::AsyncWriteExt as _;
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| c.tls.enabled = false).await;
+    let old = hand_made_tunnel(&relay, "robot-1").await;
+    wait_tunnels(&relay, 1.0).await;
+    let (mut rd, mut wr) = old.into_split();
+    let http = relay.http();
+    let held = tokio::spawn({
+        let url = format!("{}/client/robot-1/hello", relay.url);
+        async move {
+            let resp = http.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    });
+    let stream = loop {
+        let f = bounded(h2raw::read_frame(&mut rd)).await.unwrap();
+        if f.kind == h2raw::HEADERS {
+            break f.stream;
+        }
+    };
+    let _new = v2_client(&relay, "robot-1", &backend.url, 2.0).await;
+    // GOAWAY, NO_ERROR, last stream id below the held request's.
+    let mut goaway = (stream - 1).to_be_bytes().to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes());
+    wr.write_all(&h2raw::frame(h2raw::GOAWAY, 0, 0, &goaway))
+        .await
+        .unwrap();
+    let (status, text) = bounded(held).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("uri: /hello\n"), "{text}");
+    assert_eq!(backend.hits.load(SeqCst), 1);
+}
+
 /// A request that arrives while a v2 relay-client redials (its tunnel
 /// dropped, its new one not yet up) is held for the tunnel and then
 /// served, not queued for v1 polls that never come (a 503 after

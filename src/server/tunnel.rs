@@ -275,6 +275,18 @@ const PIPE_QUEUE: usize = 8;
 
 /// Relays one user request as a stream on the tunnel of `route_to`
 /// (`Broker::ready_tunnel`).
+/// Tunnels one bodiless request is opened on, at most, when each one
+/// turns out not to have processed it.
+const REOPEN_TRIES: usize = 3;
+
+/// Whether the relay-client said it never processed the stream: it was
+/// above the last stream id of the relay-client's GOAWAY (RFC 9113,
+/// section 6.8; h2 fails only those streams with the remote GOAWAY), or
+/// refused with `REFUSED_STREAM` (section 8.7).
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
 pub async fn relay(
     state: &State,
     mut req: Request<Incoming>,
@@ -406,7 +418,7 @@ pub async fn relay(
         .open_stream(&route.backend, route_to, &out, body_done)
         .await
         .map_err(|e| RelayError::Tunnel(e.to_string()))?;
-    let (treq, response, send) = (opened.request, opened.response, opened.body);
+    let (mut treq, mut response, send) = (opened.request, opened.response, opened.body);
     // The body is sent beside the response, on its own task: a full-duplex
     // call reads answers while it still sends. The response side going
     // away ends it. For an upgraded connection that is the end of the
@@ -424,9 +436,37 @@ pub async fn relay(
     // byte of the request body that moved (or of the start).
     let inactive = state.cfg.timeouts.inactive_request;
     let first_chunk = child(traced, || tracing::info_span!("relay.first_chunk"));
-    let resp = tokio::select! {
-        r = response => r,
-        () = progress.stalled(inactive) => return Err(BrokerError::Inactive(inactive).into()),
+    let mut reopened = 0;
+    let resp = loop {
+        let resp = tokio::select! {
+            r = &mut response => r,
+            () = progress.stalled(inactive) => return Err(BrokerError::Inactive(inactive).into()),
+        };
+        // A stream the relay-client never processed (RFC 9113, sections
+        // 6.8 and 8.7) goes to the next tunnel if nothing of the user's
+        // was sent on it: a stream the server opened as the relay-client's
+        // GOAWAY was on its way (a token renewal, a relay-client stopping)
+        // would otherwise fail though a fresh tunnel is there to take it.
+        match resp {
+            Err(e) if body_done && reopened < REOPEN_TRIES && unprocessed(&e) => {
+                let Some(next) = state
+                    .broker
+                    .ready_tunnel(&route.backend, tracing::Span::none)
+                    .await?
+                else {
+                    break Err(e);
+                };
+                tracing::debug!(id, error = %e, "v2 stream not processed; opening it on the next tunnel");
+                let opened = state
+                    .broker
+                    .open_stream(&route.backend, next, &out, true)
+                    .await
+                    .map_err(|e| RelayError::Tunnel(e.to_string()))?;
+                (treq, response) = (opened.request, opened.response);
+                reopened += 1;
+            }
+            r => break r,
+        }
     };
     drop(first_chunk);
     let resp = match resp {
