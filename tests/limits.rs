@@ -580,6 +580,40 @@ async fn assert_400_after_silence(s: &mut TcpStream) {
     );
 }
 
+/// A user's upload that stops coming, or that breaks, is the user's
+/// error on either transport: 400 at the deadline of silence, and 400
+/// for a malformed chunked body (v2 answered these 504, "backend did not
+/// answer", and 502, "relay-client connection failed").
+#[tokio::test]
+async fn a_stalled_or_broken_upload_is_answered_400_on_both_transports() {
+    for transport in [Transport::V1, Transport::V2] {
+        let backend = Backend::start().await;
+        let relay = Relay::start(|c| {
+            c.tls.enabled = false;
+            c.timeouts.inactive_request = Duration::from_millis(500);
+        })
+        .await;
+        let _client = relay_client(&relay, "robot-1", &backend.url, transport).await;
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        s.write_all(
+            b"POST /client/robot-1/count HTTP/1.1\r\nhost: localhost\r\n\
+              content-length: 100000\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+        assert_400_after_silence(&mut s).await;
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        s.write_all(
+            b"POST /client/robot-1/count HTTP/1.1\r\nhost: localhost\r\n\
+              transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        )
+        .await
+        .unwrap();
+        let head = bounded(read_head(&mut s)).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{transport:?}: {head}");
+    }
+}
+
 /// A chunk post whose bytes keep coming, however slowly, is read whole:
 /// the deadline is one of silence, not of the whole post.
 #[tokio::test]

@@ -355,6 +355,10 @@ pub async fn relay(
     // Set when the streamed body passes the limit: the stream is reset,
     // and the user-client is told why (413), not just that it failed.
     let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Set when reading the user's body failed otherwise (a malformed
+    // chunk, a connection that broke): that is the user's error (400, as
+    // on v1), not the relay-client's (502).
+    let unreadable = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
     let (body, to_backend): (Body, _) = if upgrade.is_some() {
         // The stream's request body is the user-to-backend direction of
         // the upgraded connection, fed once the user's side is upgraded.
@@ -367,6 +371,7 @@ pub async fn relay(
         (StreamBody::new(stream).boxed(), Some(tx))
     } else {
         let flag = too_large.clone();
+        let failed = unreadable.clone();
         let counted = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
             .map_frame(move |f| {
                 if let Some(d) = f.data_ref() {
@@ -378,6 +383,8 @@ pub async fn relay(
             .map_err(move |e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    let _ = failed.set(e.to_string());
                 }
                 e
             });
@@ -440,7 +447,14 @@ pub async fn relay(
     let resp = loop {
         let resp = tokio::select! {
             r = &mut response => r,
-            () = progress.stalled(inactive) => return Err(BrokerError::Inactive(inactive).into()),
+            () = progress.stalled(inactive) => {
+                // With the body still coming, the backend may be waiting
+                // for it: the user's upload stalled (400, as on v1).
+                if upgrade.is_none() && sending.as_ref().is_some_and(|s| !s.is_finished()) {
+                    return Err(RelayError::ReadBody(format!("no body bytes for {inactive:?}")));
+                }
+                return Err(BrokerError::Inactive(inactive).into());
+            }
         };
         // A stream the relay-client never processed (RFC 9113, sections
         // 6.8 and 8.7) goes to the next tunnel if nothing of the user's
@@ -473,6 +487,10 @@ pub async fn relay(
         Ok(r) => r,
         Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
             return Err(RelayError::BodyTooLarge(limit));
+        }
+        Err(_) if unreadable.get().is_some() => {
+            let reason = unreadable.get().cloned().unwrap_or_default();
+            return Err(RelayError::ReadBody(reason));
         }
         Err(e) => return Err(RelayError::Tunnel(e.to_string())),
     };
