@@ -354,6 +354,58 @@ async fn registered_backend_without_free_poll_times_out() {
     assert!(resp.text().await.unwrap().contains("did not pick up"));
 }
 
+/// The wait for a poll (`timeouts.relay`) starts when the request's body
+/// is in, not when the request arrived: an upload that took longer than
+/// that limit, finished while no poll waits, is still picked up by the
+/// next poll (it was answered 503 at once).
+#[tokio::test]
+async fn a_long_upload_still_waits_for_the_next_poll() {
+    use futures::StreamExt as _;
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.relay = Duration::from_millis(800);
+    })
+    .await;
+    let http = relay.http();
+    register(&http, &relay, "robot-1").await;
+    // 1.5 s of upload, in ten pieces.
+    let pieces = futures::stream::iter(0..10).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok::<_, std::io::Error>(bytes::Bytes::from(format!("piece {i};")))
+    });
+    let upload = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{}/client/robot-1/upload", relay.url);
+        async move {
+            let resp = http
+                .post(url)
+                .body(reqwest::Body::wrap_stream(pieces))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    });
+    // The poll comes a moment after the upload has ended.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(
+        !upload.is_finished(),
+        "answered before a poll came: {:?}",
+        upload.await
+    );
+    let req = raw_poll(&http, &relay, "robot-1").await;
+    let body = req.body.clone().unwrap_or_default();
+    assert!(body.ends_with(b"piece 9;"), "{body:?}");
+    let chunk = HttpResponse {
+        id: req.id.clone(),
+        status_code: Some(201),
+        eof: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(raw_post(&http, &relay, &chunk).await, 200);
+    assert_eq!(bounded(upload).await.unwrap().0, 201);
+}
+
 #[tokio::test]
 async fn inactive_backends_are_forgotten() {
     let relay = Relay::start(|c| {

@@ -303,6 +303,7 @@ async fn relay_admitted(
     // A relay-client connected over v2 takes the request as a stream; v1
     // polls are the fallback (`docs/transport-v2.md`). A v2 relay-client
     // that is redialling is waited for (`Broker::await_route`).
+    let routing = std::time::Instant::now();
     let deadline = crate::clock::from_now(state.cfg.timeouts.relay);
     let mut ready = None;
     for _ in 0..ROUTE_TRIES {
@@ -319,6 +320,7 @@ async fn relay_admitted(
     if let Some(route_to) = ready {
         return super::tunnel::relay(state, req, route, route_to, &span, admitted).await;
     }
+    let route_wait = routing.elapsed();
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     let place = super::conn::Place::of(req.extensions());
     let version = req.version();
@@ -345,6 +347,11 @@ async fn relay_admitted(
         }
     };
 
+    // The wait for a poll starts once the body is in: the upload's time
+    // is the user's, and a long one must not leave a request that finds
+    // every poll busy no time at all. What the wait for a redialling
+    // tunnel took counts, as above.
+    let deadline = crate::clock::from_now(state.cfg.timeouts.relay.saturating_sub(route_wait));
     span.record("relay.bytes_in", telemetry::int(body.len()));
     state.metrics.bytes(Direction::ToBackend, body.len());
     let mut headers = parts.headers;
