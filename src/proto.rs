@@ -271,7 +271,10 @@ pub fn decode_response(buf: Bytes) -> Result<HttpResponse, RefusedChunk> {
     if scan.trailers > MAX_TRAILERS {
         return Err(refused(scan.id, ProtoError::TooManyTrailers));
     }
-    <HttpResponse as prost::Message>::decode(buf).map_err(|e| refused(None, e.into()))
+    // Well formed at the top, a chunk can still fail inside a field (a
+    // header entry of the wrong wire type): its request is named too.
+    let id = scan.id.map(<[u8]>::to_vec);
+    <HttpResponse as prost::Message>::decode(buf).map_err(|e| refused(id.as_deref(), e.into()))
 }
 
 /// What [`decode_response`] reads of a message before decoding it.
@@ -591,6 +594,14 @@ mod tests {
         let r = refused([0x12, 0x00].repeat(MAX_HEADERS + 1).into());
         assert!(matches!(r.error, ProtoError::TooManyHeaders), "{r:?}");
         assert_eq!(r.id, None);
+        // Id "a:1" (field 4), then a header entry (field 2) whose key
+        // (field 1, a string) comes as a varint: refused when decoded,
+        // still with its id.
+        let r = refused(Bytes::from_static(&[
+            0x22, 0x03, b'a', b':', b'1', 0x12, 0x02, 0x08, 0x01,
+        ]));
+        assert!(matches!(r.error, ProtoError::Decode(_)), "{r:?}");
+        assert_eq!(r.id.as_deref(), Some("a:1"));
     }
 
     #[test]
