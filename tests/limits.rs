@@ -946,6 +946,46 @@ async fn buffered_v1_bodies_are_bounded_by_max_buffered_bytes() {
     assert_eq!(resp.status(), 200);
 }
 
+/// A v1 body counts against `limits.max_buffered_bytes` until the
+/// relay-client answers, not for as long as its answer streams: uploads
+/// whose answers go on (a download, events) leave room for others.
+#[tokio::test]
+async fn v1_bodies_leave_the_budget_once_answered() {
+    use futures::StreamExt as _;
+    let backend = Backend::start().await;
+    let relay = Relay::start(|c| {
+        c.limits.max_request_body = ByteSize::mib(1);
+        c.limits.max_buffered_bytes = ByteSize::mib(3);
+    })
+    .await;
+    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let http = relay.http();
+    let body = common::pattern(1 << 20, 1);
+    let streaming = format!("{}/client/robot-1/forever?delay_ms=100", relay.url);
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let resp = bounded(http.post(&streaming).body(body.clone()).send())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut events = resp.bytes_stream();
+        bounded(events.next()).await.unwrap().unwrap();
+        answers.push(events);
+    }
+    // The three answers still stream; a fourth upload fits.
+    let resp = bounded(
+        http.post(format!("{}/client/robot-1/x", relay.url))
+            .body(body)
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    for mut events in answers {
+        bounded(events.next()).await.unwrap().unwrap();
+    }
+}
+
 /// Bodies on the v2 transport stream through and are not counted in
 /// `limits.max_buffered_bytes`: uploads held by a backend that does not
 /// read them leave room for another.

@@ -382,6 +382,10 @@ async fn relay_admitted(
         .await?
         .ok_or(BrokerError::Inactive(inactive))?;
     drop(first_chunk);
+    // The relay-client answers only once it has read its poll's answer,
+    // and with that the last copy of the body is gone: the budget is free
+    // again, however long the answer streams.
+    drop(reserved);
     // Our relay-client gives the backend's time on the first chunk (time
     // to the head); the Go relay-client on the last one (the whole call),
     // as the Go server reads it: the body records it then.
@@ -405,8 +409,7 @@ async fn relay_admitted(
         state,
         backend_time,
     )?;
-    // The buffered body counts against the budget until the request ends.
-    Ok(resp.map(|b| super::body::holding(b, reserved)))
+    Ok(resp)
 }
 
 /// 413 before any body is read when the declared length is over `limit`;
