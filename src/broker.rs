@@ -278,6 +278,30 @@ struct Queued {
     taken: oneshot::Sender<()>,
 }
 
+/// A poll's slot for the request handed to it. Dropped with the poll
+/// (the relay-client's connection closed while hyper had not yet run the
+/// poll to its end), it gives a request already in it back to the broker
+/// ([`Broker::hand_back`]).
+struct PollSlot<'a> {
+    broker: &'a Broker,
+    backend: &'a Backend,
+    rx: oneshot::Receiver<HttpRequest>,
+    /// The poll ran to its end and answers for what is in the slot.
+    done: bool,
+}
+
+impl Drop for PollSlot<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.rx.close();
+        if let Ok(req) = self.rx.try_recv() {
+            self.broker.hand_back(self.backend, req);
+        }
+    }
+}
+
 /// Removes a queued request from its backend's queue, at the latest when
 /// dropped (the user's task went away).
 struct Unqueue<'a> {
@@ -417,7 +441,7 @@ impl Broker {
             entry.touch();
             entry.clone()
         };
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         {
             let mut m = lock(&b.meeting);
             while let Some(q) = m.requests.pop_front() {
@@ -434,20 +458,52 @@ impl Broker {
         if b.had_tunnel.load(Ordering::Acquire) {
             b.route_added.notify_waiters();
         }
+        // Whatever ends this future, a request already handed to it is
+        // not lost with it (`PollSlot`).
+        let mut slot = PollSlot {
+            broker: self,
+            backend: &b,
+            rx,
+            done: false,
+        };
         let outcome = tokio::select! {
-            r = &mut rx => r.map_err(|_| BrokerError::PollTimeout),
+            r = &mut slot.rx => r.map_err(|_| BrokerError::PollTimeout),
             () = tokio::time::sleep(self.inner.cfg.poll_timeout) => Err(BrokerError::PollTimeout),
             () = self.inner.draining.cancelled() => Err(BrokerError::Draining),
         };
+        slot.done = true;
         b.touch();
         match outcome {
             Ok(req) => Ok(req),
             Err(e) => {
                 // A request handed over in the instant the timer fired must
                 // not be lost: close the slot, then take what is in it.
-                rx.close();
-                rx.try_recv().map_err(|_| e)
+                slot.rx.close();
+                slot.rx.try_recv().map_err(|_| e)
             }
+        }
+    }
+
+    /// A request whose poll went away (its connection closed) after the
+    /// request was handed to it: to the next waiting poll, or, if none
+    /// waits, failed at once. It never left the server, but its user
+    /// would otherwise wait `inactive_request` for an answer.
+    fn hand_back(&self, b: &Backend, mut req: HttpRequest) {
+        {
+            let mut m = lock(&b.meeting);
+            while let Some(tx) = m.polls.pop_back() {
+                match tx.send(req) {
+                    Ok(()) => return,
+                    Err(back) => req = back,
+                }
+            }
+        }
+        let pending = req
+            .id
+            .as_deref()
+            .and_then(|id| self.inner.requests.get(id).map(|p| p.clone()));
+        if let Some(pending) = pending {
+            let _ = pending.responses.try_send(Err(ProtoError::Undelivered));
         }
     }
 
@@ -1416,6 +1472,47 @@ mod tests {
         }
         for (user, id) in users.into_iter().zip(ids) {
             assert_eq!(user.await.unwrap().unwrap(), id);
+        }
+    }
+
+    /// A poll that goes away (its connection closed) after a request was
+    /// handed to it, before it could answer with it: the request goes to
+    /// the next waiting poll, or, with none, its user is told at once
+    /// instead of waiting `inactive_request`.
+    #[tokio::test]
+    async fn a_request_in_a_poll_that_went_away_is_not_lost() {
+        use std::future::Future as _;
+        let b = broker();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for next_poll in [true, false] {
+            // The poll is waiting: polled once, then never again.
+            let mut gone = Box::pin(b.poll("r"));
+            assert!(gone.as_mut().poll(&mut cx).is_pending());
+            let mut ex = b
+                .relay("r", request(), tracing::Span::none())
+                .await
+                .unwrap();
+            let next = next_poll.then(|| {
+                let b = b.clone();
+                tokio::spawn(async move { b.poll("r").await })
+            });
+            tokio::task::yield_now().await;
+            drop(gone);
+            match next {
+                Some(next) => {
+                    let got = next.await.unwrap().unwrap();
+                    assert_eq!(got.id.as_deref(), Some(ex.id()));
+                }
+                None => {
+                    let started = Instant::now();
+                    assert!(matches!(
+                        ex.next_chunk().await,
+                        Err(BrokerError::BadResponse(ProtoError::Undelivered))
+                    ));
+                    assert!(started.elapsed() < Duration::from_millis(100));
+                }
+            }
         }
     }
 

@@ -185,6 +185,10 @@ pub enum ProtoError {
     Missing(&'static str),
     #[error("the backend's answer broke off")]
     Aborted,
+    /// Not of the message itself: the poll that took the request went
+    /// away before its answer left, and no other poll was waiting.
+    #[error("the relay-client's poll went away before it could take the request")]
+    Undelivered,
     #[error("more than {MAX_HEADERS} header entries")]
     TooManyHeaders,
     #[error("invalid url {0:?}")]
