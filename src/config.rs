@@ -520,7 +520,8 @@ pub struct BackendAuth {
 
 /// Issuers known to sign a token for whatever audience its holder asks
 /// for: with them, an audience proves nothing about who holds the token.
-pub const OPEN_AUDIENCE_ISSUERS: &[&str] = &["https://accounts.google.com"];
+/// (Google's tokens name either spelling as their `iss`.)
+pub const OPEN_AUDIENCE_ISSUERS: &[&str] = &["https://accounts.google.com", "accounts.google.com"];
 
 /// Whether `url` may be fetched for keys: https, or http on a loopback
 /// host (for tests and local IdPs).

@@ -389,15 +389,10 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
         );
         return Ok(None);
     }
+    for (issuer, gap) in open_audience_gaps(&cfg.auth) {
+        tracing::warn!(issuer, "{gap}");
+    }
     for issuer in &cfg.auth.issuers {
-        let open =
-            crate::config::OPEN_AUDIENCE_ISSUERS.contains(&issuer.issuer.trim_end_matches('/'));
-        if open && cfg.auth.relay_claims.is_empty() {
-            tracing::warn!(
-                issuer = issuer.issuer,
-                "this issuer signs tokens for any audience their holder asks for, and auth.relay_claims is empty: anyone it issues tokens to can act as any relay-client; require the robots' identities in auth.relay_claims"
-            );
-        }
         if let (DEV_ISSUER, Some(jwks)) = (issuer.issuer.as_str(), &issuer.jwks_file) {
             let (_, created) = DevIssuer::ensure(jwks)?;
             if created {
@@ -409,6 +404,33 @@ fn authenticator(cfg: &ServerConfig) -> Result<Option<Arc<Authenticator>>, Serve
         }
     }
     Ok(Authenticator::new(&cfg.auth)?)
+}
+
+/// What an issuer that signs a token for any audience its holder asks
+/// for (`OPEN_AUDIENCE_ISSUERS`) leaves open: with it an audience proves
+/// nothing, and only the role's claims tell a robot or a user apart.
+/// One warning per role left without claims, for each such issuer.
+fn open_audience_gaps(auth: &crate::config::AuthConfig) -> Vec<(&str, &'static str)> {
+    let mut gaps = Vec::new();
+    for issuer in &auth.issuers {
+        let name = issuer.issuer.trim_end_matches('/');
+        if !crate::config::OPEN_AUDIENCE_ISSUERS.contains(&name) {
+            continue;
+        }
+        if auth.relay_claims.is_empty() {
+            gaps.push((
+                issuer.issuer.as_str(),
+                "this issuer signs tokens for any audience their holder asks for, and auth.relay_claims is empty: anyone it issues tokens to can act as any relay-client; require the robots' identities in auth.relay_claims",
+            ));
+        }
+        if auth.user_claims.is_empty() {
+            gaps.push((
+                issuer.issuer.as_str(),
+                "this issuer signs tokens for any audience their holder asks for, and auth.user_claims is empty: anyone it issues tokens to can use every backend without user_claims of its own (auth.backends); require your users' identities in auth.user_claims",
+            ));
+        }
+    }
+    gaps
 }
 
 async fn ignore_hangup(hangup: Option<crate::tls::reload::Hangup>) {
@@ -743,4 +765,51 @@ pub async fn dispatch(state: &State, req: Request<Incoming>) -> Response<Body> {
         );
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AuthConfig, IssuerConfig};
+
+    /// Each role without claims is named, for either spelling of Google's
+    /// issuer; an issuer that keeps to its audiences needs none.
+    #[test]
+    fn an_open_audience_issuer_needs_claims_for_both_roles() {
+        let issuer = |iss: &str| IssuerConfig {
+            issuer: iss.to_owned(),
+            jwks_uri: Some("https://www.googleapis.com/oauth2/v3/certs".to_owned()),
+            jwks_file: None,
+            algorithms: Vec::new(),
+        };
+        let claims = || [("sub".to_owned(), "x".to_owned())].into();
+        for iss in ["https://accounts.google.com", "accounts.google.com/"] {
+            let mut auth = AuthConfig {
+                issuers: vec![issuer(iss)],
+                ..AuthConfig::default()
+            };
+            let named = |auth: &AuthConfig| -> Vec<&str> {
+                open_audience_gaps(auth)
+                    .into_iter()
+                    .map(|(_, gap)| {
+                        if gap.contains("auth.relay_claims is empty") {
+                            "relay"
+                        } else {
+                            "user"
+                        }
+                    })
+                    .collect()
+            };
+            assert_eq!(named(&auth), ["relay", "user"], "{iss}");
+            auth.relay_claims = claims();
+            assert_eq!(named(&auth), ["user"], "{iss}");
+            auth.user_claims = claims();
+            assert!(named(&auth).is_empty(), "{iss}");
+        }
+        let own = AuthConfig {
+            issuers: vec![issuer("https://idp.example")],
+            ..AuthConfig::default()
+        };
+        assert!(open_audience_gaps(&own).is_empty());
+    }
 }
