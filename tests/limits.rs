@@ -900,18 +900,25 @@ async fn requests_beyond_max_requests_per_backend_get_503() {
     common::observe::until_ok(&http, &format!("{}/client/robot-1/x", relay.url)).await;
 }
 
-/// v1 request bodies held in memory are bounded by
-/// `limits.max_buffered_bytes`: concurrent uploads beyond it get 503, the
-/// others succeed, and the room comes back.
-#[tokio::test]
-async fn buffered_v1_bodies_are_bounded_by_max_buffered_bytes() {
+/// A relay whose v1 path holds at most three bodies of 1 MiB at once
+/// (`limits.max_buffered_bytes`), with a v1 relay-client for `robot-1`.
+async fn three_mib_budget() -> (Relay, RelayClient, Backend) {
     let backend = Backend::start().await;
     let relay = Relay::start(|c| {
         c.limits.max_request_body = ByteSize::mib(1);
         c.limits.max_buffered_bytes = ByteSize::mib(3);
     })
     .await;
-    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    (relay, client, backend)
+}
+
+/// v1 request bodies held in memory are bounded by
+/// `limits.max_buffered_bytes`: concurrent uploads beyond it get 503, the
+/// others succeed, and the room comes back.
+#[tokio::test]
+async fn buffered_v1_bodies_are_bounded_by_max_buffered_bytes() {
+    let (relay, _client, _backend) = three_mib_budget().await;
     let http = relay.http();
     let body = common::pattern(1 << 20, 1);
     // Each body stays reserved until its answer, 3 s later; a body
@@ -952,13 +959,7 @@ async fn buffered_v1_bodies_are_bounded_by_max_buffered_bytes() {
 #[tokio::test]
 async fn v1_bodies_leave_the_budget_once_answered() {
     use futures::StreamExt as _;
-    let backend = Backend::start().await;
-    let relay = Relay::start(|c| {
-        c.limits.max_request_body = ByteSize::mib(1);
-        c.limits.max_buffered_bytes = ByteSize::mib(3);
-    })
-    .await;
-    let _client = RelayClient::connect(&relay, "robot-1", &backend.url).await;
+    let (relay, _client, _backend) = three_mib_budget().await;
     let http = relay.http();
     let body = common::pattern(1 << 20, 1);
     let streaming = format!("{}/client/robot-1/forever?delay_ms=100", relay.url);
