@@ -583,7 +583,8 @@ async fn assert_400_after_silence(s: &mut TcpStream) {
 /// A user's upload that stops coming, or that breaks, is the user's
 /// error on either transport: 400 at the deadline of silence, and 400
 /// for a malformed chunked body (v2 answered these 504, "backend did not
-/// answer", and 502, "relay-client connection failed").
+/// answer", and 502, "relay-client connection failed"). A backend that
+/// stops taking an upload is still a 504.
 #[tokio::test]
 async fn a_stalled_or_broken_upload_is_answered_400_on_both_transports() {
     for transport in [Transport::V1, Transport::V2] {
@@ -611,6 +612,19 @@ async fn a_stalled_or_broken_upload_is_answered_400_on_both_transports() {
         .unwrap();
         let head = bounded(read_head(&mut s)).await;
         assert!(head.starts_with("HTTP/1.1 400"), "{transport:?}: {head}");
+        // A backend that takes no bytes and does not answer is the
+        // backend's fault, however much of the upload is still to come
+        // (on v2 it waits for the tunnel's window, not for the user).
+        let resp = bounded(
+            relay
+                .http()
+                .post(format!("{}/client/robot-1/hang", relay.url))
+                .body(vec![7u8; 16 << 20])
+                .send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 504, "{transport:?}");
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -28,11 +28,14 @@ use super::body::Body;
 /// user went away, the limit was passed) resets the stream, and so does
 /// `abandoned` when its sender is dropped: the response side is gone,
 /// nobody waits for the exchange. Without it (an upgraded connection) the
-/// body's end is the stream's end.
+/// body's end is the stream's end. `awaiting_user` is set while the next
+/// frame is awaited from the user-client, not while the relay-client's
+/// window is: a stall then is the user's.
 pub async fn send_body(
     mut body: Body,
     mut tx: SendStream<Bytes>,
     abandoned: Option<oneshot::Receiver<Infallible>>,
+    awaiting_user: Arc<AtomicBool>,
 ) {
     let pump = async {
         loop {
@@ -46,6 +49,7 @@ pub async fn send_body(
                     Some(Err(_)) | None => return Err(None),
                 }
             }
+            awaiting_user.store(true, Ordering::Relaxed);
             let frame = tokio::select! {
                 frame = body.frame() => frame,
                 reason = std::future::poll_fn(|cx| tx.poll_reset(cx)) => {
@@ -53,6 +57,7 @@ pub async fn send_body(
                     return Err(None);
                 }
             };
+            awaiting_user.store(false, Ordering::Relaxed);
             match frame {
                 None => return tx.send_data(Bytes::new(), true).map_err(|_| None),
                 Some(Err(e)) => return Err(Some(e)),

@@ -432,11 +432,17 @@ pub async fn relay(
     // pipe (`pipe` keeps the response body): until then the user's bytes
     // go to the backend after the backend's side has ended, and the
     // user's half-close is END_STREAM, as on a TCP connection.
+    let awaiting_user = Arc::new(AtomicBool::new(false));
     let (exchange, sending) = if body_done {
         (None, None)
     } else {
         let (exchange, abandoned) = tokio::sync::oneshot::channel();
-        let sending = tokio::spawn(super::stream::send_body(body, send, Some(abandoned)));
+        let sending = tokio::spawn(super::stream::send_body(
+            body,
+            send,
+            Some(abandoned),
+            awaiting_user.clone(),
+        ));
         (Some(exchange), Some(sending))
     };
     // The response head is due within `inactive_request` of the last
@@ -448,9 +454,10 @@ pub async fn relay(
         let resp = tokio::select! {
             r = &mut response => r,
             () = progress.stalled(inactive) => {
-                // With the body still coming, the backend may be waiting
-                // for it: the user's upload stalled (400, as on v1).
-                if upgrade.is_none() && sending.as_ref().is_some_and(|s| !s.is_finished()) {
+                // Waiting for the user's next bytes, not for the
+                // relay-client's window: the user's upload stalled (400,
+                // as on v1). A backend that stopped reading is a 504.
+                if upgrade.is_none() && awaiting_user.load(Ordering::Relaxed) {
                     return Err(RelayError::ReadBody(format!("no body bytes for {inactive:?}")));
                 }
                 return Err(BrokerError::Inactive(inactive).into());
