@@ -92,6 +92,10 @@ pub enum BrokerError {
     /// What the user side sees of a refused chunk.
     #[error("invalid response from backend: {0}")]
     BadResponse(ProtoError),
+    /// The poll that took the request went away before its answer left,
+    /// and no other poll was waiting ([`Broker::hand_back`]).
+    #[error("the relay-client's poll went away before it could take the request")]
+    Undelivered,
 }
 
 /// What the user side receives for each relay-client post: a checked
@@ -1108,6 +1112,7 @@ impl Exchange {
         match next {
             Err(_) => Err(BrokerError::Inactive(*inactive)),
             Ok(None) => Ok(None),
+            Ok(Some(Err(ProtoError::Undelivered))) => Err(BrokerError::Undelivered),
             Ok(Some(delivery)) => delivery.map(Some).map_err(BrokerError::BadResponse),
         }
     }
@@ -1508,7 +1513,7 @@ mod tests {
                     let started = Instant::now();
                     assert!(matches!(
                         ex.next_chunk().await,
-                        Err(BrokerError::BadResponse(ProtoError::Undelivered))
+                        Err(BrokerError::Undelivered)
                     ));
                     assert!(started.elapsed() < Duration::from_millis(100));
                 }

@@ -98,7 +98,7 @@ impl RelayError {
                 }
                 B::PollTimeout => StatusCode::REQUEST_TIMEOUT,
                 B::UnknownRequest(_) | B::MissingId | B::Refused(_) => StatusCode::BAD_REQUEST,
-                B::BadResponse(_) => StatusCode::BAD_GATEWAY,
+                B::BadResponse(_) | B::Undelivered => StatusCode::BAD_GATEWAY,
                 B::StreamClosed | B::HalfClosed => StatusCode::GONE,
                 B::Inactive(_) => StatusCode::GATEWAY_TIMEOUT,
                 B::DuplicateId(_) => StatusCode::INTERNAL_SERVER_ERROR,

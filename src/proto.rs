@@ -185,8 +185,8 @@ pub enum ProtoError {
     Missing(&'static str),
     #[error("the backend's answer broke off")]
     Aborted,
-    /// Not of the message itself: the poll that took the request went
-    /// away before its answer left, and no other poll was waiting.
+    /// Not of a message: carried on a request's answer channel to say
+    /// that its poll went away with it (`broker::BrokerError::Undelivered`).
     #[error("the relay-client's poll went away before it could take the request")]
     Undelivered,
     #[error("more than {MAX_HEADERS} header entries")]
