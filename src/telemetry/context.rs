@@ -26,10 +26,15 @@ const LEN: usize = 55;
 /// A later version is read by the same layout, with anything after the
 /// first 55 characters behind a `-` (§3.2.4); version `ff` is invalid.
 /// Only the sampled flag is kept (§3.2.2.5: unknown flags are not passed
-/// on). A `tracestate` that does not parse is dropped, the context kept
-/// (§3.3.1.1).
+/// on). More than one `traceparent` is no valid context (the trace
+/// restarts). Several `tracestate` fields are one list, in order
+/// (§3.3.1.1); a list that does not parse is dropped, the context kept.
 pub fn incoming(headers: &HeaderMap) -> Option<SpanContext> {
-    let value = headers.get(TRACEPARENT)?.as_bytes().trim_ascii();
+    let mut parents = headers.get_all(TRACEPARENT).iter();
+    let value = parents.next()?.as_bytes().trim_ascii();
+    if parents.next().is_some() {
+        return None;
+    }
     let (head, rest) = value.split_at_checked(LEN)?;
     let version = hex_field(&head[..2])?;
     let well_formed = match version {
@@ -46,11 +51,7 @@ pub fn incoming(headers: &HeaderMap) -> Option<SpanContext> {
     if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
         return None;
     }
-    let state = headers
-        .get(TRACESTATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<TraceState>().ok())
-        .unwrap_or_default();
+    let state = trace_state(headers).unwrap_or_default();
     Some(SpanContext::new(
         trace_id,
         span_id,
@@ -58,6 +59,24 @@ pub fn incoming(headers: &HeaderMap) -> Option<SpanContext> {
         true,
         state,
     ))
+}
+
+/// The `tracestate` fields of `headers` as one list; `None` when there
+/// is none or it does not parse.
+fn trace_state(headers: &HeaderMap) -> Option<TraceState> {
+    let mut fields = headers.get_all(TRACESTATE).iter();
+    let first = fields.next()?.to_str().ok()?;
+    match fields.next() {
+        None => first.parse().ok(),
+        Some(second) => {
+            let mut joined = format!("{first},{}", second.to_str().ok()?);
+            for more in fields {
+                joined.push(',');
+                joined.push_str(more.to_str().ok()?);
+            }
+            joined.parse().ok()
+        }
+    }
 }
 
 /// The value of a field of lowercase hex digits (at most 32 of them).
@@ -178,6 +197,25 @@ mod tests {
         }
     }
 
+    /// Several `tracestate` fields are one list, in order.
+    #[test]
+    fn tracestate_fields_are_one_list() {
+        let mut h = headers(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("rojo=00f067aa0ba902b7"),
+        );
+        h.append(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
+        h.append(TRACESTATE, HeaderValue::from_static("x=1,y=2"));
+        let sc = incoming(&h).unwrap();
+        assert_eq!(
+            sc.trace_state().header(),
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE,x=1,y=2"
+        );
+        h.append(TRACESTATE, HeaderValue::from_static("not a member"));
+        let sc = incoming(&h).unwrap();
+        assert_eq!(sc.trace_state().header(), "");
+    }
+
     /// Malformed contexts are refused, including those the SDK's
     /// propagator takes: ids of the wrong length, a sign before them.
     #[test]
@@ -206,6 +244,16 @@ mod tests {
             assert_eq!(incoming(&headers(parent, None)), None, "{parent:?}");
         }
         assert_eq!(incoming(&HeaderMap::new()), None);
+        // Two of them: no valid context, whichever would parse.
+        let mut twice = headers(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            None,
+        );
+        twice.append(
+            TRACEPARENT,
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        assert_eq!(incoming(&twice), None);
         let mut opaque = HeaderMap::new();
         opaque.insert(TRACEPARENT, HeaderValue::from_bytes(&[0xff; 60]).unwrap());
         assert_eq!(incoming(&opaque), None);
