@@ -691,7 +691,8 @@ async fn custom_token_header_and_cookie() {
 /// A backend cannot act on the relay's whole origin, which all backends
 /// share: its `Set-Cookie` of the relay's token cookie and its
 /// origin-wide headers (`Service-Worker-Allowed`, `Clear-Site-Data`,
-/// `NEL`, `Report-To`, `Alt-Svc`, `Strict-Transport-Security`) never
+/// `NEL`, `Report-To`, `Alt-Svc`, `Strict-Transport-Security`,
+/// `Accept-CH`, `Critical-CH`) never
 /// reach the user (v1 and v2), its other cookies do, and no service
 /// worker of its can take `/client/` as its scope.
 #[tokio::test]
@@ -728,6 +729,8 @@ async fn backend_headers_that_reach_past_the_backend_are_dropped() {
             "report-to",
             "alt-svc",
             "strict-transport-security",
+            "accept-ch",
+            "critical-ch",
         ] {
             assert!(!resp.headers().contains_key(name), "{name} {transport:?}");
         }

@@ -128,14 +128,18 @@ pub(super) fn join_cookies(headers: &mut HeaderMap) {
 ///   that backend's choosing, for as long as it says;
 /// - `Alt-Svc`: it would send the origin's traffic to another endpoint;
 /// - `Strict-Transport-Security`: the relay's operator decides that, not
-///   a backend (`includeSubDomains` reaches past the relay's own host).
-const ORIGIN_WIDE: [&str; 6] = [
+///   a backend (`includeSubDomains` reaches past the relay's own host);
+/// - `Accept-CH` and `Critical-CH`: which client hints the browser sends
+///   to the whole origin, every other backend included.
+const ORIGIN_WIDE: [&str; 8] = [
     "service-worker-allowed",
     "clear-site-data",
     "nel",
     "report-to",
     "alt-svc",
     "strict-transport-security",
+    "accept-ch",
+    "critical-ch",
 ];
 
 /// Drops a backend's [`ORIGIN_WIDE`] answer headers, and a `Set-Cookie`

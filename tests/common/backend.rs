@@ -215,6 +215,8 @@ async fn handle(req: Request<Incoming>, shared: Shared) -> Result<Response<Body>
             .header("report-to", r#"{"group":"g","max_age":31536000,"endpoints":[{"url":"https://collector.example/"}]}"#)
             .header("alt-svc", r#"h2="elsewhere.example:443"; ma=86400"#)
             .header("strict-transport-security", "max-age=31536000; includeSubDomains")
+            .header("accept-ch", "Sec-CH-UA-Model, Sec-CH-UA-Platform-Version")
+            .header("critical-ch", "Sec-CH-UA-Model")
             .body(full("origin-wide"))
             .unwrap()
     } else if path == "/multi" {
