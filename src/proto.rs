@@ -39,13 +39,18 @@ pub const SERVER_MARK: &str = "http-relay";
 
 /// Headers that describe one connection, not the message; never relayed
 /// (except `connection`/`upgrade` on a 101, which *is* about the
-/// connection being handed over), on either transport.
-pub const HOP_BY_HOP: [HeaderName; 5] = [
+/// connection being handed over), on either transport. The proxy
+/// credentials and challenge are for the proxy next to the user-client
+/// (RFC 9110, sections 11.7.1 and 11.7.2), as Go's `ReverseProxy` holds:
+/// relayed, a user's proxy password would reach the robot.
+pub const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::CONNECTION,
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
 ];
 
 /// Whether `headers` holds one of `names`. One pass over the names a

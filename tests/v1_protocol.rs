@@ -200,6 +200,7 @@ async fn method_host_headers_body_and_status_are_preserved() {
         .header("connection", "x-secret")
         .header("x-secret", "hop")
         .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic dXNlcjpwcm94eS1wYXNzd29yZA==")
         .body("payload")
         .send()
         .await
@@ -215,6 +216,10 @@ async fn method_host_headers_body_and_status_are_preserved() {
         "named by Connection: {text}"
     );
     assert!(line(&text, "keep-alive").is_empty(), "hop-by-hop: {text}");
+    assert!(
+        line(&text, "proxy-authorization").is_empty(),
+        "the user's proxy credentials: {text}"
+    );
     assert_eq!(line(&text, "body-len"), ["7"]);
     assert!(text.ends_with("\n\npayload"));
 
