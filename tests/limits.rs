@@ -1292,27 +1292,33 @@ async fn without_v2_the_users_half_close_is_still_a_half_close() {
     assert!(answer.iter().all(|b| *b == b'l'));
 }
 
-/// v2: a backend connection that fails is no clean close for the user:
-/// over TLS the user sees the connection cut (no `close_notify`), not
-/// the end of the backend's output.
+/// A backend connection that fails is no clean close for the user, on
+/// either transport: over TLS the user sees the connection cut (no
+/// `close_notify`), not the end of the backend's output.
 #[tokio::test]
-async fn v2_a_failed_backend_connection_is_not_a_clean_close() {
-    let backend = UpgradeBackend::start().await;
-    let relay = Relay::start(|_| {}).await;
-    let _client = relay_client(&relay, "ws", &backend.url, Transport::V2).await;
-    let mut s = relay.tls_connect().await;
-    s.write_all(
-        b"GET /client/ws/reset HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let mut got = Vec::new();
-    let end = bounded(s.read_to_end(&mut got)).await;
-    let e = end.expect_err("a clean close after a failed backend connection");
-    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
-    assert!(got.len() <= 64 * 1024);
+async fn a_failed_backend_connection_is_not_a_clean_close() {
+    for transport in [Transport::V1, Transport::V2] {
+        let backend = UpgradeBackend::start().await;
+        let relay = Relay::start(|_| {}).await;
+        let _client = relay_client(&relay, "ws", &backend.url, transport).await;
+        let mut s = relay.tls_connect().await;
+        s.write_all(
+            b"GET /client/ws/reset HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{transport:?}: {head}");
+        let mut got = Vec::new();
+        let end = bounded(s.read_to_end(&mut got)).await;
+        let e = end.expect_err("a clean close after a failed backend connection");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "{transport:?}: {e}"
+        );
+        assert!(got.len() <= 64 * 1024);
+    }
 }
 
 /// v2: a backend that stopped reading, then closed its side, ends the

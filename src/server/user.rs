@@ -653,23 +653,29 @@ async fn pipe(
             }
             down_progress.moved();
         }
-        if !ended {
-            // Ends on the backend's eof, on reaping, or on inactivity.
-            while let Ok(Some(chunk)) = exchange.next_chunk().await {
-                if !chunk.body.is_empty() {
-                    sent += chunk.body.len();
-                    down_metrics.bytes(Direction::ToUser, chunk.body.len());
-                    if wr.write_all(&chunk.body).await.is_err() {
-                        return false;
-                    }
-                    down_progress.moved();
+        // Ends on the backend's eof, or broken off: the relay-client's
+        // `aborted`, reaping, inactivity. Only the eof is a clean end for
+        // the user (TLS `close_notify`, then FIN); a break is not made to
+        // look like one, as on v2.
+        let mut finished = ended;
+        while !finished {
+            let Ok(Some(chunk)) = exchange.next_chunk().await else {
+                break;
+            };
+            if !chunk.body.is_empty() {
+                sent += chunk.body.len();
+                down_metrics.bytes(Direction::ToUser, chunk.body.len());
+                if wr.write_all(&chunk.body).await.is_err() {
+                    return false;
                 }
-                if chunk.eof {
-                    break;
-                }
+                down_progress.moved();
             }
+            finished = chunk.eof;
         }
         down_span.record("relay.bytes_out", telemetry::int(sent));
+        if !finished {
+            return false;
+        }
         let _ = wr.shutdown().await;
         true
     };
