@@ -228,6 +228,12 @@ pub struct AcmeSettings {
     pub cache_dir: PathBuf,
     /// Extra PEM trust root for the directory's HTTPS (test or private CAs).
     pub directory_ca_file: Option<PathBuf>,
+    /// How long the ACME client may go without an event (a certificate
+    /// served, an order done or failed) before it is started afresh: its
+    /// HTTP client has no time limits, and one exchange with the CA that
+    /// never ends would stop renewals until the certificate expired.
+    #[serde(with = "humantime_serde")]
+    pub restart_after: Duration,
 }
 
 impl Default for AcmeSettings {
@@ -238,6 +244,7 @@ impl Default for AcmeSettings {
             directory_url: "https://acme-v02.api.letsencrypt.org/directory".to_owned(),
             cache_dir: Path::new(DEV_CERT_DIR).join("acme"),
             directory_ca_file: None,
+            restart_after: Duration::from_secs(6 * 3600),
         }
     }
 }
@@ -749,6 +756,9 @@ impl ServerConfig {
             }
             if !acme.directory_url.starts_with("https://") {
                 return Err(invalid("tls.acme.directory_url", "must be https"));
+            }
+            if acme.restart_after < Duration::from_secs(1) {
+                return Err(invalid("tls.acme.restart_after", "must be at least 1s"));
             }
         }
         if self.tls.client_cert_names_backend && self.tls.client_ca.is_none() {

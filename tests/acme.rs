@@ -665,6 +665,66 @@ async fn the_acme_section_has_the_documented_defaults() {
     );
     assert_eq!(acme.cache_dir, Path::new("certs/acme"));
     assert_eq!(acme.directory_ca_file, None);
+    assert_eq!(acme.restart_after, Duration::from_secs(6 * 3600));
+}
+
+/// A CA that accepts connections and never answers (its state dropped by
+/// a NAT, a hung front) would hold rustls-acme's client for ever, with no
+/// time limit of its own: the relay starts it afresh after
+/// `tls.acme.restart_after` without an event, and says so. The silent
+/// "CA" counts the connections made to it.
+#[tokio::test]
+async fn an_acme_client_stuck_on_a_silent_ca_is_started_afresh() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let dialled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let accepting = tokio::spawn({
+        let (dialled, held) = (dialled.clone(), held.clone());
+        async move {
+            while let Ok((tcp, _)) = silent.accept().await {
+                dialled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.lock().unwrap().push(tcp);
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    let port = common::pebble::free_port();
+    let toml = format!(
+        r#"listen = "127.0.0.1:{port}"
+
+[auth]
+mode = "none"
+
+[tls.acme]
+domains = ["{DOMAIN}"]
+contact = ["mailto:admin@relay.test"]
+directory_url = "https://{addr}/dir"
+cache_dir = {cache:?}
+restart_after = "1s"
+"#,
+        cache = dir.path().join("acme-cache").display().to_string(),
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut server = Server::with_config(dir.path(), &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dialled.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        server.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{} connections to the silent CA in 10 s; log:\n{}",
+            dialled.load(std::sync::atomic::Ordering::SeqCst),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        server.count("starting the client afresh") >= 2,
+        "{}",
+        server.log()
+    );
+    accepting.abort();
 }
 
 #[test]

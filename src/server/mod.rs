@@ -106,7 +106,7 @@ pub enum CertSource {
     /// `tls.cert`/`tls.key`, followed by [`ReloadingCert::watch`].
     Files(Arc<ReloadingCert>),
     /// `[tls.acme]`, driven by [`tls::acme::Acme::spawn`].
-    Acme(tls::acme::Acme),
+    Acme(Box<tls::acme::Acme>),
 }
 
 /// Builds the TLS configurations, creating the development certificates
@@ -123,7 +123,7 @@ pub fn public_tls(cfg: &ServerConfig) -> Result<Option<PublicTls>, ServerError> 
                 main,
                 challenge: Some(acme.challenge.clone()),
             }),
-            source: CertSource::Acme(acme),
+            source: CertSource::Acme(Box::new(acme)),
         }));
     }
     if cfg.tls.is_dev_default() && DevCerts::in_dir(std::path::Path::new(DEV_CERT_DIR)).ensure()? {
@@ -265,7 +265,7 @@ pub async fn run_with_admin(
         }) => (
             Some(handshake),
             tokio::spawn(ignore_hangup(hangup)),
-            Some(AbortOnDrop(acme.spawn().await)),
+            Some(AbortOnDrop((*acme).spawn().await)),
         ),
         None => (None, tokio::spawn(ignore_hangup(hangup)), None),
     };

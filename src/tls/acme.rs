@@ -9,13 +9,21 @@
 //! (so short-lived certificates work); a failed order is logged and
 //! retried with a doubling backoff while the current certificate stays in
 //! use; a cached certificate is served at once after a restart.
+//!
+//! rustls-acme's HTTP client has no time limits: an exchange with the CA
+//! whose answer never comes would leave it waiting for ever, renewals
+//! stopped and nothing logged. So after `restart_after` without an event
+//! the client is started afresh from the cache ([`Current`] keeps serving
+//! the certificate in use until the new one serves one).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_acme::caches::DirCache;
 use rustls_acme::{AcmeConfig, AcmeState, EventOk, ResolvesServerCertAcme};
 
@@ -29,9 +37,10 @@ const CACHED_WAIT: Duration = Duration::from_secs(2);
 /// A running ACME certificate source.
 pub struct Acme {
     /// Resolves the current certificate for normal handshakes.
-    pub resolver: Arc<ResolvesServerCertAcme>,
+    pub resolver: Arc<Current>,
     /// The configuration answering `acme-tls/1` challenge handshakes.
     pub challenge: Arc<ServerConfig>,
+    settings: AcmeSettings,
     state: AcmeState<std::io::Error>,
     /// Whether the cache holds a certificate to serve at once.
     cached: bool,
@@ -43,17 +52,68 @@ impl std::fmt::Debug for Acme {
     }
 }
 
+/// The certificate of the ACME client in use, and the challenges of the
+/// newest one: a client started afresh answers its challenges at once,
+/// but serves certificates only once it has one.
+#[derive(Debug)]
+pub struct Current {
+    serving: RwLock<Arc<ResolvesServerCertAcme>>,
+    challenges: RwLock<Arc<ResolvesServerCertAcme>>,
+}
+
+impl Current {
+    fn new(first: Arc<ResolvesServerCertAcme>) -> Self {
+        Self {
+            serving: RwLock::new(first.clone()),
+            challenges: RwLock::new(first),
+        }
+    }
+
+    fn read(lock: &RwLock<Arc<ResolvesServerCertAcme>>) -> Arc<ResolvesServerCertAcme> {
+        match lock.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn write(lock: &RwLock<Arc<ResolvesServerCertAcme>>, to: Arc<ResolvesServerCertAcme>) {
+        match lock.write() {
+            Ok(mut w) => *w = to,
+            Err(poisoned) => *poisoned.into_inner() = to,
+        }
+    }
+}
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let lock = if rustls_acme::is_tls_alpn_challenge(&hello) {
+            &self.challenges
+        } else {
+            &self.serving
+        };
+        Self::read(lock).resolve(hello)
+    }
+}
+
+/// A fresh rustls-acme state for `settings`, on the directory client of
+/// `settings.directory_ca_file` (checked when the server starts).
+fn state(settings: &AcmeSettings) -> Result<AcmeState<std::io::Error>, TlsError> {
+    let directory_tls = client_config(settings.directory_ca_file.as_deref())?;
+    Ok(
+        AcmeConfig::new_with_client_config(&settings.domains, Arc::new(directory_tls))
+            .directory(&settings.directory_url)
+            .contact(&settings.contact)
+            .cache(DirCache::new(settings.cache_dir.clone()))
+            .state(),
+    )
+}
+
 impl Acme {
     /// Sets up the account and certificate cache and the client that
     /// talks to the directory (web PKI roots plus `directory_ca_file`).
     pub fn new(settings: &AcmeSettings) -> Result<Self, TlsError> {
         private_dir(&settings.cache_dir)?;
-        let directory_tls = client_config(settings.directory_ca_file.as_deref())?;
-        let state = AcmeConfig::new_with_client_config(&settings.domains, Arc::new(directory_tls))
-            .directory(&settings.directory_url)
-            .contact(&settings.contact)
-            .cache(DirCache::new(settings.cache_dir.clone()))
-            .state();
+        let state = state(settings)?;
         // rustls-acme's directory cache names certificate files
         // `cached_cert_<hash>`.
         let cached = std::fs::read_dir(&settings.cache_dir).is_ok_and(|entries| {
@@ -61,9 +121,18 @@ impl Acme {
                 .flatten()
                 .any(|e| e.file_name().to_string_lossy().starts_with("cached_cert_"))
         });
+        let resolver = Arc::new(Current::new(state.resolver()));
+        let mut challenge = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        challenge
+            .alpn_protocols
+            .push(rustls_acme::acme::ACME_TLS_ALPN_NAME.to_vec());
         Ok(Self {
-            resolver: state.resolver(),
-            challenge: state.challenge_rustls_config_with_provider(provider()),
+            resolver,
+            challenge: Arc::new(challenge),
+            settings: settings.clone(),
             state,
             cached,
         })
@@ -75,7 +144,7 @@ impl Acme {
     /// in the task, and its validation needs the listener accepting.
     pub async fn spawn(self) -> tokio::task::JoinHandle<()> {
         let (first, deployed) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(drive(self.state, first));
+        let task = tokio::spawn(drive(self.settings, self.state, self.resolver, first));
         if self.cached {
             let _ = tokio::time::timeout(CACHED_WAIT, deployed).await;
         }
@@ -83,9 +152,32 @@ impl Acme {
     }
 }
 
-async fn drive(mut state: AcmeState<std::io::Error>, first: tokio::sync::oneshot::Sender<()>) {
+async fn drive(
+    settings: AcmeSettings,
+    mut state: AcmeState<std::io::Error>,
+    current: Arc<Current>,
+    first: tokio::sync::oneshot::Sender<()>,
+) {
     let mut first = Some(first);
-    while let Some(event) = state.next().await {
+    loop {
+        let event = match tokio::time::timeout(settings.restart_after, state.next()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::info!(
+                    after = ?settings.restart_after,
+                    "ACME: no event for tls.acme.restart_after; starting the client afresh from its cache"
+                );
+                match self::state(&settings) {
+                    Ok(fresh) => {
+                        state = fresh;
+                        Current::write(&current.challenges, state.resolver());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ACME: cannot start the client afresh"),
+                }
+                continue;
+            }
+        };
         match event {
             Ok(EventOk::DeployedCachedCert) => {
                 tracing::info!("ACME: serving the cached certificate");
@@ -97,6 +189,8 @@ async fn drive(mut state: AcmeState<std::io::Error>, first: tokio::sync::oneshot
                 continue;
             }
         }
+        // This client serves a certificate now: its resolver takes over.
+        Current::write(&current.serving, state.resolver());
         if let Some(first) = first.take() {
             let _ = first.send(());
         }
