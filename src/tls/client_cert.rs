@@ -48,14 +48,27 @@ impl PeerCert {
         if backend.ends_with('.') || backend.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(CertRefusal::WrongName);
         }
-        let Ok(name) = ServerName::try_from(backend) else {
+        // A backend name that reads as an IP address would be matched
+        // against the certificate's IP addresses: it names no backend.
+        let Ok(name @ ServerName::DnsName(_)) = ServerName::try_from(backend) else {
             return Err(CertRefusal::WrongName);
         };
         let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
             return Err(CertRefusal::WrongName);
         };
         cert.verify_is_valid_for_subject_name(&name)
-            .map_err(|_| CertRefusal::WrongName)
+            .map_err(|_| CertRefusal::WrongName)?;
+        // That check lets a wildcard name (`*.fleet.example`) cover every
+        // backend under it: one certificate would serve them all. Only a
+        // SAN that is the backend's name itself names it.
+        if cert
+            .valid_dns_names()
+            .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(backend))
+        {
+            Ok(())
+        } else {
+            Err(CertRefusal::WrongName)
+        }
     }
 }
 
@@ -88,5 +101,19 @@ mod tests {
         // Other spellings of the name are other backends.
         assert_eq!(a.check("Robot-A", true), Err(CertRefusal::WrongName));
         assert_eq!(a.check("robot-a.", true), Err(CertRefusal::WrongName));
+    }
+
+    /// A wildcard name covers no backend, and an address names none: one
+    /// certificate must not serve a whole family of backends.
+    #[test]
+    fn only_a_san_that_is_the_backends_name_names_it() {
+        let wildcard = cert_for(&["*.fleet.example", "robot-c.fleet.example"]);
+        assert_eq!(
+            wildcard.check("robot-a.fleet.example", true),
+            Err(CertRefusal::WrongName)
+        );
+        assert_eq!(wildcard.check("robot-c.fleet.example", true), Ok(()));
+        let address = cert_for(&["10.0.0.5"]);
+        assert_eq!(address.check("10.0.0.5", true), Err(CertRefusal::WrongName));
     }
 }
