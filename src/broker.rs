@@ -288,7 +288,7 @@ struct Queued {
 /// ([`Broker::hand_back`]).
 struct PollSlot<'a> {
     broker: &'a Broker,
-    backend: &'a Backend,
+    backend: Arc<Backend>,
     rx: oneshot::Receiver<HttpRequest>,
     /// The poll ran to its end and answers for what is in the slot.
     done: bool,
@@ -301,7 +301,7 @@ impl Drop for PollSlot<'_> {
         }
         self.rx.close();
         if let Ok(req) = self.rx.try_recv() {
-            self.broker.hand_back(self.backend, req);
+            self.broker.hand_back(&self.backend, req);
         }
     }
 }
@@ -466,7 +466,7 @@ impl Broker {
         // not lost with it (`PollSlot`).
         let mut slot = PollSlot {
             broker: self,
-            backend: &b,
+            backend: b.clone(),
             rx,
             done: false,
         };
@@ -489,11 +489,15 @@ impl Broker {
     }
 
     /// A request whose poll went away (its connection closed) after the
-    /// request was handed to it: to the next waiting poll, or, if none
-    /// waits, failed at once. It never left the server, but its user
-    /// would otherwise wait `inactive_request` for an answer.
-    fn hand_back(&self, b: &Backend, mut req: HttpRequest) {
-        {
+    /// request was handed to it. It never left the server: it goes to the
+    /// next waiting poll, or waits for one as a new request would, for
+    /// `relay_timeout` (a relay-client that restarts polls again within
+    /// it), and is failed then. Its user would otherwise wait
+    /// `inactive_request` for an answer that cannot come.
+    fn hand_back(&self, b: &Arc<Backend>, mut req: HttpRequest) {
+        let id = req.id.clone().unwrap_or_default();
+        let (taken, was_taken) = oneshot::channel();
+        let ticket = {
             let mut m = lock(&b.meeting);
             while let Some(tx) = m.polls.pop_back() {
                 match tx.send(req) {
@@ -501,11 +505,41 @@ impl Broker {
                     Err(back) => req = back,
                 }
             }
+            m.next_ticket += 1;
+            let ticket = m.next_ticket;
+            m.requests.push_back(Queued { ticket, req, taken });
+            ticket
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.undelivered(b, ticket, &id);
+            return;
+        };
+        let (broker, backend) = (self.clone(), b.clone());
+        runtime.spawn(async move {
+            tokio::select! {
+                Ok(()) = was_taken => {}
+                () = tokio::time::sleep(broker.inner.cfg.relay_timeout) => {
+                    broker.undelivered(&backend, ticket, &id);
+                }
+                () = broker.inner.draining.cancelled() => {
+                    broker.undelivered(&backend, ticket, &id);
+                }
+            }
+        });
+    }
+
+    /// Takes request `id` (queued as `ticket`) out of `b`'s queue, unless
+    /// a poll took it first, and tells its user it was not delivered.
+    fn undelivered(&self, b: &Backend, ticket: u64, id: &str) {
+        let mut queued = Unqueue {
+            backend: b,
+            ticket,
+            left: false,
+        };
+        if !queued.leave() {
+            return;
         }
-        let pending = req
-            .id
-            .as_deref()
-            .and_then(|id| self.inner.requests.get(id).map(|p| p.clone()));
+        let pending = self.inner.requests.get(id).map(|p| p.clone());
         if let Some(pending) = pending {
             let _ = pending.responses.try_send(Err(ProtoError::Undelivered));
         }
@@ -1482,8 +1516,9 @@ mod tests {
 
     /// A poll that goes away (its connection closed) after a request was
     /// handed to it, before it could answer with it: the request goes to
-    /// the next waiting poll, or, with none, its user is told at once
-    /// instead of waiting `inactive_request`.
+    /// the next waiting poll, or to the next one that comes within the
+    /// relay timeout; after that its user is told, instead of waiting
+    /// `inactive_request`.
     #[tokio::test]
     async fn a_request_in_a_poll_that_went_away_is_not_lost() {
         use std::future::Future as _;
@@ -1494,7 +1529,7 @@ mod tests {
             // The poll is waiting: polled once, then never again.
             let mut gone = Box::pin(b.poll("r"));
             assert!(gone.as_mut().poll(&mut cx).is_pending());
-            let mut ex = b
+            let ex = b
                 .relay("r", request(), tracing::Span::none())
                 .await
                 .unwrap();
@@ -1510,15 +1545,31 @@ mod tests {
                     assert_eq!(got.id.as_deref(), Some(ex.id()));
                 }
                 None => {
-                    let started = Instant::now();
-                    assert!(matches!(
-                        ex.next_chunk().await,
-                        Err(BrokerError::Undelivered)
-                    ));
-                    assert!(started.elapsed() < Duration::from_millis(100));
+                    // Queued again: a poll that comes within the relay
+                    // timeout (a restarted relay-client's) takes it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let got = b.poll("r").await.unwrap();
+                    assert_eq!(got.id.as_deref(), Some(ex.id()));
                 }
             }
         }
+        // No poll comes: the user is told at the relay timeout (200 ms
+        // here), not at `inactive_request`.
+        let mut gone = Box::pin(b.poll("r"));
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        let mut ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
+        drop(gone);
+        let started = Instant::now();
+        assert!(matches!(
+            ex.next_chunk().await,
+            Err(BrokerError::Undelivered)
+        ));
+        assert!(started.elapsed() < Duration::from_millis(290));
+        let backend = b.inner.backends.get("r").map(|e| e.clone()).unwrap();
+        assert_eq!(lock(&backend.meeting).requests.len(), 0);
     }
 
     /// A queued request whose user-client went away, or that waited past
