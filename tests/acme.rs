@@ -486,6 +486,11 @@ async fn the_cached_certificate_is_served_at_once_after_a_restart_even_without_t
         std::net::TcpStream::connect(("127.0.0.1", setup.pebble.acme_port)).is_err(),
         "the directory still answers"
     );
+    // Started afresh every second from here on: a restart must go on
+    // serving the cached certificate.
+    let mut toml = std::fs::read_to_string(&setup.relay.config).unwrap();
+    toml.push_str("restart_after = \"1s\"\n");
+    std::fs::write(&setup.relay.config, toml).unwrap();
 
     let mut server = setup.relay.start();
     let (stream, der, served_in) = wait_served(
@@ -511,6 +516,21 @@ async fn the_cached_certificate_is_served_at_once_after_a_restart_even_without_t
         .await;
     assert_eq!(server.count(DEPLOYED), 0, "log:\n{}", server.log());
     server.assert_running();
+    server
+        .wait_line(
+            "starting the client afresh",
+            1,
+            Duration::from_secs(5),
+            &setup.pebble,
+        )
+        .await;
+    for _ in 0..6 {
+        let (_, der) = handshake(setup.relay.port, &setup.tls)
+            .await
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log()));
+        assert!(der == first, "another certificate after a restart");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test]
