@@ -294,13 +294,22 @@ struct PollSlot<'a> {
     done: bool,
 }
 
+impl PollSlot<'_> {
+    /// Closes the slot and takes what was handed to it in the meantime:
+    /// after this, no request can arrive in it unseen.
+    fn take(&mut self) -> Option<HttpRequest> {
+        self.done = true;
+        self.rx.close();
+        self.rx.try_recv().ok()
+    }
+}
+
 impl Drop for PollSlot<'_> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        self.rx.close();
-        if let Ok(req) = self.rx.try_recv() {
+        if let Some(req) = self.take() {
             self.broker.hand_back(&self.backend, req);
         }
     }
@@ -379,6 +388,25 @@ impl Pending {
 use crate::lock;
 
 impl Backend {
+    /// Hands `req` to the newest waiting poll, or queues it (`None`: a
+    /// poll took it; else its ticket). Newest first: after a
+    /// relay-client's network changed, its old polls may sit on a dead
+    /// connection the server has not noticed yet, while its fresh ones
+    /// are live. Older polls that lose out simply time out and poll again.
+    fn offer(&self, mut req: HttpRequest, taken: oneshot::Sender<()>) -> Option<u64> {
+        let mut m = lock(&self.meeting);
+        while let Some(tx) = m.polls.pop_back() {
+            match tx.send(req) {
+                Ok(()) => return None,
+                // That poll went away; try the next one.
+                Err(back) => req = back,
+            }
+        }
+        m.next_ticket += 1;
+        let ticket = m.next_ticket;
+        m.requests.push_back(Queued { ticket, req, taken });
+        Some(ticket)
+    }
     fn new() -> Self {
         Self {
             meeting: Mutex::new(Meeting::default()),
@@ -475,16 +503,15 @@ impl Broker {
             () = tokio::time::sleep(self.inner.cfg.poll_timeout) => Err(BrokerError::PollTimeout),
             () = self.inner.draining.cancelled() => Err(BrokerError::Draining),
         };
-        slot.done = true;
         b.touch();
         match outcome {
-            Ok(req) => Ok(req),
-            Err(e) => {
-                // A request handed over in the instant the timer fired must
-                // not be lost: close the slot, then take what is in it.
-                slot.rx.close();
-                slot.rx.try_recv().map_err(|_| e)
+            Ok(req) => {
+                slot.done = true;
+                Ok(req)
             }
+            // A request handed over in the instant the timer fired must
+            // not be lost.
+            Err(e) => slot.take().ok_or(e),
         }
     }
 
@@ -494,21 +521,11 @@ impl Broker {
     /// `relay_timeout` (a relay-client that restarts polls again within
     /// it), and is failed then. Its user would otherwise wait
     /// `inactive_request` for an answer that cannot come.
-    fn hand_back(&self, b: &Arc<Backend>, mut req: HttpRequest) {
+    fn hand_back(&self, b: &Arc<Backend>, req: HttpRequest) {
         let id = req.id.clone().unwrap_or_default();
         let (taken, was_taken) = oneshot::channel();
-        let ticket = {
-            let mut m = lock(&b.meeting);
-            while let Some(tx) = m.polls.pop_back() {
-                match tx.send(req) {
-                    Ok(()) => return,
-                    Err(back) => req = back,
-                }
-            }
-            m.next_ticket += 1;
-            let ticket = m.next_ticket;
-            m.requests.push_back(Queued { ticket, req, taken });
-            ticket
+        let Some(ticket) = b.offer(req, taken) else {
+            return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.undelivered(b, ticket, &id);
@@ -816,27 +833,12 @@ impl Broker {
         &self,
         b: &Backend,
         name: &str,
-        mut req: HttpRequest,
+        req: HttpRequest,
         deadline: Instant,
     ) -> Result<(), BrokerError> {
         let (taken, mut was_taken) = oneshot::channel();
-        let ticket = {
-            let mut m = lock(&b.meeting);
-            // Newest poll first: after a relay-client's network changed, its
-            // old polls may sit on a dead connection the server has not
-            // noticed yet, while its fresh ones are live. Older polls that
-            // lose out simply time out and poll again.
-            while let Some(tx) = m.polls.pop_back() {
-                match tx.send(req) {
-                    Ok(()) => return Ok(()),
-                    // That poll went away; try the next one.
-                    Err(back) => req = back,
-                }
-            }
-            m.next_ticket += 1;
-            let ticket = m.next_ticket;
-            m.requests.push_back(Queued { ticket, req, taken });
-            ticket
+        let Some(ticket) = b.offer(req, taken) else {
+            return Ok(());
         };
         // Leaves the queue however this future ends, unless a poll took
         // the request.
