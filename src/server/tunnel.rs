@@ -273,8 +273,6 @@ const RELAY_HEADERS: [HeaderName; 3] = [
 /// User-to-backend reads queued for the tunnel stream of an upgrade.
 const PIPE_QUEUE: usize = 8;
 
-/// Relays one user request as a stream on the tunnel of `route_to`
-/// (`Broker::ready_tunnel`).
 /// Tunnels one bodiless request is opened on, at most, when each one
 /// turns out not to have processed it.
 const REOPEN_TRIES: usize = 3;
@@ -287,6 +285,17 @@ fn unprocessed(e: &h2::Error) -> bool {
     e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
+/// Why reading the user's request body failed: told to the user-client
+/// rather than reported as a failure of the tunnel stream it reset.
+enum UserBody {
+    /// Past `limits.max_request_body` (413).
+    TooLarge,
+    /// A malformed chunk, a connection that broke (400, as on v1).
+    Unreadable(String),
+}
+
+/// Relays one user request as a stream on the tunnel of `route_to`
+/// (`Broker::ready_tunnel`).
 pub async fn relay(
     state: &State,
     mut req: Request<Incoming>,
@@ -352,13 +361,9 @@ pub async fn relay(
     // once it has the whole body, however long that takes to arrive.
     let progress = crate::clock::Progress::default();
     let moving = progress.clone();
-    // Set when the streamed body passes the limit: the stream is reset,
-    // and the user-client is told why (413), not just that it failed.
-    let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Set when reading the user's body failed otherwise (a malformed
-    // chunk, a connection that broke): that is the user's error (400, as
-    // on v1), not the relay-client's (502).
-    let unreadable = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+    // Set when the user's body fails: the stream is reset, and the
+    // user-client is told why, not just that the stream failed.
+    let body_failed = Arc::new(std::sync::OnceLock::<UserBody>::new());
     let (body, to_backend): (Body, _) = if upgrade.is_some() {
         // The stream's request body is the user-to-backend direction of
         // the upgraded connection, fed once the user's side is upgraded.
@@ -370,8 +375,7 @@ pub async fn relay(
         });
         (StreamBody::new(stream).boxed(), Some(tx))
     } else {
-        let flag = too_large.clone();
-        let failed = unreadable.clone();
+        let failed = body_failed.clone();
         let counted = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
             .map_frame(move |f| {
                 if let Some(d) = f.data_ref() {
@@ -381,11 +385,11 @@ pub async fn relay(
                 f
             })
             .map_err(move |e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = failed.set(if e.is::<http_body_util::LengthLimitError>() {
+                    UserBody::TooLarge
                 } else {
-                    let _ = failed.set(e.to_string());
-                }
+                    UserBody::Unreadable(e.to_string())
+                });
                 e
             });
         (counted.boxed(), None)
@@ -492,14 +496,13 @@ pub async fn relay(
     drop(first_chunk);
     let resp = match resp {
         Ok(r) => r,
-        Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
-            return Err(RelayError::BodyTooLarge(limit));
+        Err(e) => {
+            return Err(match body_failed.get() {
+                Some(UserBody::TooLarge) => RelayError::BodyTooLarge(limit),
+                Some(UserBody::Unreadable(reason)) => RelayError::ReadBody(reason.clone()),
+                None => RelayError::Tunnel(e.to_string()),
+            });
         }
-        Err(_) if unreadable.get().is_some() => {
-            let reason = unreadable.get().cloned().unwrap_or_default();
-            return Err(RelayError::ReadBody(reason));
-        }
-        Err(e) => return Err(RelayError::Tunnel(e.to_string())),
     };
     // Only a request that asked for an upgrade can switch: on any other,
     // the relay-client's mark would only lengthen the reader's limit.
