@@ -18,7 +18,6 @@ use std::time::Duration;
 use http::HeaderMap;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -121,7 +120,6 @@ pub fn init(
     default_service: &str,
     format: LogFormat,
 ) -> Result<Telemetry, TelemetryError> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     ROOT_SPANS.store(cfg.sample_ratio != Some(0.0), Ordering::Relaxed);
     let provider = match endpoint(cfg) {
         Some(endpoint) => Some(provider(cfg, &endpoint, default_service)?),
