@@ -156,13 +156,12 @@ struct AcmeRelay {
     dir: TempDir,
 }
 
-impl AcmeRelay {
-    fn new(port: u16, pebble: &Pebble) -> AcmeRelay {
-        let dir = tempfile::tempdir().unwrap();
-        let cache_dir = dir.path().join("acme-cache");
-        let config = dir.path().join("server.toml");
-        let toml = format!(
-            r#"listen = "127.0.0.1:{port}"
+/// A relay's configuration on 127.0.0.1:`port`, without auth, with
+/// `[tls.acme]` for `relay.test` at `directory_url`, and `more` lines of
+/// that section.
+fn acme_config(port: u16, directory_url: &str, cache_dir: &Path, more: &str) -> String {
+    format!(
+        r#"listen = "127.0.0.1:{port}"
 
 [auth]
 mode = "none"
@@ -172,11 +171,22 @@ domains = ["{DOMAIN}"]
 contact = ["mailto:admin@relay.test"]
 directory_url = {directory_url:?}
 cache_dir = {cache_dir:?}
-directory_ca_file = {ca:?}
-"#,
-            directory_url = pebble.directory_url(),
-            cache_dir = cache_dir.display().to_string(),
-            ca = pebble.directory_ca_file().display().to_string(),
+{more}"#,
+        cache_dir = cache_dir.display().to_string(),
+    )
+}
+
+impl AcmeRelay {
+    fn new(port: u16, pebble: &Pebble) -> AcmeRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let cache_dir = dir.path().join("acme-cache");
+        let config = dir.path().join("server.toml");
+        let ca = pebble.directory_ca_file().display().to_string();
+        let toml = acme_config(
+            port,
+            &pebble.directory_url(),
+            &cache_dir,
+            &format!("directory_ca_file = {ca:?}\n"),
         );
         std::fs::write(&config, toml).unwrap();
         AcmeRelay {
@@ -711,20 +721,11 @@ async fn an_acme_client_stuck_on_a_silent_ca_is_started_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("server.toml");
     let port = common::pebble::free_port();
-    let toml = format!(
-        r#"listen = "127.0.0.1:{port}"
-
-[auth]
-mode = "none"
-
-[tls.acme]
-domains = ["{DOMAIN}"]
-contact = ["mailto:admin@relay.test"]
-directory_url = "https://{addr}/dir"
-cache_dir = {cache:?}
-restart_after = "1s"
-"#,
-        cache = dir.path().join("acme-cache").display().to_string(),
+    let toml = acme_config(
+        port,
+        &format!("https://{addr}/dir"),
+        &dir.path().join("acme-cache"),
+        "restart_after = \"1s\"\n",
     );
     std::fs::write(&config, toml).unwrap();
     let mut server = Server::with_config(dir.path(), &config);
