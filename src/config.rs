@@ -298,7 +298,10 @@ pub struct ServerTimeouts {
     /// this and `idle_connection`.
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight for this long is closed;
+    /// until one of its requests passed the gate (a valid token), after
+    /// `header_read` already: such a connection is only a socket that
+    /// anyone can open.
     #[serde(with = "humantime_serde")]
     pub idle_connection: Duration,
     /// An upgraded connection (WebSocket, exec) with no byte in either
@@ -331,7 +334,9 @@ pub struct ServerLimits {
     pub max_request_body: ByteSize,
     /// Largest single `POST /server/response` message.
     pub max_response_chunk: ByteSize,
-    /// Open connections; beyond it new ones are closed at accept.
+    /// Open connections. With all open, a new one takes the place of the
+    /// oldest connection none of whose requests passed the gate yet
+    /// (`server::places`); with none such, it is closed at accept.
     pub max_connections: usize,
     /// Open connections from one IPv4 address or IPv6 /64; beyond it new
     /// ones from there are closed at accept. A site whose robots or users

@@ -149,6 +149,55 @@ async fn valid_rsa_and_ec_tokens_relay_and_the_token_is_not_forwarded() {
     assert_eq!(resp.status(), 401, "no token at all");
 }
 
+/// Only a request whose token passed makes its connection one that is
+/// never closed to make room: with every place taken, a newcomer takes
+/// the place of a connection whose request was refused (401), never that
+/// of a connection whose token passed.
+#[tokio::test]
+async fn a_refused_token_does_not_keep_a_place_from_newcomers() {
+    use tokio::io::AsyncReadExt as _;
+    let idp = Idp::start().await;
+    let relay = relay_with(&idp, |c| c.limits.max_connections = 3).await;
+    let valid = format!(
+        "authorization: Bearer {}\r\n",
+        idp.sign("rsa-1", &idp.claims(&user_aud("nobody"), "alice"))
+    );
+    let mut refused = relay.tls_connect().await;
+    let wrong = "authorization: Bearer not-a-token\r\n";
+    assert_eq!(
+        common::http1_get(&mut refused, "/client/nobody/x", wrong)
+            .await
+            .0,
+        401
+    );
+    let mut passed = relay.tls_connect().await;
+    // Unknown backend, once the token passed.
+    assert_eq!(
+        common::http1_get(&mut passed, "/client/nobody/x", &valid)
+            .await
+            .0,
+        503
+    );
+    let mut filler = relay.tls_connect().await;
+    assert_eq!(common::http1_get(&mut filler, "/healthz", "").await.0, 200);
+
+    let mut newcomer = relay.tls_connect().await;
+    assert_eq!(
+        common::http1_get(&mut newcomer, "/healthz", "").await.0,
+        200
+    );
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), refused.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the refused connection kept its place");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        common::http1_get(&mut passed, "/client/nobody/x", &valid)
+            .await
+            .0,
+        503
+    );
+}
+
 #[tokio::test]
 async fn attacks_are_refused_with_401() {
     let idp = Idp::start().await;

@@ -21,7 +21,7 @@ use common::backend::Backend;
 use common::h2raw;
 use common::observe::{gauge, within};
 use common::process::{Proc, rss_kib};
-use common::{Relay, RelayClient, bounded, client_config, eventually};
+use common::{Relay, RelayClient, bounded, client_config, eventually, read_head};
 use http::{Request, Response, StatusCode};
 use http_relay::config::Transport;
 use hyper::body::Incoming;
@@ -43,35 +43,10 @@ async fn wait_closed(s: &mut (impl AsyncRead + Unpin), limit: Duration) -> Optio
     drained.ok().map(|()| start.elapsed())
 }
 
-/// Reads an HTTP/1.1 head byte by byte (nothing after it is consumed).
-async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let b = bounded(s.read_u8())
-            .await
-            .expect("connection closed in the head");
-        head.push(b);
-    }
-    String::from_utf8(head).unwrap()
-}
-
 /// `GET path` on an HTTP/1.1 keep-alive connection: status and body
 /// (bodies with a `Content-Length` only).
 async fn http1_get(s: &mut (impl AsyncRead + AsyncWrite + Unpin), path: &str) -> (u16, String) {
-    let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let head = read_head(s).await;
-    let status = head[9..12].parse().unwrap();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let l = l.to_ascii_lowercase();
-            Some(l.strip_prefix("content-length:")?.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    bounded(s.read_exact(&mut body)).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    common::http1_get(s, path, "").await
 }
 
 /// Starts a relay-client of `name` on `transport` and waits until the
@@ -314,7 +289,9 @@ impl ServerProc {
 // === Connections ===
 
 /// Connections beyond `limits.max_connections` are closed at accept,
-/// unserved and counted; a freed slot admits a new connection.
+/// unserved and counted, when every place is held by a connection that
+/// proved itself (a request passed the gate; with auth off, any request
+/// for a backend); a freed place admits a new connection.
 #[tokio::test]
 async fn connections_beyond_max_connections_are_closed_at_accept() {
     let relay = Relay::start(|c| {
@@ -325,27 +302,120 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(relay.addr).await.unwrap();
-        assert_eq!(http1_get(&mut s, "/healthz").await, (200, "ok".into()));
+        assert_eq!(http1_get(&mut s, "/client/nobody/x").await.0, 503);
         held.push(s);
     }
     for _ in 0..3 {
-        let mut s = TcpStream::connect(relay.addr).await.unwrap();
-        // The request may or may not reach the socket before it is closed.
-        let _ = s
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await;
-        let mut got = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
-        assert!(read.is_ok(), "a connection over the limit stayed open");
-        assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        assert_closed_unserved(TcpStream::connect(relay.addr).await.unwrap()).await;
     }
     // The held connections are still served.
     for s in &mut held {
-        assert_eq!(http1_get(s, "/healthz").await.0, 200);
+        assert_eq!(http1_get(s, "/client/nobody/x").await.0, 503);
     }
     drop(held.pop());
     let refused = refused_connections(&relay).await;
     assert!(refused >= 3.0, "relay_connections_refused_total {refused}");
+}
+
+/// A connection that sends `GET /healthz` and is closed without an
+/// answer, within 5 s.
+async fn assert_closed_unserved(mut s: TcpStream) {
+    // The request may or may not reach the socket before it is closed.
+    let _ = s
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "a connection over the limit stayed open");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+}
+
+/// With every place taken, a new connection takes the place of the
+/// oldest one that never passed the gate (it only asked for `/healthz`),
+/// which is closed; the others are still served.
+#[tokio::test]
+async fn a_newcomer_takes_the_place_of_the_oldest_connection_that_never_passed_the_gate() {
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.limits.max_connections = 4;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        assert_eq!(http1_get(&mut s, "/healthz").await.0, 200);
+        held.push(s);
+    }
+    let mut newcomer = TcpStream::connect(relay.addr).await.unwrap();
+    assert_eq!(
+        http1_get(&mut newcomer, "/healthz").await,
+        (200, "ok".into())
+    );
+    let mut oldest = held.remove(0);
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), oldest.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the oldest connection stayed open");
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    for s in &mut held {
+        assert_eq!(http1_get(s, "/healthz").await.0, 200);
+    }
+    drop(held);
+    let http = relay.http();
+    let evicted = within(Duration::from_secs(10), "the eviction counter", || {
+        gauge(&http, &relay.url, "relay_connections_evicted_total")
+    })
+    .await;
+    assert!(evicted >= 1.0, "relay_connections_evicted_total {evicted}");
+}
+
+/// Until a request passed the gate, an idle connection is closed after
+/// `timeouts.header_read`; one that passed it keeps
+/// `timeouts.idle_connection`. (HTTP/2: on HTTP/1.1, `header_read` also
+/// bounds the wait for every next request head.)
+#[tokio::test]
+async fn a_connection_that_never_passed_the_gate_idles_out_at_the_header_deadline() {
+    let relay = Relay::start(|c| {
+        c.tls.enabled = false;
+        c.timeouts.header_read = Duration::from_secs(1);
+    })
+    .await;
+    let (mut unproven_rd, mut unproven_wr) = h2raw::connect(relay.addr).await;
+    h2_exchange(&mut unproven_rd, &mut unproven_wr, 1, "/healthz").await;
+    let idle = Instant::now();
+    let (mut proven_rd, mut proven_wr) = h2raw::connect(relay.addr).await;
+    h2_exchange(&mut proven_rd, &mut proven_wr, 1, "/client/nobody/x").await;
+    let closed = wait_closed(&mut unproven_rd, Duration::from_secs(5))
+        .await
+        .expect("an idle unproven connection still open after 5 s");
+    assert!(
+        closed >= Duration::from_millis(500) && idle.elapsed() >= Duration::from_millis(900),
+        "closed after {closed:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h2_exchange(&mut proven_rd, &mut proven_wr, 3, "/client/nobody/x").await;
+}
+
+/// `GET path` as `stream` of a raw HTTP/2 connection, until the answer
+/// ends; the connection must not go away meanwhile.
+async fn h2_exchange(
+    rd: &mut (impl AsyncRead + Unpin),
+    wr: &mut (impl AsyncWrite + Unpin),
+    stream: u32,
+    path: &str,
+) {
+    let req = h2raw::get(path, "localhost");
+    wr.write_all(&h2raw::request(stream, &req)).await.unwrap();
+    loop {
+        let f = bounded(h2raw::read_frame(rd)).await.unwrap();
+        assert_ne!(f.kind, h2raw::GOAWAY, "closed with a request in flight");
+        if f.kind == h2raw::SETTINGS && f.flags & h2raw::ACK == 0 {
+            let ack = h2raw::frame(h2raw::SETTINGS, h2raw::ACK, 0, &[]);
+            wr.write_all(&ack).await.unwrap();
+        }
+        if f.stream == stream && f.flags & h2raw::END_STREAM != 0 {
+            return;
+        }
+    }
 }
 
 /// One address gets at most `limits.max_connections_per_ip` connections

@@ -174,8 +174,11 @@ impl Activity {
             .any(|since| self.after(since, limit) <= now)
     }
 
-    /// Resolves when the connection should be closed.
-    pub async fn expired(&self, limits: Limits) -> Expired {
+    /// Resolves when the connection should be closed. `proven` says
+    /// whether a request of the connection passed the gate
+    /// (`places::Place::prove`): until one did, an idle connection is
+    /// closed after `header_read`, as one that never sent a request.
+    pub async fn expired(&self, limits: Limits, proven: impl Fn() -> bool) -> Expired {
         let Limits {
             header_read,
             idle,
@@ -218,11 +221,18 @@ impl Activity {
                 continue;
             }
             let last = self.last.load(Ordering::Relaxed);
-            let deadline = self.after(last, idle);
+            let was_proven = proven();
+            let limit = if was_proven {
+                idle
+            } else {
+                idle.min(header_read)
+            };
+            let deadline = self.after(last, limit);
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => {
                     if self.in_flight.load(Ordering::Acquire) == 0
                         && self.last.load(Ordering::Relaxed) == last
+                        && proven() == was_proven
                     {
                         return Expired::Idle;
                     }
@@ -328,40 +338,6 @@ impl Drop for Answer {
     }
 }
 
-/// A connection's place in `limits.max_connections` and among its
-/// source's (`limits.max_connections_per_ip`), in every request's
-/// extensions: an upgraded connection (WebSocket, exec, a v2 tunnel)
-/// leaves hyper, and its task keeps the place until it ends.
-#[derive(Clone, Debug)]
-pub struct Place {
-    _held: Arc<(
-        tokio::sync::OwnedSemaphorePermit,
-        Option<super::peers::PeerSlot>,
-    )>,
-}
-
-impl Place {
-    pub fn new(
-        permit: tokio::sync::OwnedSemaphorePermit,
-        source: Option<super::peers::PeerSlot>,
-    ) -> Self {
-        Self {
-            _held: Arc::new((permit, source)),
-        }
-    }
-
-    /// The place of the connection a request came on, if any.
-    pub fn of(ext: &http::Extensions) -> Option<Place> {
-        ext.get::<Place>().cloned()
-    }
-
-    /// Runs `task` holding the place.
-    pub async fn hold<F: std::future::Future>(place: Option<Place>, task: F) -> F::Output {
-        let _place = place;
-        task.await
-    }
-}
-
 use crate::clock::millis_since;
 
 #[cfg(test)]
@@ -384,7 +360,7 @@ mod tests {
         let a = Activity::new();
         let watch = {
             let a = a.clone();
-            tokio::spawn(async move { a.expired(limits()).await })
+            tokio::spawn(async move { a.expired(limits(), || true).await })
         };
         let req = a.begin();
         for _ in 0..20 {
@@ -407,7 +383,7 @@ mod tests {
         let a = Activity::new();
         let watch = {
             let a = a.clone();
-            tokio::spawn(async move { a.expired(limits()).await })
+            tokio::spawn(async move { a.expired(limits(), || true).await })
         };
         drop(a.begin());
         a.wrote(true);
@@ -429,7 +405,7 @@ mod tests {
         use crate::observed::Observer as _;
         let watched = |a: &Arc<Activity>| {
             let a = a.clone();
-            tokio::spawn(async move { a.expired(limits()).await })
+            tokio::spawn(async move { a.expired(limits(), || true).await })
         };
 
         // Read frame by frame, however slowly.
@@ -526,7 +502,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_expires_at_the_header_deadline() {
         let a = Activity::new();
-        let got = a.expired(limits()).await;
+        let got = a.expired(limits(), || true).await;
         assert_eq!(got, Expired::HeaderRead);
         assert!(a.start.elapsed() >= Duration::from_secs(10));
         assert!(a.start.elapsed() < Duration::from_secs(11));
@@ -537,13 +513,55 @@ mod tests {
         let a = Activity::new();
         let watch = {
             let a = a.clone();
-            tokio::spawn(async move { a.expired(limits()).await })
+            tokio::spawn(async move { a.expired(limits(), || true).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         let req = a.begin();
         // A long request is never idle.
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(!watch.is_finished());
+        drop(req);
+        let ended = Instant::now();
+        assert_eq!(watch.await.unwrap(), Expired::Idle);
+        let idle = ended.elapsed();
+        assert!(
+            idle >= Duration::from_secs(119) && idle <= Duration::from_secs(121),
+            "{idle:?}"
+        );
+    }
+
+    /// Until a request passed the gate, an idle connection is closed
+    /// after `header_read`; from then on after the idle limit.
+    #[tokio::test(start_paused = true)]
+    async fn an_unproven_connection_idles_only_as_long_as_the_header_deadline() {
+        let proven = Arc::new(AtomicBool::new(false));
+        let a = Activity::new();
+        let watch = {
+            let (a, proven) = (a.clone(), proven.clone());
+            tokio::spawn(async move {
+                a.expired(limits(), move || proven.load(Ordering::Relaxed))
+                    .await
+            })
+        };
+        drop(a.begin());
+        let ended = Instant::now();
+        assert_eq!(watch.await.unwrap(), Expired::Idle);
+        let idle = ended.elapsed();
+        assert!(
+            idle >= Duration::from_secs(10) && idle <= Duration::from_secs(11),
+            "{idle:?}"
+        );
+
+        let a = Activity::new();
+        let watch = {
+            let (a, proven) = (a.clone(), proven.clone());
+            tokio::spawn(async move {
+                a.expired(limits(), move || proven.load(Ordering::Relaxed))
+                    .await
+            })
+        };
+        let req = a.begin();
+        proven.store(true, Ordering::Relaxed);
         drop(req);
         let ended = Instant::now();
         assert_eq!(watch.await.unwrap(), Expired::Idle);

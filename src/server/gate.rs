@@ -4,6 +4,7 @@
 use http::HeaderMap;
 
 use super::State;
+use super::places::Place;
 use crate::auth::{AuthError, Claims, Role};
 use crate::error::RelayError;
 use crate::telemetry::limit::Verdict;
@@ -45,8 +46,19 @@ pub fn log_suppressed(reason: &'static str, suppressed: u64) {
 
 /// A user-client request for `backend`: verifies and checks its token,
 /// and removes the token from the headers so it is never relayed.
-/// Returns the token's subject (`None` with auth off).
+/// Returns the token's subject (`None` with auth off). A request that
+/// passes proves its connection (`places`).
 pub async fn user<B>(
+    state: &State,
+    req: &mut http::Request<B>,
+    backend: &str,
+) -> Result<Option<String>, RelayError> {
+    let subject = user_token(state, req, backend).await?;
+    Place::prove(req.extensions());
+    Ok(subject)
+}
+
+async fn user_token<B>(
     state: &State,
     req: &mut http::Request<B>,
     backend: &str,

@@ -10,6 +10,7 @@ mod gate;
 mod load;
 mod peers;
 mod pipe;
+mod places;
 mod relay;
 mod stream;
 mod tunnel;
@@ -516,17 +517,15 @@ async fn accept_loop(
     force_close: CancellationToken,
 ) -> Result<(), ServerError> {
     let builder = connection_builder(&state.cfg);
-    let connections = Arc::new(tokio::sync::Semaphore::new(
-        state.cfg.limits.max_connections,
-    ));
-    let sources = state.cfg.connections_per_ip().map(peers::Peers::new);
-    let header_read = state.cfg.timeouts.header_read;
-    let idle = state.cfg.timeouts.idle_connection;
     let limits = conn::Limits {
-        header_read,
-        idle,
+        header_read: state.cfg.timeouts.header_read,
+        idle: state.cfg.timeouts.idle_connection,
         stalled: state.cfg.timeouts.inactive_request,
     };
+    let places = places::Places::new(
+        state.cfg.limits.max_connections,
+        state.cfg.connections_per_ip(),
+    );
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -540,102 +539,142 @@ async fn accept_loop(
             },
             () = stop.cancelled() => return Ok(()),
         };
-        // Over `limits.max_connections`: closed at once, before any work.
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            state.metrics.connections_refused.inc();
-            drop(tcp);
-            continue;
-        };
-        // Over `limits.max_connections_per_ip`: the same.
-        let source = match &sources {
-            Some(sources) => match sources.admit(peer.ip()) {
-                Some(slot) => Some(slot),
-                None => {
-                    state.metrics.connections_refused_per_ip.inc();
-                    drop(tcp);
-                    continue;
+        // Over `limits.max_connections` with every place proven, or over
+        // `limits.max_connections_per_ip`: closed at once, before any work.
+        let admission = match places.admit(peer.ip()) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                match refusal {
+                    places::Refusal::Full => state.metrics.connections_refused.inc(),
+                    places::Refusal::Source => state.metrics.connections_refused_per_ip.inc(),
                 }
-            },
-            None => None,
+                drop(tcp);
+                continue;
+            }
         };
+        if matches!(admission, places::Admission::Evicted { .. }) {
+            state.metrics.connections_evicted.inc();
+        }
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let acceptor = acceptor.clone();
-        let state = state.clone();
-        let force_close = force_close.clone();
+        let connection = Connection {
+            tcp,
+            peer,
+            acceptor: acceptor.clone(),
+            state: state.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            force_close: force_close.clone(),
+        };
         tokio::spawn(async move {
-            let place = conn::Place::new(permit, source);
-            let metrics = state.metrics.clone();
-            let activity = Activity::new();
-            let watchdog = activity.clone();
-            let writes = activity.clone();
-            let expired = async move {
-                let why = watchdog.expired(limits).await;
-                tracing::debug!(%peer, reason = ?why, "closing connection");
+            let Some(place) = admission.place().await else {
+                connection.state.metrics.connections_refused.inc();
+                return;
             };
-            let service = move |peer_cert: PeerCert| {
-                hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    let state = state.clone();
-                    let in_flight = activity.begin();
-                    req.extensions_mut().insert(peer_cert.clone());
-                    req.extensions_mut().insert(place.clone());
-                    async move {
-                        let resp = dispatch(&state, req).await;
-                        Ok::<_, Infallible>(resp.map(|b| in_flight.answer(b)))
-                    }
-                })
-            };
-            match acceptor {
-                Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(header_read, handshake(&acceptor, tcp)).await {
-                            Ok(Ok(Some(tls))) => tls,
-                            Ok(Ok(None)) => return,
-                            Ok(Err(e)) => {
-                                metrics.tls_handshake_failures.inc();
-                                if is_client_cert_error(&e) {
-                                    metrics.client_cert_refusal("untrusted");
-                                }
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                metrics.tls_handshake_failures.inc();
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let peer_cert = PeerCert(
-                        tls.get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first().cloned()),
-                    );
-                    let io = TokioIo::new(Observed::new(tls, conn::Writes(writes)));
-                    let conn = builder.serve_connection_with_upgrades(io, service(peer_cert));
-                    tokio::select! {
-                        r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "connection ended with error");
-                        },
-                        () = expired => {}
-                        () = force_close.cancelled() => {}
-                    }
-                }
-                None => {
-                    let io = TokioIo::new(Observed::new(tcp, conn::Writes(writes)));
-                    let conn =
-                        builder.serve_connection_with_upgrades(io, service(PeerCert::default()));
-                    tokio::select! {
-                        r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "connection ended with error");
-                        },
-                        () = expired => {}
-                        () = force_close.cancelled() => {}
-                    }
+            let (peer, evicted) = (connection.peer, place.evicted());
+            tokio::select! {
+                () = connection.serve(limits, place) => {}
+                () = evicted => {
+                    tracing::debug!(%peer, "closed to make room for a new connection");
                 }
             }
         });
+    }
+}
+
+/// One accepted connection, served on its own task.
+struct Connection {
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: Option<Arc<Handshake>>,
+    state: State,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    force_close: CancellationToken,
+}
+
+impl Connection {
+    /// The TLS handshake (if any), then HTTP until the peer is done, the
+    /// connection's time limits run out or the drain ends.
+    async fn serve(self, limits: conn::Limits, place: places::Place) {
+        let Connection {
+            tcp,
+            peer,
+            acceptor,
+            state,
+            builder,
+            watcher,
+            force_close,
+        } = self;
+        let metrics = state.metrics.clone();
+        let activity = Activity::new();
+        let watchdog = activity.clone();
+        let writes = activity.clone();
+        let standing = place.clone();
+        let expired = async move {
+            let why = watchdog.expired(limits, || standing.is_proven()).await;
+            tracing::debug!(%peer, reason = ?why, "closing connection");
+        };
+        let service = move |peer_cert: PeerCert| {
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let state = state.clone();
+                let in_flight = activity.begin();
+                req.extensions_mut().insert(peer_cert.clone());
+                req.extensions_mut().insert(place.clone());
+                async move {
+                    let resp = dispatch(&state, req).await;
+                    Ok::<_, Infallible>(resp.map(|b| in_flight.answer(b)))
+                }
+            })
+        };
+        match acceptor {
+            Some(acceptor) => {
+                let tls = match tokio::time::timeout(limits.header_read, handshake(&acceptor, tcp))
+                    .await
+                {
+                    Ok(Ok(Some(tls))) => tls,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake_failures.inc();
+                        if is_client_cert_error(&e) {
+                            metrics.client_cert_refusal("untrusted");
+                        }
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer_cert = PeerCert(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first().cloned()),
+                );
+                let io = TokioIo::new(Observed::new(tls, conn::Writes(writes)));
+                let conn = builder.serve_connection_with_upgrades(io, service(peer_cert));
+                tokio::select! {
+                    r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    },
+                    () = expired => {}
+                    () = force_close.cancelled() => {}
+                }
+            }
+            None => {
+                let io = TokioIo::new(Observed::new(tcp, conn::Writes(writes)));
+                let conn = builder.serve_connection_with_upgrades(io, service(PeerCert::default()));
+                tokio::select! {
+                    r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    },
+                    () = expired => {}
+                    () = force_close.cancelled() => {}
+                }
+            }
+        }
     }
 }
 
@@ -717,7 +756,8 @@ async fn admin_loop(listener: TcpListener, state: State, stop: CancellationToken
             let io = TokioIo::new(Observed::new(tcp, conn::Writes(activity.clone())));
             tokio::select! {
                 _ = builder.serve_connection(io, service) => {}
-                _ = activity.expired(limits) => {}
+                // The admin listener is private: no gate to pass.
+                _ = activity.expired(limits, || true) => {}
             }
         });
     }

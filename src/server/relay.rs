@@ -70,6 +70,7 @@ async fn poll(state: &State, req: &Request<Incoming>) -> Result<Response<Body>, 
     let claims = Box::pin(gate::relay_token(state, req.headers(), &backend)).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
     gate::relay_cert(state, req.extensions(), &backend)?;
+    super::places::Place::prove(req.extensions());
     gate::backend_room(state, &backend)?;
     let m = &state.metrics;
     m.request(method::SERVER_REQUEST, &backend);
@@ -141,6 +142,7 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
         .ok_or_else(|| BrokerError::UnknownRequest(id.clone()))?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, &parts.extensions, &owner)?;
+    super::places::Place::prove(&parts.extensions);
     let m = &state.metrics;
     m.request(method::SERVER_RESPONSE, &owner);
     if let Err(e) = state.broker.respond(&id, chunk).await {
@@ -178,6 +180,7 @@ async fn request_stream(
     let owner = state.broker.owner(&id).ok_or_else(gone)?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, req.extensions(), &owner)?;
+    super::places::Place::prove(req.extensions());
     let bytes = state
         .broker
         .request_stream(&id, half_close)

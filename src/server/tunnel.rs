@@ -47,6 +47,7 @@ pub async fn connect(
     let claims = gate::relay_token(state, req.headers(), &backend).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
     gate::relay_cert(state, req.extensions(), &backend)?;
+    super::places::Place::prove(req.extensions());
     gate::backend_room(state, &backend)?;
     gate::tunnel_room(state, &backend)?;
     let offered = req.version() == http::Version::HTTP_11
@@ -69,8 +70,8 @@ pub async fn connect(
         return Err(RelayError::Auth(crate::auth::AuthError::Expired));
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let place = super::conn::Place::of(req.extensions());
-    tokio::spawn(super::conn::Place::hold(
+    let place = super::places::Place::of(req.extensions());
+    tokio::spawn(super::places::Place::hold(
         place,
         run(state.clone(), backend, on_upgrade, expires),
     ));
@@ -306,7 +307,7 @@ pub async fn relay(
 ) -> Result<Response<Body>, RelayError> {
     let upgrade = super::user::upgrade_token(&req);
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let place = super::conn::Place::of(req.extensions());
+    let place = super::places::Place::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -548,7 +549,7 @@ pub async fn relay(
             chunks,
         );
         let admission = admitted.clone();
-        tokio::spawn(super::conn::Place::hold(place, async move {
+        tokio::spawn(super::places::Place::hold(place, async move {
             let _admission = admission;
             piped.await
         }));

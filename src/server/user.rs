@@ -325,7 +325,7 @@ async fn relay_admitted(
     }
     let route_wait = routing.elapsed();
     let on_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
-    let place = super::conn::Place::of(req.extensions());
+    let place = super::places::Place::of(req.extensions());
     let version = req.version();
     let (parts, body) = req.into_parts();
 
@@ -473,7 +473,7 @@ fn escapes_valid(path: &str) -> bool {
 /// connection's place (`limits.max_connections`) and its request's
 /// admission (`limits.max_requests_per_backend`).
 struct Upgraded {
-    place: Option<super::conn::Place>,
+    place: Option<super::places::Place>,
     admission: super::load::Admission,
 }
 
@@ -507,7 +507,7 @@ fn respond(
         let first_body = std::mem::take(&mut first.body);
         let stalled = state.cfg.timeouts.idle_stream;
         let piped = pipe(on_upgrade, exchange, first_body, ended, metrics, stalled);
-        tokio::spawn(super::conn::Place::hold(place, async move {
+        tokio::spawn(super::places::Place::hold(place, async move {
             let _admission = admission;
             piped.await
         }));

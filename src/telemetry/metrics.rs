@@ -72,6 +72,9 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Connections closed at accept for `limits.max_connections_per_ip`.
     pub connections_refused_per_ip: IntCounter,
+    /// Unproven connections closed to make room for a new one
+    /// (`server::places`).
+    pub connections_evicted: IntCounter,
 }
 
 /// Direction of relayed bytes.
@@ -197,6 +200,14 @@ impl Metrics {
         registry
             .register(Box::new(connections_refused_per_ip.clone()))
             .expect("unique counter");
+        let connections_evicted = IntCounter::new(
+            "relay_connections_evicted_total",
+            "Connections closed before any of their requests passed authentication, to make room for a new one at limits.max_connections",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(connections_evicted.clone()))
+            .expect("unique counter");
         Self {
             registry,
             requests,
@@ -214,6 +225,7 @@ impl Metrics {
             tls_handshake_failures,
             connections_refused,
             connections_refused_per_ip,
+            connections_evicted,
         }
     }
 

@@ -324,3 +324,41 @@ pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     out.truncate(n);
     out
 }
+
+/// Reads an HTTP/1.1 head byte by byte (nothing after it is consumed).
+pub async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = bounded(s.read_u8())
+            .await
+            .expect("connection closed in the head");
+        head.push(b);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// `GET path` on an HTTP/1.1 keep-alive connection, with `headers`
+/// (complete lines, each ending in CRLF) added: status and body (bodies
+/// with a `Content-Length` only).
+pub async fn http1_get(
+    s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(s).await;
+    let status = head[9..12].parse().unwrap();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let l = l.to_ascii_lowercase();
+            Some(l.strip_prefix("content-length:")?.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    bounded(s.read_exact(&mut body)).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}

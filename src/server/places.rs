@@ -1,0 +1,305 @@
+//! A connection's place among the `limits.max_connections` that relay
+//! clients and users share, and among its source's
+//! (`limits.max_connections_per_ip`).
+//!
+//! A connection has *proven* itself once one of its requests passed the
+//! gate (a valid token for what it asked; with auth off, any request for a
+//! backend or a relay endpoint). Until then it is only a socket that
+//! anyone can open: when every place is taken, a new connection takes the
+//! place of the oldest unproven one, which is closed. Without that, a few
+//! addresses opening connections that never authenticate (a handful of
+//! IPv6 /64s at `max_connections_per_ip` each) would lock out every
+//! user and every relay-client that comes after them; with it, they would
+//! have to open connections faster than a newcomer can send its first
+//! request. Proven connections are never closed to make room.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::peers::{PeerSlot, Peers};
+
+/// How long a new connection waits for the place of the connection it
+/// evicted: that one's task only has to notice and drop its socket.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// Every place of the listener.
+#[derive(Debug)]
+pub struct Places {
+    connections: Arc<Semaphore>,
+    sources: Option<Arc<Peers>>,
+    unproven: Mutex<Unproven>,
+}
+
+/// The open connections that have not proven themselves, oldest first.
+#[derive(Debug, Default)]
+struct Unproven {
+    next: u64,
+    open: BTreeMap<u64, CancellationToken>,
+}
+
+/// Why a connection was refused at accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every place is held by a connection that proved itself.
+    Full,
+    /// Its source has `limits.max_connections_per_ip` open.
+    Source,
+}
+
+/// A connection let in at accept.
+#[derive(Debug)]
+pub enum Admission {
+    /// A place was free.
+    Free(Place),
+    /// The oldest unproven connection was told to close; its place is
+    /// this connection's once given back ([`Admission::place`]).
+    Evicted {
+        places: Arc<Places>,
+        source: Option<PeerSlot>,
+    },
+}
+
+impl Places {
+    /// `max` connections in all; `per_source` from each source, if set.
+    pub fn new(max: usize, per_source: Option<usize>) -> Arc<Self> {
+        Arc::new(Self {
+            connections: Arc::new(Semaphore::new(max)),
+            sources: per_source.map(Peers::new),
+            unproven: Mutex::new(Unproven::default()),
+        })
+    }
+
+    /// Lets a connection from `ip` in, or says why not. Never waits: the
+    /// accept loop calls it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+        let source = match &self.sources {
+            Some(sources) => Some(sources.admit(ip).ok_or(Refusal::Source)?),
+            None => None,
+        };
+        if let Ok(permit) = self.connections.clone().try_acquire_owned() {
+            return Ok(Admission::Free(self.place(permit, source)));
+        }
+        if self.evict_oldest() {
+            Ok(Admission::Evicted {
+                places: self.clone(),
+                source,
+            })
+        } else {
+            Err(Refusal::Full)
+        }
+    }
+
+    fn evict_oldest(&self) -> bool {
+        match self.lock().open.pop_first() {
+            Some((_, evict)) => {
+                evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn place(self: &Arc<Self>, permit: OwnedSemaphorePermit, source: Option<PeerSlot>) -> Place {
+        let evict = CancellationToken::new();
+        let id = {
+            let mut unproven = self.lock();
+            let id = unproven.next;
+            unproven.next += 1;
+            unproven.open.insert(id, evict.clone());
+            id
+        };
+        Place(Arc::new(Held {
+            places: self.clone(),
+            id,
+            proven: AtomicBool::new(false),
+            evict,
+            _permit: permit,
+            _source: source,
+        }))
+    }
+
+    fn forget(&self, id: u64) {
+        self.lock().open.remove(&id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Unproven> {
+        // The map stays consistent whatever panicked while holding it.
+        self.unproven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Open connections that have not proven themselves.
+    #[cfg(test)]
+    fn unproven(&self) -> usize {
+        self.lock().open.len()
+    }
+}
+
+impl Admission {
+    /// The connection's place: at once if one was free, else once the
+    /// evicted connection gave its own back (`None` if that takes longer
+    /// than [`EVICTION_WAIT`]; places are handed out in the order they
+    /// were asked for).
+    pub async fn place(self) -> Option<Place> {
+        match self {
+            Admission::Free(place) => Some(place),
+            Admission::Evicted { places, source } => {
+                let permit = places.connections.clone().acquire_owned();
+                let permit = tokio::time::timeout(EVICTION_WAIT, permit)
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(places.place(permit, source))
+            }
+        }
+    }
+}
+
+/// A connection's place, in every request's extensions: an upgraded
+/// connection (WebSocket, exec, a v2 tunnel) leaves hyper, and its task
+/// keeps the place until it ends.
+#[derive(Clone, Debug)]
+pub struct Place(Arc<Held>);
+
+#[derive(Debug)]
+struct Held {
+    places: Arc<Places>,
+    id: u64,
+    proven: AtomicBool,
+    evict: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+    _source: Option<PeerSlot>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.proven.load(Ordering::Acquire) {
+            self.places.forget(self.id);
+        }
+    }
+}
+
+impl Place {
+    /// The place of the connection a request came on, if any.
+    pub fn of(ext: &http::Extensions) -> Option<Place> {
+        ext.get::<Place>().cloned()
+    }
+
+    /// Runs `task` holding the place.
+    pub async fn hold<F: std::future::Future>(place: Option<Place>, task: F) -> F::Output {
+        let _place = place;
+        task.await
+    }
+
+    /// A request of this connection passed the gate: the connection is
+    /// never evicted from now on, and keeps the longer idle limit.
+    pub fn prove(ext: &http::Extensions) {
+        if let Some(place) = ext.get::<Place>()
+            && !place.0.proven.swap(true, Ordering::AcqRel)
+        {
+            place.0.places.forget(place.0.id);
+        }
+    }
+
+    /// Whether a request of this connection passed the gate.
+    pub fn is_proven(&self) -> bool {
+        self.0.proven.load(Ordering::Acquire)
+    }
+
+    /// Resolves when a new connection took this one's place.
+    pub fn evicted(&self) -> WaitForCancellationFutureOwned {
+        self.0.evict.clone().cancelled_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn free(a: Result<Admission, Refusal>) -> Place {
+        match a {
+            Ok(Admission::Free(place)) => place,
+            other => panic!("no free place: {other:?}"),
+        }
+    }
+
+    fn extensions(place: &Place) -> http::Extensions {
+        let mut ext = http::Extensions::new();
+        ext.insert(place.clone());
+        ext
+    }
+
+    /// With every place taken, a newcomer evicts the oldest unproven
+    /// connection and gets its place once that one is gone; proven
+    /// connections are never evicted, and with only those open the
+    /// newcomer is refused.
+    #[tokio::test]
+    async fn a_newcomer_takes_the_place_of_the_oldest_unproven_connection() {
+        let places = Places::new(3, None);
+        let first = free(places.admit(ip("192.0.2.1")));
+        let second = free(places.admit(ip("192.0.2.2")));
+        let third = free(places.admit(ip("192.0.2.3")));
+        Place::prove(&extensions(&first));
+        assert_eq!(places.unproven(), 2);
+
+        let Ok(newcomer @ Admission::Evicted { .. }) = places.admit(ip("192.0.2.4")) else {
+            panic!("no eviction");
+        };
+        // The oldest unproven is `second`, not the proven `first`.
+        let evicted = second.evicted();
+        tokio::time::timeout(Duration::from_secs(1), evicted)
+            .await
+            .expect("the oldest unproven connection was told to close");
+        assert!(!first.0.evict.is_cancelled());
+        assert!(!third.0.evict.is_cancelled());
+        // Its place comes once it is given back.
+        let waiting = tokio::spawn(newcomer.place());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a place that was not given back");
+        drop(second);
+        let newcomer = waiting.await.unwrap().expect("the evicted place");
+        assert!(!newcomer.is_proven());
+
+        // Proven, all three: nobody to evict.
+        Place::prove(&extensions(&third));
+        Place::prove(&extensions(&newcomer));
+        assert_eq!(places.unproven(), 0);
+        assert_eq!(
+            places.admit(ip("192.0.2.5")).err(),
+            Some(Refusal::Full),
+            "a proven connection was evicted"
+        );
+        drop(first);
+        let last = free(places.admit(ip("192.0.2.5")));
+        drop((last, third, newcomer));
+        assert_eq!(places.unproven(), 0, "no connection, no entry");
+    }
+
+    /// A place that is not given back in time leaves the newcomer without
+    /// one; a source at its limit is refused without evicting anyone.
+    #[tokio::test(start_paused = true)]
+    async fn an_eviction_is_bounded_and_a_full_source_evicts_nobody() {
+        let places = Places::new(1, Some(1));
+        let held = free(places.admit(ip("192.0.2.1")));
+        assert_eq!(places.admit(ip("192.0.2.1")).err(), Some(Refusal::Source));
+        assert!(!held.0.evict.is_cancelled(), "evicted for its own source");
+        let newcomer = places.admit(ip("192.0.2.2")).unwrap();
+        assert!(held.0.evict.is_cancelled());
+        // The evicted connection hangs on to its place.
+        assert!(newcomer.place().await.is_none());
+        drop(held);
+        // The source of the newcomer that gave up was given back too.
+        let _again = free(places.admit(ip("192.0.2.2")));
+    }
+}
