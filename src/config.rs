@@ -299,7 +299,8 @@ pub struct ServerTimeouts {
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
     /// A connection with no request in flight for this long is closed;
-    /// until one of its requests passed the gate (a valid token), after
+    /// until one of its requests passed the gate (a valid token; with auth
+    /// off, any request for a backend or a relay endpoint), after
     /// `header_read` already: such a connection is only a socket that
     /// anyone can open.
     #[serde(with = "humantime_serde")]

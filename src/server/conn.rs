@@ -1,7 +1,9 @@
 //! Time limits of connections and upgraded streams, against peers that
 //! hold a socket and a task without using them: a connection must send
 //! its first request within `timeouts.header_read` and is closed after
-//! `timeouts.idle_connection` without a request in flight, or after
+//! `timeouts.idle_connection` without a request in flight (after
+//! `timeouts.header_read` until one of its requests passed the gate), or
+//! after
 //! `timeouts.inactive_request` with an answer in flight that the peer
 //! takes no byte of (its socket full, or, over HTTP/2, its flow-control
 //! window shut); an upgraded stream is closed after
@@ -28,7 +30,8 @@ use super::body::{Body, BoxError};
 pub enum Expired {
     /// No complete request within `timeouts.header_read` of the accept.
     HeaderRead,
-    /// No request in flight for `timeouts.idle_connection`.
+    /// No request in flight for `timeouts.idle_connection` (for
+    /// `timeouts.header_read` until a request passed the gate).
     Idle,
     /// A request in flight, and the peer took no byte of what the server
     /// has to write for `timeouts.inactive_request`: it stopped reading.

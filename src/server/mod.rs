@@ -44,7 +44,6 @@ use crate::tls::{self, DevCerts, TlsError};
 use body::{Body, full};
 use conn::Activity;
 
-/// A TLS handshake that takes longer than this is abandoned.
 /// After the drain, connections get this long to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 

@@ -19,13 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::peers::{PeerSlot, Peers};
 
 /// How long a new connection waits for the place of the connection it
-/// evicted: that one's task only has to notice and drop its socket.
+/// evicted: that one's task only has to notice and drop its socket (and,
+/// over HTTP/2, its streams' tasks to see the connection gone).
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// Every place of the listener.
@@ -40,7 +41,16 @@ pub struct Places {
 #[derive(Debug, Default)]
 struct Unproven {
     next: u64,
-    open: BTreeMap<u64, CancellationToken>,
+    open: BTreeMap<u64, Arc<Eviction>>,
+}
+
+/// How a connection is told to go, and to whom its place goes then.
+#[derive(Debug, Default)]
+struct Eviction {
+    go: CancellationToken,
+    /// The newcomer that evicted it: the place is handed to it directly
+    /// when dropped, so no other connection can take it on the way.
+    heir: Mutex<Option<oneshot::Sender<OwnedSemaphorePermit>>>,
 }
 
 /// Why a connection was refused at accept.
@@ -62,6 +72,7 @@ pub enum Admission {
     Evicted {
         places: Arc<Places>,
         source: Option<PeerSlot>,
+        handed: oneshot::Receiver<OwnedSemaphorePermit>,
     },
 }
 
@@ -85,54 +96,47 @@ impl Places {
         if let Ok(permit) = self.connections.clone().try_acquire_owned() {
             return Ok(Admission::Free(self.place(permit, source)));
         }
-        if self.evict_oldest() {
-            Ok(Admission::Evicted {
+        match self.evict_oldest() {
+            Some(handed) => Ok(Admission::Evicted {
                 places: self.clone(),
                 source,
-            })
-        } else {
-            Err(Refusal::Full)
+                handed,
+            }),
+            None => Err(Refusal::Full),
         }
     }
 
-    fn evict_oldest(&self) -> bool {
-        match self.lock().open.pop_first() {
-            Some((_, evict)) => {
-                evict.cancel();
-                true
-            }
-            None => false,
-        }
+    /// Tells the oldest unproven connection to go; its place will come
+    /// through the receiver.
+    fn evict_oldest(&self) -> Option<oneshot::Receiver<OwnedSemaphorePermit>> {
+        let (_, eviction) = self.lock().open.pop_first()?;
+        let (heir, handed) = oneshot::channel();
+        *lock(&eviction.heir) = Some(heir);
+        eviction.go.cancel();
+        Some(handed)
     }
 
     fn place(self: &Arc<Self>, permit: OwnedSemaphorePermit, source: Option<PeerSlot>) -> Place {
-        let evict = CancellationToken::new();
+        let eviction = Arc::new(Eviction::default());
         let id = {
             let mut unproven = self.lock();
             let id = unproven.next;
             unproven.next += 1;
-            unproven.open.insert(id, evict.clone());
+            unproven.open.insert(id, eviction.clone());
             id
         };
         Place(Arc::new(Held {
             places: self.clone(),
             id,
             proven: AtomicBool::new(false),
-            evict,
-            _permit: permit,
+            eviction,
+            permit: Some(permit),
             _source: source,
         }))
     }
 
-    fn forget(&self, id: u64) {
-        self.lock().open.remove(&id);
-    }
-
     fn lock(&self) -> MutexGuard<'_, Unproven> {
-        // The map stays consistent whatever panicked while holding it.
-        self.unproven
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.unproven)
     }
 
     /// Open connections that have not proven themselves.
@@ -144,15 +148,17 @@ impl Places {
 
 impl Admission {
     /// The connection's place: at once if one was free, else once the
-    /// evicted connection gave its own back (`None` if that takes longer
-    /// than [`EVICTION_WAIT`]; places are handed out in the order they
-    /// were asked for).
+    /// evicted connection handed its own over (`None` if that takes
+    /// longer than [`EVICTION_WAIT`]; the place then goes back to all).
     pub async fn place(self) -> Option<Place> {
         match self {
             Admission::Free(place) => Some(place),
-            Admission::Evicted { places, source } => {
-                let permit = places.connections.clone().acquire_owned();
-                let permit = tokio::time::timeout(EVICTION_WAIT, permit)
+            Admission::Evicted {
+                places,
+                source,
+                handed,
+            } => {
+                let permit = tokio::time::timeout(EVICTION_WAIT, handed)
                     .await
                     .ok()?
                     .ok()?;
@@ -172,18 +178,32 @@ pub struct Place(Arc<Held>);
 struct Held {
     places: Arc<Places>,
     id: u64,
+    /// Written under the places' lock only, so a connection is either
+    /// proven or evicted, never both.
     proven: AtomicBool,
-    evict: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    eviction: Arc<Eviction>,
+    permit: Option<OwnedSemaphorePermit>,
     _source: Option<PeerSlot>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         if !self.proven.load(Ordering::Acquire) {
-            self.places.forget(self.id);
+            self.places.lock().open.remove(&self.id);
+        }
+        let heir = lock(&self.eviction.heir).take();
+        if let (Some(heir), Some(permit)) = (heir, self.permit.take()) {
+            // A newcomer that gave up waiting sends it back: dropped, the
+            // permit returns to the semaphore.
+            let _ = heir.send(permit);
         }
     }
+}
+
+/// Locks `m`; what it guards stays consistent whatever panicked while
+/// holding it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Place {
@@ -199,12 +219,19 @@ impl Place {
     }
 
     /// A request of this connection passed the gate: the connection is
-    /// never evicted from now on, and keeps the longer idle limit.
+    /// never evicted from now on, and keeps the longer idle limit. (One
+    /// already told to go stays told: it is closing.)
     pub fn prove(ext: &http::Extensions) {
-        if let Some(place) = ext.get::<Place>()
-            && !place.0.proven.swap(true, Ordering::AcqRel)
-        {
-            place.0.places.forget(place.0.id);
+        let Some(place) = ext.get::<Place>() else {
+            return;
+        };
+        let held = &place.0;
+        if held.proven.load(Ordering::Acquire) {
+            return;
+        }
+        let mut unproven = held.places.lock();
+        if unproven.open.remove(&held.id).is_some() {
+            held.proven.store(true, Ordering::Release);
         }
     }
 
@@ -215,7 +242,7 @@ impl Place {
 
     /// Resolves when a new connection took this one's place.
     pub fn evicted(&self) -> WaitForCancellationFutureOwned {
-        self.0.evict.clone().cancelled_owned()
+        self.0.eviction.go.clone().cancelled_owned()
     }
 }
 
@@ -261,8 +288,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), evicted)
             .await
             .expect("the oldest unproven connection was told to close");
-        assert!(!first.0.evict.is_cancelled());
-        assert!(!third.0.evict.is_cancelled());
+        assert!(!first.0.eviction.go.is_cancelled());
+        assert!(!third.0.eviction.go.is_cancelled());
         // Its place comes once it is given back.
         let waiting = tokio::spawn(newcomer.place());
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -286,6 +313,32 @@ mod tests {
         assert_eq!(places.unproven(), 0, "no connection, no entry");
     }
 
+    /// An evicted connection's place goes to the newcomer that evicted it,
+    /// even when another connection arrives before the newcomer's task
+    /// asks for it; and a request passing the gate on an evicted
+    /// connection does not make it proven.
+    #[tokio::test]
+    async fn an_evicted_place_is_handed_to_its_newcomer() {
+        let places = Places::new(2, None);
+        let a = free(places.admit(ip("192.0.2.1")));
+        let b = free(places.admit(ip("192.0.2.2")));
+        let newcomer = places.admit(ip("192.0.2.3")).unwrap();
+        assert!(a.0.eviction.go.is_cancelled());
+        Place::prove(&extensions(&a));
+        assert!(!a.is_proven(), "an evicted connection was proven");
+        drop(a);
+        // Not back among the free places: the next one evicts `b`.
+        let Ok(next @ Admission::Evicted { .. }) = places.admit(ip("192.0.2.4")) else {
+            panic!("the evicted place went to another connection");
+        };
+        assert!(b.0.eviction.go.is_cancelled());
+        let newcomer = newcomer.place().await.expect("the handed place");
+        drop(b);
+        let next = next.place().await.expect("the place of b");
+        drop((newcomer, next));
+        assert_eq!(places.unproven(), 0);
+    }
+
     /// A place that is not given back in time leaves the newcomer without
     /// one; a source at its limit is refused without evicting anyone.
     #[tokio::test(start_paused = true)]
@@ -293,9 +346,12 @@ mod tests {
         let places = Places::new(1, Some(1));
         let held = free(places.admit(ip("192.0.2.1")));
         assert_eq!(places.admit(ip("192.0.2.1")).err(), Some(Refusal::Source));
-        assert!(!held.0.evict.is_cancelled(), "evicted for its own source");
+        assert!(
+            !held.0.eviction.go.is_cancelled(),
+            "evicted for its own source"
+        );
         let newcomer = places.admit(ip("192.0.2.2")).unwrap();
-        assert!(held.0.evict.is_cancelled());
+        assert!(held.0.eviction.go.is_cancelled());
         // The evicted connection hangs on to its place.
         assert!(newcomer.place().await.is_none());
         drop(held);

@@ -104,6 +104,9 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
     let claims = gate::relay_token(state, req.headers(), "-").await?;
     gate::relay_role(state, claims.as_ref())?;
     gate::relay_cert_presented(state, req.extensions())?;
+    // A relay token: proven before a chunk of up to 16 MiB is read, so
+    // the connection is not evicted in the middle of it.
+    super::places::Place::prove(req.extensions());
     let (parts, body) = req.into_parts();
     let limit = state.cfg.limits.max_response_chunk.as_u64();
     // A chunk whose bytes stop for as long as a request may go without a
@@ -142,7 +145,6 @@ async fn response(state: &State, req: Request<Incoming>) -> Result<Response<Body
         .ok_or_else(|| BrokerError::UnknownRequest(id.clone()))?;
     gate::relay_access(state, claims.as_ref(), &owner)?;
     gate::relay_cert(state, &parts.extensions, &owner)?;
-    super::places::Place::prove(&parts.extensions);
     let m = &state.metrics;
     m.request(method::SERVER_RESPONSE, &owner);
     if let Err(e) = state.broker.respond(&id, chunk).await {

@@ -47,7 +47,6 @@ pub async fn connect(
     let claims = gate::relay_token(state, req.headers(), &backend).await?;
     gate::relay_access(state, claims.as_ref(), &backend)?;
     gate::relay_cert(state, req.extensions(), &backend)?;
-    super::places::Place::prove(req.extensions());
     gate::backend_room(state, &backend)?;
     gate::tunnel_room(state, &backend)?;
     let offered = req.version() == http::Version::HTTP_11
@@ -69,6 +68,7 @@ pub async fn connect(
     if expires == Some(Duration::ZERO) {
         return Err(RelayError::Auth(crate::auth::AuthError::Expired));
     }
+    super::places::Place::prove(req.extensions());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let place = super::places::Place::of(req.extensions());
     tokio::spawn(super::places::Place::hold(

@@ -68,7 +68,9 @@ pub struct Metrics {
     auth_failures: IntCounterVec,
     client_cert_refusals: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
-    /// Connections closed at accept for `limits.max_connections`.
+    /// Connections closed unserved for `limits.max_connections`: at
+    /// accept, or when the place of the connection they evicted did not
+    /// come within a second.
     pub connections_refused: IntCounter,
     /// Connections closed at accept for `limits.max_connections_per_ip`.
     pub connections_refused_per_ip: IntCounter,
@@ -186,7 +188,7 @@ impl Metrics {
             .expect("unique counter");
         let connections_refused = IntCounter::new(
             "relay_connections_refused_total",
-            "Connections closed at accept because limits.max_connections were open",
+            "Connections closed unserved because limits.max_connections were open",
         )
         .expect("valid counter");
         registry
