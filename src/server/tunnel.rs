@@ -295,6 +295,41 @@ enum UserBody {
     Unreadable(String),
 }
 
+/// `<backend>:<uuid>`, the request's id on the tunnel and in its span.
+fn request_id(backend: &str) -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let uuid = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    let mut id = String::with_capacity(backend.len() + 1 + uuid.len());
+    id.push_str(backend);
+    id.push(':');
+    id.push_str(uuid);
+    id
+}
+
+/// The URI of the stream's request: the user's authority, the path at the
+/// backend and the user's query.
+fn backend_uri(
+    authority: http::uri::Authority,
+    path: &str,
+    query: Option<&str>,
+) -> Result<http::Uri, RelayError> {
+    let mut forwarded = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    forwarded.push_str(path);
+    if let Some(q) = query {
+        forwarded.push('?');
+        forwarded.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        http::uri::PathAndQuery::try_from(forwarded)
+            .map_err(|e| RelayError::Tunnel(format!("cannot build the request's path: {e}")))?,
+    );
+    http::Uri::from_parts(parts)
+        .map_err(|e| RelayError::Tunnel(format!("cannot build the request's URI: {e}")))
+}
+
 /// Relays one user request as a stream on the tunnel of `route_to`
 /// (`Broker::ready_tunnel`).
 pub async fn relay(
@@ -313,7 +348,7 @@ pub async fn relay(
 
     let limit = state.cfg.limits.max_request_body.as_u64();
     refuse_declared_oversize(&parts.headers, limit)?;
-    let id = format!("{}:{}", route.backend, uuid::Uuid::new_v4().simple());
+    let id = request_id(&route.backend);
     span.record("relay.request_id", id.as_str());
 
     let mut headers = parts.headers;
@@ -349,13 +384,9 @@ pub async fn relay(
     // The user's Host travels as the authority (the relay-client sets Host
     // from it for HTTP/1 backends, as v1 does with `host`).
     let authority = host
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-        .unwrap_or_else(|| "relay.invalid".to_owned());
-    let forwarded = match parts.uri.query() {
-        Some(q) => format!("{}?{q}", route.path),
-        None => route.path.clone(),
-    };
-    let uri = format!("http://{authority}{forwarded}");
+        .and_then(|h| http::uri::Authority::try_from(h).ok())
+        .unwrap_or_else(|| http::uri::Authority::from_static("relay.invalid"));
+    let uri = backend_uri(authority, &route.path, parts.uri.query())?;
 
     let metrics = state.metrics.clone();
     // The upload moving counts as activity: the backend may answer only
@@ -397,9 +428,9 @@ pub async fn relay(
     };
     let mut out = Request::builder()
         .method(parts.method)
-        .uri(&uri)
+        .uri(uri)
         .body(())
-        .map_err(|e| RelayError::Tunnel(format!("cannot build request {uri:?}: {e}")))?;
+        .map_err(|e| RelayError::Tunnel(format!("cannot build request: {e}")))?;
     *out.headers_mut() = headers;
 
     let traced = telemetry::is_sampled(span);
