@@ -520,9 +520,14 @@ impl Broker {
     /// next waiting poll, or waits for one as a new request would, for
     /// `relay_timeout` (a relay-client that restarts polls again within
     /// it), and is failed then. Its user would otherwise wait
-    /// `inactive_request` for an answer that cannot come.
+    /// `inactive_request` for an answer that cannot come. A request whose
+    /// user has left goes nowhere: the relay-client would run it at the
+    /// backend for nobody, and its answers would be refused.
     fn hand_back(&self, b: &Arc<Backend>, req: HttpRequest) {
         let id = req.id.clone().unwrap_or_default();
+        let Ok(pending) = self.pending(&id) else {
+            return;
+        };
         let (taken, was_taken) = oneshot::channel();
         let Some(ticket) = b.offer(req, taken) else {
             return;
@@ -535,6 +540,15 @@ impl Broker {
         runtime.spawn(async move {
             tokio::select! {
                 Ok(()) = was_taken => {}
+                // Its user left: out of the queue, quietly.
+                () = pending.responses.closed() => {
+                    Unqueue {
+                        backend: &backend,
+                        ticket,
+                        left: false,
+                    }
+                    .leave();
+                }
                 () = tokio::time::sleep(broker.inner.cfg.relay_timeout) => {
                     broker.undelivered(&backend, ticket, &id);
                 }
@@ -1572,6 +1586,29 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(290));
         let backend = b.inner.backends.get("r").map(|e| e.clone()).unwrap();
         assert_eq!(lock(&backend.meeting).requests.len(), 0);
+    }
+
+    /// A request given back by a poll that went away leaves the queue
+    /// when its user leaves: the next poll does not get it.
+    #[tokio::test]
+    async fn a_request_given_back_leaves_with_its_user() {
+        use std::future::Future as _;
+        let b = broker();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut gone = Box::pin(b.poll("r"));
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        let ex = b
+            .relay("r", request(), tracing::Span::none())
+            .await
+            .unwrap();
+        drop(gone);
+        let backend = b.inner.backends.get("r").map(|e| e.clone()).unwrap();
+        assert_eq!(lock(&backend.meeting).requests.len(), 1, "queued again");
+        drop(ex);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(lock(&backend.meeting).requests.len(), 0);
+        assert!(matches!(b.poll("r").await, Err(BrokerError::PollTimeout)));
     }
 
     /// A queued request whose user-client went away, or that waited past
