@@ -515,7 +515,7 @@ async fn accept_loop(
     stop: CancellationToken,
     force_close: CancellationToken,
 ) -> Result<(), ServerError> {
-    let builder = connection_builder(&state.cfg);
+    let builder = Arc::new(connection_builder(&state.cfg));
     let limits = conn::Limits {
         header_read: state.cfg.timeouts.header_read,
         idle: state.cfg.timeouts.idle_connection,
@@ -564,47 +564,39 @@ async fn accept_loop(
             watcher: graceful.watcher(),
             force_close: force_close.clone(),
         };
-        tokio::spawn(async move {
-            let Some(place) = admission.place().await else {
-                connection.state.metrics.connections_refused.inc();
-                return;
-            };
-            let (peer, evicted) = (connection.peer, place.evicted());
-            tokio::select! {
-                () = connection.serve(limits, place) => {}
-                () = evicted => {
-                    tracing::debug!(%peer, "closed to make room for a new connection");
-                }
-            }
-        });
+        tokio::spawn(connection.run(admission, limits));
     }
 }
 
 /// One accepted connection, served on its own task.
+///
+/// The task's future is allocated per connection and, for a v2 tunnel or
+/// a WebSocket, freed right after the upgrade, between the upgraded
+/// connection's own allocations: it is kept small (one future, the
+/// builder shared) so that what it leaves behind stays small too.
 struct Connection {
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     acceptor: Option<Arc<Handshake>>,
     state: State,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     force_close: CancellationToken,
 }
 
 impl Connection {
-    /// The TLS handshake (if any), then HTTP until the peer is done, the
-    /// connection's time limits run out or the drain ends.
-    async fn serve(self, limits: conn::Limits, place: places::Place) {
-        let Connection {
-            tcp,
-            peer,
-            acceptor,
-            state,
-            builder,
-            watcher,
-            force_close,
-        } = self;
-        let metrics = state.metrics.clone();
+    /// Waits for the connection's place if it evicted another one; then
+    /// the TLS handshake (if any), then HTTP until the peer is done, the
+    /// connection's time limits run out, the drain ends or a newcomer
+    /// evicts it.
+    async fn run(self, admission: places::Admission, limits: conn::Limits) {
+        let Some(place) = admission.place().await else {
+            self.state.metrics.connections_refused.inc();
+            return;
+        };
+        let peer = self.peer;
+        let mut evicted = std::pin::pin!(place.evicted());
+        let metrics = self.state.metrics.clone();
         let activity = Activity::new();
         let watchdog = activity.clone();
         let writes = activity.clone();
@@ -613,6 +605,7 @@ impl Connection {
             let why = watchdog.expired(limits, || standing.is_proven()).await;
             tracing::debug!(%peer, reason = ?why, "closing connection");
         };
+        let state = self.state;
         let service = move |peer_cert: PeerCert| {
             hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let state = state.clone();
@@ -625,11 +618,16 @@ impl Connection {
                 }
             })
         };
-        match acceptor {
+        let gone = || tracing::debug!(%peer, "closed to make room for a new connection");
+        match self.acceptor {
             Some(acceptor) => {
-                let tls = match tokio::time::timeout(limits.header_read, handshake(&acceptor, tcp))
-                    .await
-                {
+                let handshake =
+                    tokio::time::timeout(limits.header_read, handshake(&acceptor, self.tcp));
+                let shaken = tokio::select! {
+                    r = handshake => r,
+                    () = &mut evicted => return gone(),
+                };
+                let tls = match shaken {
                     Ok(Ok(Some(tls))) => tls,
                     Ok(Ok(None)) => return,
                     Ok(Err(e)) => {
@@ -653,24 +651,30 @@ impl Connection {
                         .and_then(|chain| chain.first().cloned()),
                 );
                 let io = TokioIo::new(Observed::new(tls, conn::Writes(writes)));
-                let conn = builder.serve_connection_with_upgrades(io, service(peer_cert));
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(io, service(peer_cert));
                 tokio::select! {
-                    r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                    r = self.watcher.watch(conn.into_owned()) => if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     },
                     () = expired => {}
-                    () = force_close.cancelled() => {}
+                    () = self.force_close.cancelled() => {}
+                    () = &mut evicted => gone(),
                 }
             }
             None => {
-                let io = TokioIo::new(Observed::new(tcp, conn::Writes(writes)));
-                let conn = builder.serve_connection_with_upgrades(io, service(PeerCert::default()));
+                let io = TokioIo::new(Observed::new(self.tcp, conn::Writes(writes)));
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(io, service(PeerCert::default()));
                 tokio::select! {
-                    r = watcher.watch(conn.into_owned()) => if let Err(e) = r {
+                    r = self.watcher.watch(conn.into_owned()) => if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with error");
                     },
                     () = expired => {}
-                    () = force_close.cancelled() => {}
+                    () = self.force_close.cancelled() => {}
+                    () = &mut evicted => gone(),
                 }
             }
         }
