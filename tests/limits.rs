@@ -299,12 +299,7 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
         c.limits.max_connections = 4;
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut s = TcpStream::connect(relay.addr).await.unwrap();
-        assert_eq!(http1_get(&mut s, "/client/nobody/x").await.0, 503);
-        held.push(s);
-    }
+    let mut held = held_connections(&relay, 4, "/client/nobody/x", 503).await;
     for _ in 0..3 {
         assert_closed_unserved(TcpStream::connect(relay.addr).await.unwrap()).await;
     }
@@ -315,6 +310,17 @@ async fn connections_beyond_max_connections_are_closed_at_accept() {
     drop(held.pop());
     let refused = refused_connections(&relay).await;
     assert!(refused >= 3.0, "relay_connections_refused_total {refused}");
+}
+
+/// `n` keep-alive connections, each answered `status` for `GET path`.
+async fn held_connections(relay: &Relay, n: usize, path: &str, status: u16) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        assert_eq!(http1_get(&mut s, path).await.0, status);
+        held.push(s);
+    }
+    held
 }
 
 /// A connection that sends `GET /healthz` and is closed without an
@@ -340,12 +346,7 @@ async fn a_newcomer_takes_the_place_of_the_oldest_connection_that_never_passed_t
         c.limits.max_connections = 4;
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut s = TcpStream::connect(relay.addr).await.unwrap();
-        assert_eq!(http1_get(&mut s, "/healthz").await.0, 200);
-        held.push(s);
-    }
+    let mut held = held_connections(&relay, 4, "/healthz", 200).await;
     let mut newcomer = TcpStream::connect(relay.addr).await.unwrap();
     assert_eq!(
         http1_get(&mut newcomer, "/healthz").await,

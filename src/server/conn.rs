@@ -533,19 +533,22 @@ mod tests {
         );
     }
 
+    /// The watchdog of `a`, with `proven` as the connection's standing.
+    fn watched(a: &Arc<Activity>, proven: &Arc<AtomicBool>) -> tokio::task::JoinHandle<Expired> {
+        let (a, proven) = (a.clone(), proven.clone());
+        tokio::spawn(async move {
+            a.expired(limits(), move || proven.load(Ordering::Relaxed))
+                .await
+        })
+    }
+
     /// Until a request passed the gate, an idle connection is closed
     /// after `header_read`; from then on after the idle limit.
     #[tokio::test(start_paused = true)]
     async fn an_unproven_connection_idles_only_as_long_as_the_header_deadline() {
         let proven = Arc::new(AtomicBool::new(false));
         let a = Activity::new();
-        let watch = {
-            let (a, proven) = (a.clone(), proven.clone());
-            tokio::spawn(async move {
-                a.expired(limits(), move || proven.load(Ordering::Relaxed))
-                    .await
-            })
-        };
+        let watch = watched(&a, &proven);
         drop(a.begin());
         let ended = Instant::now();
         assert_eq!(watch.await.unwrap(), Expired::Idle);
@@ -556,13 +559,7 @@ mod tests {
         );
 
         let a = Activity::new();
-        let watch = {
-            let (a, proven) = (a.clone(), proven.clone());
-            tokio::spawn(async move {
-                a.expired(limits(), move || proven.load(Ordering::Relaxed))
-                    .await
-            })
-        };
+        let watch = watched(&a, &proven);
         let req = a.begin();
         proven.store(true, Ordering::Relaxed);
         drop(req);

@@ -619,6 +619,9 @@ impl Connection {
             })
         };
         let gone = || tracing::debug!(%peer, "closed to make room for a new connection");
+        // The arms differ in the connection's type only. One type for both
+        // (an enum) would make every cleartext connection's future as
+        // large as a TLS one's, and the per-tunnel RSS with it.
         match self.acceptor {
             Some(acceptor) => {
                 let handshake =
