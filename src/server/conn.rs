@@ -71,6 +71,9 @@ pub struct Activity {
     /// write of [`DATA_WRITE`] bytes or more went through), or of the
     /// start of a wait (the first answer began to wait).
     taken: AtomicU64,
+    /// The watchdog waits for the requests in flight to end: the last
+    /// one to end must wake it.
+    watching_flight: AtomicBool,
     changed: Notify,
 }
 
@@ -92,8 +95,16 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
         a.last.store(a.millis(), Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
-        a.changed.notify_waiters();
+        // Only the watchdog that waits for the requests in flight needs
+        // the news, once they are all done; one that waits for the idle
+        // deadline looks at `last` when it wakes. (Sequentially
+        // consistent with the watchdog's flag and count: one of the two
+        // sees the other's write.)
+        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && a.watching_flight.load(Ordering::SeqCst)
+        {
+            a.changed.notify_waiters();
+        }
     }
 }
 
@@ -107,6 +118,7 @@ impl Activity {
             blocked: AtomicU64::new(NOT_BLOCKED),
             awaiting: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
+            watching_flight: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -115,11 +127,15 @@ impl Activity {
         millis_since(self.start)
     }
 
-    /// A request's head arrived.
+    /// A request's head arrived. Only the first one wakes the watchdog
+    /// (it ends the wait for a first request): later ones are found when
+    /// it wakes for its idle deadline, so a request costs no wake-up of
+    /// another task.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.seen.store(true, Ordering::Release);
-        self.changed.notify_waiters();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
         InFlight(self.clone())
     }
 
@@ -202,7 +218,8 @@ impl Activity {
                 }
                 continue;
             }
-            if self.in_flight.load(Ordering::Acquire) > 0 {
+            self.watching_flight.store(true, Ordering::SeqCst);
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
                 // An answer that starts waiting for the peer's room does
                 // not wake this loop (it would cost every frame a wake-up):
                 // it is looked at again after `stalled` at the latest, so
@@ -221,8 +238,10 @@ impl Activity {
                         }
                     }
                 }
+                self.watching_flight.store(false, Ordering::SeqCst);
                 continue;
             }
+            self.watching_flight.store(false, Ordering::SeqCst);
             let last = self.last.load(Ordering::Relaxed);
             let was_proven = proven();
             let limit = if was_proven {
@@ -230,10 +249,14 @@ impl Activity {
             } else {
                 idle.min(header_read)
             };
-            let deadline = self.after(last, limit);
+            let idle_at = self.after(last, limit);
+            // Requests that begin meanwhile do not wake this wait: it ends
+            // after `stalled` at the latest, to watch them for stalls.
+            let deadline = idle_at.min(crate::clock::from_now(stalled));
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => {
-                    if self.in_flight.load(Ordering::Acquire) == 0
+                    if deadline == idle_at
+                        && self.in_flight.load(Ordering::Acquire) == 0
                         && self.last.load(Ordering::Relaxed) == last
                         && proven() == was_proven
                     {
