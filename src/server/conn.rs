@@ -128,8 +128,10 @@ impl Activity {
     }
 
     /// A request's head arrived. Only the first one wakes the watchdog
-    /// (it ends the wait for a first request): later ones are found when
-    /// it wakes for its idle deadline, so a request costs no wake-up of
+    /// (it ends the wait for a first request): a watchdog that waits for
+    /// the idle deadline finds later ones when it wakes, at the deadline
+    /// or after `stalled` at the latest, and one that watches requests in
+    /// flight need not hear of more. A request costs no wake-up of
     /// another task.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
