@@ -1571,13 +1571,7 @@ mod tests {
         }
         // No poll comes: the user is told at the relay timeout (200 ms
         // here), not at `inactive_request`.
-        let mut gone = Box::pin(b.poll("r"));
-        assert!(gone.as_mut().poll(&mut cx).is_pending());
-        let mut ex = b
-            .relay("r", request(), tracing::Span::none())
-            .await
-            .unwrap();
-        drop(gone);
+        let mut ex = given_back(&b).await;
         let started = Instant::now();
         assert!(matches!(
             ex.next_chunk().await,
@@ -1588,14 +1582,11 @@ mod tests {
         assert_eq!(lock(&backend.meeting).requests.len(), 0);
     }
 
-    /// A request given back by a poll that went away leaves the queue
-    /// when its user leaves: the next poll does not get it.
-    #[tokio::test]
-    async fn a_request_given_back_leaves_with_its_user() {
+    /// A request of backend `r` handed to a poll that then went away
+    /// (polled once, then dropped), with no other poll waiting.
+    async fn given_back(b: &Broker) -> Exchange {
         use std::future::Future as _;
-        let b = broker();
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let mut gone = Box::pin(b.poll("r"));
         assert!(gone.as_mut().poll(&mut cx).is_pending());
         let ex = b
@@ -1603,6 +1594,15 @@ mod tests {
             .await
             .unwrap();
         drop(gone);
+        ex
+    }
+
+    /// A request given back by a poll that went away leaves the queue
+    /// when its user leaves: the next poll does not get it.
+    #[tokio::test]
+    async fn a_request_given_back_leaves_with_its_user() {
+        let b = broker();
+        let ex = given_back(&b).await;
         let backend = b.inner.backends.get("r").map(|e| e.clone()).unwrap();
         assert_eq!(lock(&backend.meeting).requests.len(), 1, "queued again");
         drop(ex);

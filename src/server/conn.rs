@@ -539,10 +539,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_end_of_the_last_request() {
         let a = Activity::new();
-        let watch = {
-            let a = a.clone();
-            tokio::spawn(async move { a.expired(limits(), || true).await })
-        };
+        let watch = watched(&a, &Arc::new(AtomicBool::new(true)));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let req = a.begin();
         // A long request is never idle.
@@ -551,9 +548,15 @@ mod tests {
         drop(req);
         let ended = Instant::now();
         assert_eq!(watch.await.unwrap(), Expired::Idle);
+        assert_idle_for(ended, 119, 121);
+    }
+
+    /// The connection was closed between `lo` and `hi` seconds after
+    /// `ended`, its last request's end.
+    fn assert_idle_for(ended: Instant, lo: u64, hi: u64) {
         let idle = ended.elapsed();
         assert!(
-            idle >= Duration::from_secs(119) && idle <= Duration::from_secs(121),
+            idle >= Duration::from_secs(lo) && idle <= Duration::from_secs(hi),
             "{idle:?}"
         );
     }
@@ -577,11 +580,7 @@ mod tests {
         drop(a.begin());
         let ended = Instant::now();
         assert_eq!(watch.await.unwrap(), Expired::Idle);
-        let idle = ended.elapsed();
-        assert!(
-            idle >= Duration::from_secs(10) && idle <= Duration::from_secs(11),
-            "{idle:?}"
-        );
+        assert_idle_for(ended, 10, 11);
 
         let a = Activity::new();
         let watch = watched(&a, &proven);
@@ -590,10 +589,6 @@ mod tests {
         drop(req);
         let ended = Instant::now();
         assert_eq!(watch.await.unwrap(), Expired::Idle);
-        let idle = ended.elapsed();
-        assert!(
-            idle >= Duration::from_secs(119) && idle <= Duration::from_secs(121),
-            "{idle:?}"
-        );
+        assert_idle_for(ended, 119, 121);
     }
 }
